@@ -1,0 +1,521 @@
+"""LFW faces: reading, preprocessing, caching, identity-disjoint split, tf.data.
+
+Sources, in order of preference:
+  * `data.path` / `--data`: an LFW-layout folder (`<root>/<Person_Name>/<Person_Name>_0001.jpg`,
+    optionally one level down, e.g. `lfw-deepfunneled/`) or the `.tgz` archive itself,
+    read member by member without extracting anything to disk;
+  * a `lfw-deepfunneled` folder or `lfw-deepfunneled.tgz` beside the script or in the
+    current folder;
+  * the 100 real LFW face crops bundled with scikit-image (`skimage.data.lfw_subset()`,
+    25x25 grayscale), so the program runs anywhere.
+
+Decoded images are kept as uint8 (N, S, S, C) arrays and cached as `.npz`; the
+scaling to [0, 1] float32 and the augmentation happen on the fly in tf.data.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+from sklearn.model_selection import GroupShuffleSplit
+
+from vqvae_config import AugmentationConfig, DataConfig
+
+log = logging.getLogger("vqvae_faces.data")
+
+BUNDLED_DESCRIPTION = "scikit-image lfw_subset (100 bundled LFW face crops, 25x25 grayscale)"
+DEFAULT_SOURCE_NAMES = ("lfw-deepfunneled", "lfw-deepfunneled.tgz", "lfw-deepfunneled.tar.gz")
+ATTRIBUTES_FILE = "lfw_attributes.txt"
+CACHE_FORMAT_VERSION = 1
+ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar")
+
+
+class DataError(Exception):
+    """A data problem the user can fix (missing path, no usable images, ...)."""
+
+
+@dataclass
+class FaceSet:
+    """Decoded, preprocessed faces.
+
+    images: (N, S, S, C) uint8, C is 1 (grayscale source) or 3.
+    names: (N,) relative file names `Person_Name/Person_Name_0001.jpg`, sorted.
+    persons: (N,) identity of each image (the split groups).
+    """
+
+    images: np.ndarray
+    names: np.ndarray
+    persons: np.ndarray
+    description: str
+    skipped: dict[str, int] = field(default_factory=dict)
+    attributes: Optional[pd.DataFrame] = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[-1])
+
+    def subset(self, indices: np.ndarray) -> np.ndarray:
+        return self.images[indices]
+
+
+# ---------------------------------------------------------------- sources
+
+
+def resolve_source(path: Optional[str], search_dirs: list[Path]) -> Optional[Path]:
+    """The LFW folder or archive to read, or None for the bundled subset."""
+    if path:
+        source = Path(path).expanduser()
+        if not source.exists():
+            raise DataError(
+                f"data path {str(source)!r} does not exist: expected an LFW folder "
+                "(<Person_Name>/<Person_Name>_0001.jpg) or the lfw-deepfunneled.tgz archive."
+            )
+        if source.is_file() and not source.name.endswith(ARCHIVE_SUFFIXES):
+            raise DataError(
+                f"data path {str(source)!r} is a file but not a .tgz/.tar.gz/.tar archive."
+            )
+        return source
+    for folder in search_dirs:
+        for name in DEFAULT_SOURCE_NAMES:
+            candidate = folder / name
+            if candidate.exists():
+                return candidate
+    return None
+
+
+def _safe_member_name(name: str) -> Optional[str]:
+    """Normalised archive member name, or None if it could escape the archive root."""
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return None
+    normalised = posixpath.normpath(name.replace("\\", "/"))
+    if normalised.startswith("..") or "/../" in f"/{normalised}/":
+        return None
+    return normalised
+
+
+def _iter_archive(path: Path, skipped: dict[str, int]) -> Iterator[tuple[str, bytes]]:
+    """Yield (Person/file, bytes) for regular members two or three levels deep.
+
+    Links, devices, absolute names and names with `..` are skipped and counted;
+    nothing is written to disk.
+    """
+    try:
+        with tarfile.open(path, mode="r:*") as archive:
+            for member in archive:
+                name = _safe_member_name(member.name)
+                if name is None or member.issym() or member.islnk():
+                    _count(skipped, "unsafe archive member (link, absolute path or '..')")
+                    continue
+                if not member.isfile():
+                    if not member.isdir():
+                        _count(skipped, "unsafe archive member (link, absolute path or '..')")
+                    continue
+                parts = name.split("/")
+                if parts[-1] == ATTRIBUTES_FILE:
+                    continue
+                if len(parts) not in (2, 3):
+                    _count(skipped, "file outside the <Person>/<image> layout")
+                    continue
+                handle = archive.extractfile(member)
+                if handle is not None:
+                    yield "/".join(parts[-2:]), handle.read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DataError(f"cannot read archive {str(path)!r}: {exc}") from None
+
+
+def _person_root(root: Path) -> Path:
+    """The folder whose subfolders are people (accepts one wrapper level)."""
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
+    if any(any(child.is_file() for child in d.iterdir()) for d in subdirs):
+        return root
+    if len(subdirs) == 1:
+        return _person_root(subdirs[0])
+    return root
+
+
+def _iter_folder(root: Path, skipped: dict[str, int]) -> Iterator[tuple[str, bytes]]:
+    """Yield (Person/file, bytes) for the files of each person folder.
+
+    Symbolic links that lead outside the data folder are skipped and counted.
+    """
+    people_root = _person_root(root)
+    real_root = people_root.resolve()
+    for person_dir in sorted(p for p in people_root.iterdir() if p.is_dir()):
+        for file in sorted(person_dir.iterdir()):
+            if not file.is_file():
+                continue
+            if file.is_symlink() and not file.resolve().is_relative_to(real_root):
+                _count(skipped, "link pointing outside the data folder")
+                continue
+            yield f"{person_dir.name}/{file.name}", file.read_bytes()
+
+
+def _fingerprint(source: Path) -> str:
+    """Cheap identity of a source: path, sizes and modification times."""
+    digest = hashlib.sha256(str(source.resolve()).encode())
+    if source.is_file():
+        stat = source.stat()
+        digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    else:
+        for dirpath, dirnames, filenames in os.walk(source):
+            dirnames.sort()
+            for name in sorted(filenames):
+                stat = os.stat(os.path.join(dirpath, name))
+                digest.update(f"{dirpath}/{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _count(counter: dict[str, int], reason: str) -> None:
+    counter[reason] = counter.get(reason, 0) + 1
+
+
+def decode_face(data: bytes, settings: DataConfig) -> np.ndarray | str:
+    """Decode one image, crop `crop_border` px each side, resize to `image_size`.
+
+    Returns (S, S, C) uint8 with C = 1 for grayscale sources and 3 otherwise
+    (CMYK, palette and other modes are converted to RGB), or a string giving the
+    reason the image was skipped.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > settings.max_image_pixels:
+                return f"larger than max_image_pixels={settings.max_image_pixels}"
+            if settings.source_size is not None and (width, height) != (
+                settings.source_size,
+                settings.source_size,
+            ):
+                return f"not {settings.source_size}x{settings.source_size} pixels"
+            border = settings.crop_border
+            if width <= 2 * border or height <= 2 * border:
+                return f"too small for crop_border={border}"
+            image.load()
+            mode = "L" if image.mode in ("L", "1", "I;16", "I", "LA") else "RGB"
+            face = image.convert(mode).crop((border, border, width - border, height - border))
+            face = face.resize((settings.image_size, settings.image_size), Image.BILINEAR)
+    except (UnidentifiedImageError, Image.DecompressionBombError):
+        return "not a readable image"
+    except (OSError, ValueError, SyntaxError, EOFError):
+        return "corrupt or truncated image"
+    array = np.asarray(face, dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _decode_all(members: Iterator[tuple[str, bytes]], settings: DataConfig, skipped: dict[str, int]):
+    names, faces = [], []
+    workers = min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = [(name, pool.submit(decode_face, data, settings)) for name, data in members]
+        for name, future in pending:
+            result = future.result()
+            if isinstance(result, str):
+                _count(skipped, result)
+            else:
+                names.append(name)
+                faces.append(result)
+    return names, faces
+
+
+def _stack_faces(faces: list[np.ndarray]) -> np.ndarray:
+    """Stack; a mixed grayscale/colour set is stored as colour for all images."""
+    if any(face.shape[-1] == 3 for face in faces):
+        faces = [np.repeat(f, 3, axis=-1) if f.shape[-1] == 1 else f for f in faces]
+    return np.stack(faces)
+
+
+def _read_attributes(source: Path, names: list[str]) -> Optional[pd.DataFrame]:
+    """Join lfw_attributes.txt (person, imagenum, 73 attributes) when it exists."""
+    folder = source if source.is_dir() else source.parent
+    candidates = [folder / ATTRIBUTES_FILE, folder.parent / ATTRIBUTES_FILE]
+    attribute_file = next((c for c in candidates if c.is_file()), None)
+    if attribute_file is None:
+        return None
+    try:
+        with open(attribute_file, encoding="utf-8") as handle:
+            handle.readline()
+            header = [h for h in handle.readline().lstrip("#").strip().split("\t") if h]
+        table = pd.read_csv(attribute_file, sep="\t", skiprows=2, header=None, names=header)
+        person = table["person"].str.replace(" ", "_")
+        table.index = person + "/" + person + "_" + table["imagenum"].astype(int).map("{:04d}".format) + ".jpg"
+    except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:
+        log.warning("ignoring %s: cannot parse it (%s)", attribute_file, exc)
+        return None
+    joined = table.drop(columns=["person", "imagenum"]).reindex(names)
+    log.info(
+        "attributes: %d of %d images have entries in %s",
+        int(joined.notna().any(axis=1).sum()), len(names), attribute_file,
+    )
+    return joined
+
+
+def load_bundled_faces(settings: DataConfig) -> FaceSet:
+    """The 100 LFW faces of scikit-image, resized to `image_size`, 1 channel.
+
+    They are already tight 25x25 crops, so no border is cut. Identities are not
+    shipped with them, so each image is its own split group.
+    """
+    from skimage.data import lfw_subset
+
+    crops = lfw_subset()[:100]
+    faces = []
+    for crop in crops:
+        image = Image.fromarray(np.round(crop * 255).astype(np.uint8), mode="L")
+        image = image.resize((settings.image_size, settings.image_size), Image.BILINEAR)
+        faces.append(np.asarray(image, dtype=np.uint8)[..., None])
+    names = np.array([f"lfw_subset/face_{i:03d}.png" for i in range(len(faces))])
+    return FaceSet(np.stack(faces), names, names.copy(), BUNDLED_DESCRIPTION)
+
+
+def _cache_path(cache_dir: Path, source: Path, settings: DataConfig) -> Path:
+    key = json.dumps(
+        {
+            "version": CACHE_FORMAT_VERSION,
+            "source": _fingerprint(source),
+            "image_size": settings.image_size,
+            "crop_border": settings.crop_border,
+            "source_size": settings.source_size,
+            "max_image_pixels": settings.max_image_pixels,
+        },
+        sort_keys=True,
+    )
+    return cache_dir / f"faces-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
+
+
+def load_faces(settings: DataConfig, cache_dir: Path, search_dirs: list[Path]) -> FaceSet:
+    """Load, preprocess and cache the faces described by `settings`."""
+    source = resolve_source(settings.path, search_dirs)
+    if source is None:
+        log.info(
+            "no LFW data given: using the %s. For real LFW, download lfw-deepfunneled.tgz and pass "
+            "--data PATH (folder or archive) or set data.path in experiment.json.",
+            BUNDLED_DESCRIPTION,
+        )
+        return load_bundled_faces(settings)
+
+    cache_file = _cache_path(cache_dir, source, settings)
+    if cache_file.is_file():
+        try:
+            faces = _read_cache(cache_file)
+            log.info("loaded %d faces from cache %s", len(faces), cache_file)
+            faces.attributes = _read_attributes(source, list(faces.names))
+            return faces
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("cache %s is unreadable (%s); rebuilding it", cache_file, exc)
+
+    skipped: dict[str, int] = {}
+    log.info("decoding images from %s ...", source)
+    if source.is_dir():
+        members = _iter_folder(source, skipped)
+    else:
+        members = _iter_archive(source, skipped)
+    names, faces = _decode_all(members, settings, skipped)
+    _report_skipped(skipped, source)
+    if not faces:
+        raise DataError(
+            f"no usable images in {str(source)!r}: expected "
+            "<Person_Name>/<Person_Name>_0001.jpg files (LFW layout) with images of "
+            f"{settings.source_size or 'any'}x{settings.source_size or 'any'} pixels."
+        )
+    face_set = FaceSet(
+        images=_stack_faces(faces),
+        names=np.array(names),
+        persons=np.array([name.split("/")[0] for name in names]),
+        description=f"LFW-layout data at {source}",
+        skipped=skipped,
+    )
+    _write_cache(cache_file, face_set)
+    face_set.attributes = _read_attributes(source, names)
+    log.info(
+        "decoded %d faces of %d people from %s (cached in %s)",
+        len(face_set), len(set(face_set.persons)), source, cache_file,
+    )
+    return face_set
+
+
+def _report_skipped(skipped: dict[str, int], source: Path) -> None:
+    if skipped:
+        details = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
+        log.warning("skipped %d files in %s: %s", sum(skipped.values()), source, details)
+
+
+def _write_cache(path: Path, faces: FaceSet) -> None:
+    """Write the .npz atomically (temp file, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as handle:
+        np.savez(
+            handle,
+            images=faces.images,
+            names=faces.names,
+            persons=faces.persons,
+            description=np.array(faces.description),
+            skipped=np.array(json.dumps(faces.skipped)),
+        )
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _read_cache(path: Path) -> FaceSet:
+    with np.load(path, allow_pickle=False) as cached:
+        return FaceSet(
+            images=cached["images"],
+            names=cached["names"],
+            persons=cached["persons"],
+            description=str(cached["description"]),
+            skipped=json.loads(str(cached["skipped"])),
+        )
+
+
+# ---------------------------------------------------------------- split
+
+
+def split_by_person(
+    persons: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, np.ndarray]:
+    """Identity-disjoint train/val/test indices (fractions are of people).
+
+    Returns a dict of sorted index arrays. The same inputs always give the same
+    split; no person appears in two splits.
+    """
+    groups = np.asarray(persons)
+    if len(set(groups)) < 3:
+        raise DataError(
+            f"the data has {len(set(groups))} people; an identity-disjoint "
+            "train/val/test split needs at least 3."
+        )
+    indices = np.arange(len(groups))
+    outer = GroupShuffleSplit(n_splits=1, test_size=test_fraction, random_state=seed)
+    train_val, test = next(outer.split(indices, groups=groups))
+    inner_fraction = val_fraction / (1.0 - test_fraction)
+    inner = GroupShuffleSplit(n_splits=1, test_size=inner_fraction, random_state=seed + 1)
+    train, val = next(inner.split(train_val, groups=groups[train_val]))
+    return {
+        "train": np.sort(train_val[train]),
+        "val": np.sort(train_val[val]),
+        "test": np.sort(test),
+    }
+
+
+def save_split(path: Path, faces: FaceSet, split: dict[str, np.ndarray]) -> None:
+    """Persist the file names of each split (JSON) so evaluation reuses them."""
+    record = {"dataset": faces.description}
+    record.update({part: faces.names[idx].tolist() for part, idx in split.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_split(path: Path, faces: FaceSet) -> dict[str, np.ndarray]:
+    """Indices into `faces` of a split saved by `save_split`."""
+    if not path.is_file():
+        raise DataError(f"no saved split at {str(path)!r}: train this run first.")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    position = {name: i for i, name in enumerate(faces.names)}
+    split = {}
+    for part in ("train", "val", "test"):
+        missing = [name for name in record[part] if name not in position]
+        if missing:
+            raise DataError(
+                f"the saved split {str(path)!r} names {len(missing)} {part} images that are not "
+                f"in {faces.description} (e.g. {missing[0]!r}): evaluate with the data the run "
+                "was trained on."
+            )
+        split[part] = np.array([position[name] for name in record[part]], dtype=np.int64)
+    return split
+
+
+# ---------------------------------------------------------------- tf.data
+
+
+class FaceAugmenter:
+    """The ten attribute-preserving augmentations, each applied per image with a probability.
+
+    Call on a float32 batch (B, H, W, C) in [0, 1]; returns the same shape in [0, 1].
+    Every call draws fresh randomness, so each epoch sees new variants.
+    """
+
+    def __init__(self, settings: AugmentationConfig, image_size: int, channels: int, seed: int):
+        import keras
+
+        layers = keras.layers
+        unit = (0.0, 1.0)
+        self.probability = settings.probability
+        self.ops = []
+        if settings.flip:
+            self.ops.append(layers.RandomFlip("horizontal", seed=seed))
+        if settings.brightness:
+            self.ops.append(layers.RandomBrightness(settings.brightness, value_range=unit, seed=seed + 1))
+        if settings.contrast:
+            self.ops.append(layers.RandomContrast(settings.contrast, value_range=unit, seed=seed + 2))
+        if settings.sharpness:
+            half = settings.sharpness / 2
+            self.ops.append(layers.RandomSharpness((0.5 - half, 0.5 + half), value_range=unit, seed=seed + 3))
+        if settings.saturation and channels == 3:
+            low, high = 1.0 - settings.saturation, 1.0 + settings.saturation
+            self.ops.append(
+                layers.RandomSaturation((low / (1 + low), high / (1 + high)), value_range=unit, seed=seed + 4)
+            )
+        if settings.rotation_degrees:
+            self.ops.append(layers.RandomRotation(settings.rotation_degrees / 360.0, fill_mode="reflect", seed=seed + 5))
+        if settings.noise_stddev:
+            self.ops.append(layers.GaussianNoise(settings.noise_stddev, seed=seed + 6))
+        if settings.translation_pixels:
+            shift = settings.translation_pixels / image_size
+            self.ops.append(layers.RandomTranslation(shift, shift, fill_mode="reflect", seed=seed + 7))
+        if settings.blur_sigma:
+            self.ops.append(
+                layers.RandomGaussianBlur(
+                    factor=(1.0, 1.0), kernel_size=3, sigma=(0.1, settings.blur_sigma), value_range=unit, seed=seed + 8
+                )
+            )
+        if settings.zoom:
+            self.ops.append(layers.RandomZoom((-settings.zoom, 0.0), fill_mode="reflect", seed=seed + 9))
+
+    def __call__(self, images):
+        import tensorflow as tf
+
+        batch = tf.shape(images)[0]
+        for op in self.ops:
+            changed = op(images, training=True)
+            chosen = tf.random.uniform([batch]) < self.probability
+            images = tf.where(chosen[:, None, None, None], tf.cast(changed, images.dtype), images)
+        return tf.clip_by_value(images, 0.0, 1.0)
+
+
+def make_dataset(images: np.ndarray, batch_size: int, augmenter: Optional[FaceAugmenter] = None, shuffle_seed: Optional[int] = None):
+    """tf.data pipeline over uint8 images: (shuffle) -> batch -> scale to [0,1] -> (augment) -> prefetch.
+
+    Training passes `augmenter` and `shuffle_seed`; validation and test pass
+    neither and get the untouched images in file order.
+    """
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices(images)
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size)
+    dataset = dataset.map(lambda x: tf.cast(x, tf.float32) / 255.0, num_parallel_calls=tf.data.AUTOTUNE)
+    if augmenter is not None and augmenter.ops:
+        dataset = dataset.map(augmenter, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,543 @@
+"""VQ-VAE and Gaussian VAE for faces: encoder, decoder, EMA vector quantizer, models.
+
+All classes are registered as Keras serializable (package "vqvae_faces"), so a
+`.keras` file saved by `model.save()` reloads with `keras.saving.load_model(...,
+safe_mode=True)` once this module is imported.
+
+Shapes use B = batch, H x W = image size, h x w = token grid
+(H / 2**len(encoder_filters)), C = image channels (1 or 3), D = embedding_dim,
+K = num_embeddings.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers, ops
+
+PACKAGE = "vqvae_faces"
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ResidualBlock(layers.Layer):
+    """ReLU -> 3x3 conv -> ReLU -> 1x1 conv, added to the input (van den Oord et al. 2017).
+
+    Input/Output shape: (B, h, w, channels).
+    """
+
+    def __init__(self, channels, hidden_channels=None, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = channels
+        self.hidden_channels = hidden_channels or channels
+        self.conv_3x3 = layers.Conv2D(self.hidden_channels, 3, padding="same")
+        self.conv_1x1 = layers.Conv2D(channels, 1)
+
+    def build(self, input_shape):
+        if input_shape[-1] != self.channels:
+            raise ValueError(
+                f"ResidualBlock expects {self.channels} input channels, received input_shape={input_shape}"
+            )
+        self.conv_3x3.build(input_shape)
+        self.conv_1x1.build(tuple(input_shape[:-1]) + (self.hidden_channels,))
+
+    def call(self, x):
+        h = self.conv_3x3(ops.relu(x))
+        return x + self.conv_1x1(ops.relu(h))
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels, "hidden_channels": self.hidden_channels}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Encoder(layers.Layer):
+    """Images to a latent grid: one stride-2 4x4 conv per entry of `filters`, then residual blocks.
+
+    Input shape: (B, H, W, C). Output shape: (B, H / 2**len(filters), W / 2**len(filters), output_channels).
+    """
+
+    def __init__(self, filters=(64, 128), num_residual_blocks=2, output_channels=16, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = list(filters)
+        self.num_residual_blocks = num_residual_blocks
+        self.output_channels = output_channels
+        self.downsamplers = [
+            layers.Conv2D(f, 4, strides=2, padding="same", activation="relu") for f in self.filters
+        ]
+        self.mix = layers.Conv2D(self.filters[-1], 3, padding="same")
+        self.blocks = [ResidualBlock(self.filters[-1]) for _ in range(num_residual_blocks)]
+        self.project = layers.Conv2D(output_channels, 1)
+
+    def call(self, images):
+        x = images
+        for layer in self.downsamplers:
+            x = layer(x)
+        x = self.mix(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.project(ops.relu(x))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "num_residual_blocks": self.num_residual_blocks,
+            "output_channels": self.output_channels,
+        }
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Decoder(layers.Layer):
+    """Latent grid to images in [0, 1]: residual blocks, one stride-2 transposed conv per entry of `filters`.
+
+    The sigmoid output layer always computes in float32 (also under mixed precision).
+    Input shape: (B, h, w, D). Output shape: (B, h * 2**len(filters), w * 2**len(filters), image_channels).
+    """
+
+    def __init__(self, filters=(128, 64), num_residual_blocks=2, image_channels=3, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = list(filters)
+        self.num_residual_blocks = num_residual_blocks
+        self.image_channels = image_channels
+        self.mix = layers.Conv2D(self.filters[0], 3, padding="same")
+        self.blocks = [ResidualBlock(self.filters[0]) for _ in range(num_residual_blocks)]
+        self.upsamplers = [
+            layers.Conv2DTranspose(f, 4, strides=2, padding="same", activation="relu") for f in self.filters
+        ]
+        self.to_image = layers.Conv2D(image_channels, 3, padding="same", activation="sigmoid", dtype="float32")
+
+    def call(self, latents):
+        x = self.mix(latents)
+        for block in self.blocks:
+            x = block(x)
+        x = ops.relu(x)
+        for layer in self.upsamplers:
+            x = layer(x)
+        return self.to_image(x)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "num_residual_blocks": self.num_residual_blocks,
+            "image_channels": self.image_channels,
+        }
+
+
+def _all_reduce_sum(value):
+    """Sum over replicas inside a tf.distribute replica context; identity otherwise."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class VectorQuantizerEMA(layers.Layer):
+    """Vector quantizer whose codebook is an exponential moving average of its assigned inputs.
+
+    Follows van den Oord et al. 2017 (appendix A.1) and Sonnet's `VectorQuantizerEMA`:
+    each input vector z is replaced by its nearest code e_k (squared Euclidean
+    distance), gradients pass straight through (z + sg[e - z]), and the loss is
+    only the commitment term `commitment_cost * mean((z - sg[e])^2)`: the
+    codebook is moved by the EMA update, not by gradients. In training:
+
+        N_i <- decay * N_i + (1 - decay) * n_i              (n_i: inputs assigned to i)
+        m_i <- decay * m_i + (1 - decay) * sum of those inputs
+        N_i' = (N_i + epsilon) / (sum(N) + K * epsilon) * sum(N)   (Laplace smoothing)
+        e_i  = m_i / N_i'
+
+    Under tf.distribute the per-replica n_i and sums are all-reduced first, so
+    every replica applies the same update. All arithmetic is float32.
+
+    Args:
+        num_embeddings: K, codebook size.
+        embedding_dim: D, size of each code; must match the last input axis.
+        commitment_cost: initial weight of the commitment loss. Stored in a
+            non-trainable weight so `CommitmentAnnealing` can change it and
+            checkpoints keep the annealed value.
+        decay: EMA decay in [0, 1).
+        epsilon: Laplace smoothing constant.
+        codebook_init: "data" sets the codebook (and its EMA state) from random
+            encoder outputs of the first training batch, so no code starts far
+            from the data; "uniform" keeps the random-uniform initialisation of
+            the textbook recipe (prone to codebook collapse).
+
+    Input shape: (..., D) float. Call returns a dict:
+        quantized (..., D): straight-through quantized vectors;
+        indices (...): int32 code of each vector;
+        commitment_loss (): scalar;
+        perplexity (): exp(entropy) of the batch's code histogram;
+        active_fraction (): fraction of the K codes used in this batch.
+
+    Non-trainable weights: embeddings (K, D), ema_cluster_size (K,),
+    ema_embedding_sum (K, D), commitment_cost (), initialized (),
+    latent_sample (K, D) (a random sample of the last training batch's inputs,
+    read by `DeadCodeRevival`).
+    """
+
+    def __init__(
+        self,
+        num_embeddings,
+        embedding_dim,
+        commitment_cost=0.25,
+        decay=0.99,
+        epsilon=1e-5,
+        codebook_init="data",
+        seed=None,
+        **kwargs,
+    ):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if num_embeddings < 2:
+            raise ValueError(f"num_embeddings must be >= 2, received num_embeddings={num_embeddings}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), received decay={decay}")
+        if codebook_init not in ("data", "uniform"):
+            raise ValueError(f"codebook_init must be 'data' or 'uniform', received codebook_init={codebook_init!r}")
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.initial_commitment_cost = commitment_cost
+        self.decay = decay
+        self.epsilon = epsilon
+        self.codebook_init = codebook_init
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        if input_shape[-1] != self.embedding_dim:
+            raise ValueError(
+                f"VectorQuantizerEMA(embedding_dim={self.embedding_dim}) received inputs with "
+                f"last axis {input_shape[-1]}: input_shape={input_shape}"
+            )
+        k, d = self.num_embeddings, self.embedding_dim
+        limit = float(np.sqrt(3.0 / d))
+        sync = "only_first_replica"
+
+        def state(name, shape, initializer):
+            return self.add_weight(
+                name=name, shape=shape, initializer=initializer, trainable=False, aggregation=sync, dtype="float32"
+            )
+
+        self.embeddings = state("embeddings", (k, d), keras.initializers.RandomUniform(-limit, limit, seed=self.seed))
+        self.ema_cluster_size = state("ema_cluster_size", (k,), "ones")
+        self.ema_embedding_sum = state("ema_embedding_sum", (k, d), "zeros")
+        self.ema_embedding_sum.assign(self.embeddings)
+        self.commitment_cost = state("commitment_cost", (), keras.initializers.Constant(self.initial_commitment_cost))
+        self.initialized = state("initialized", (), "zeros")
+        self.latent_sample = state("latent_sample", (k, d), "zeros")
+
+    def distances(self, flat):
+        """Squared Euclidean distances (N, K) from flat inputs (N, D) to every code, one matmul."""
+        code_norms = ops.sum(ops.square(self.embeddings), axis=1)
+        input_norms = ops.sum(ops.square(flat), axis=1, keepdims=True)
+        return input_norms - 2.0 * ops.matmul(flat, ops.transpose(self.embeddings)) + code_norms[None, :]
+
+    def encode_indices(self, latents):
+        """Nearest-code indices: (..., D) float -> (...) int32."""
+        latents = ops.cast(latents, "float32")
+        flat = ops.reshape(latents, (-1, self.embedding_dim))
+        indices = ops.cast(ops.argmin(self.distances(flat), axis=1), "int32")
+        return ops.reshape(indices, ops.shape(latents)[:-1])
+
+    def lookup(self, indices):
+        """Codes for indices: (...) int -> (..., D) float32."""
+        return ops.take(self.embeddings, ops.cast(indices, "int32"), axis=0)
+
+    def call(self, inputs, training=False):
+        inputs = ops.cast(inputs, "float32")
+        flat = ops.reshape(inputs, (-1, self.embedding_dim))
+        if training:
+            self._initialize_from_data_once(flat)
+        flat_indices = ops.cast(ops.argmin(self.distances(flat), axis=1), "int32")
+        quantized = ops.reshape(ops.take(self.embeddings, flat_indices, axis=0), ops.shape(inputs))
+        counts = tf.math.unsorted_segment_sum(tf.ones_like(flat_indices, tf.float32), flat_indices, self.num_embeddings)
+        if training:
+            self._ema_update(flat, flat_indices, counts)
+        commitment_loss = self.commitment_cost * ops.mean(ops.square(inputs - ops.stop_gradient(quantized)))
+        probabilities = counts / ops.sum(counts)
+        perplexity = ops.exp(-ops.sum(probabilities * ops.log(probabilities + 1e-10)))
+        active_fraction = ops.mean(ops.cast(counts > 0, "float32"))
+        return {
+            "quantized": inputs + ops.stop_gradient(quantized - inputs),
+            "indices": ops.reshape(flat_indices, ops.shape(inputs)[:-1]),
+            "commitment_loss": commitment_loss,
+            "perplexity": perplexity,
+            "active_fraction": active_fraction,
+        }
+
+    def _initialize_from_data_once(self, flat):
+        """With codebook_init="data": on the first training call, codes := random inputs."""
+        if self.codebook_init != "data":
+            return
+
+        def initialize():
+            sample = self._sample_rows(flat, self.num_embeddings)
+            expected_count = ops.cast(ops.shape(flat)[0], "float32") / self.num_embeddings
+            self.embeddings.assign(sample)
+            self.ema_cluster_size.assign(ops.full((self.num_embeddings,), expected_count))
+            self.ema_embedding_sum.assign(sample * expected_count)
+            self.initialized.assign(1.0)
+            return tf.constant(True)
+
+        tf.cond(self.initialized > 0.5, lambda: tf.constant(False), initialize)
+
+    def _sample_rows(self, flat, count):
+        """`count` distinct rows of `flat` when it has that many (rows repeat otherwise)."""
+        rows = ops.shape(flat)[0]
+        order = keras.random.shuffle(ops.arange(rows), seed=self.seed_generator)
+        return ops.take(flat, ops.take(order, ops.arange(count) % rows), axis=0)
+
+    def _ema_update(self, flat, flat_indices, counts):
+        dw = tf.math.unsorted_segment_sum(flat, flat_indices, self.num_embeddings)
+        counts, dw = _all_reduce_sum(counts), _all_reduce_sum(dw)
+        decay = self.decay
+        cluster_size = decay * self.ema_cluster_size + (1.0 - decay) * counts
+        embedding_sum = decay * self.ema_embedding_sum + (1.0 - decay) * dw
+        total = ops.sum(cluster_size)
+        smoothed = (cluster_size + self.epsilon) / (total + self.num_embeddings * self.epsilon) * total
+        self.ema_cluster_size.assign(cluster_size)
+        self.ema_embedding_sum.assign(embedding_sum)
+        self.embeddings.assign(embedding_sum / smoothed[:, None])
+        self.latent_sample.assign(self._sample_rows(flat, self.num_embeddings))
+
+    def reset_codes(self, code_indices, vectors):
+        """Move codes `code_indices` (n,) to `vectors` (n, D) with fresh, consistent EMA state.
+
+        Each reset code gets the mean EMA cluster size as its count (so it is not
+        "dead" again at once) and count * vector as its EMA sum (so the next EMA
+        step starts from e_i = vector).
+        """
+        code_indices = ops.reshape(ops.cast(code_indices, "int32"), (-1, 1))
+        vectors = ops.cast(vectors, "float32")
+        count = ops.mean(self.ema_cluster_size)
+        counts = ops.full((ops.shape(code_indices)[0],), count)
+        self.embeddings.assign(tf.tensor_scatter_nd_update(self.embeddings, code_indices, vectors))
+        self.ema_cluster_size.assign(tf.tensor_scatter_nd_update(self.ema_cluster_size, code_indices, counts))
+        self.ema_embedding_sum.assign(
+            tf.tensor_scatter_nd_update(self.ema_embedding_sum, code_indices, vectors * count)
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "commitment_cost": self.initial_commitment_cost,
+            "decay": self.decay,
+            "epsilon": self.epsilon,
+            "codebook_init": self.codebook_init,
+            "seed": self.seed,
+        }
+
+
+class ReconstructionModel(keras.Model):
+    """Shared training loop for the two autoencoders.
+
+    Subclasses implement `compute_losses(images, training) -> dict` whose
+    "loss" entry is minimised; every entry named in `metric_names` is tracked
+    with a `keras.metrics.Mean` and reported under that name.
+    """
+
+    metric_names: tuple[str, ...] = ("loss",)
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in self.metric_names}
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def compute_losses(self, images, training):
+        raise NotImplementedError
+
+    def _record(self, values):
+        for name, tracker in self.trackers.items():
+            tracker.update_state(values[name])
+        return {name: tracker.result() for name, tracker in self.trackers.items()}
+
+    def train_step(self, data):
+        with tf.GradientTape() as tape:
+            values = self.compute_losses(data, training=True)
+            scaled_loss = self.optimizer.scale_loss(values["loss"])
+        gradients = tape.gradient(scaled_loss, self.trainable_variables)
+        self.optimizer.apply(gradients, self.trainable_variables)
+        return self._record(values)
+
+    def test_step(self, data):
+        return self._record(self.compute_losses(data, training=False))
+
+    def build(self, input_shape):
+        """Create every weight by running the layers once on zeros of `input_shape`."""
+        self.compute_losses(ops.zeros((1,) + tuple(input_shape[1:])), training=False)
+        self.built = True
+
+
+def _reconstruction_error(images, reconstructions, data_variance):
+    error = ops.mean(ops.square(ops.cast(images, "float32") - ops.cast(reconstructions, "float32")))
+    return error / data_variance if data_variance else error
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class VQVAE(ReconstructionModel):
+    """Encoder -> VectorQuantizerEMA -> Decoder, trained on MSE + commitment loss.
+
+    Args:
+        image_channels: C, 1 or 3, taken from the data.
+        encoder_filters / decoder_filters: one entry per 2x down/upsampling.
+        num_residual_blocks: residual blocks at the token-grid resolution, each side.
+        embedding_dim, num_embeddings, commitment_cost, decay, epsilon,
+        codebook_init: see `VectorQuantizerEMA`.
+        data_variance: if set, the reconstruction loss is MSE / data_variance
+            (as in the original recipe); None keeps plain MSE.
+
+    Input shape: (B, H, W, C) in [0, 1]. Output: reconstructions of the same shape.
+    Tokens: `encode_to_tokens` gives (B, h, w) int32, `decode_tokens` inverts it.
+    """
+
+    metric_names = ("loss", "reconstruction_loss", "commitment_loss", "perplexity", "active_code_fraction")
+
+    def __init__(
+        self,
+        image_channels=3,
+        encoder_filters=(64, 128),
+        decoder_filters=(128, 64),
+        num_residual_blocks=2,
+        embedding_dim=16,
+        num_embeddings=512,
+        commitment_cost=0.25,
+        decay=0.99,
+        epsilon=1e-5,
+        codebook_init="data",
+        data_variance=None,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.config_values = dict(
+            image_channels=image_channels,
+            encoder_filters=list(encoder_filters),
+            decoder_filters=list(decoder_filters),
+            num_residual_blocks=num_residual_blocks,
+            embedding_dim=embedding_dim,
+            num_embeddings=num_embeddings,
+            commitment_cost=commitment_cost,
+            decay=decay,
+            epsilon=epsilon,
+            codebook_init=codebook_init,
+            data_variance=data_variance,
+            seed=seed,
+        )
+        self.data_variance = data_variance
+        self.encoder = Encoder(encoder_filters, num_residual_blocks, embedding_dim, name="encoder")
+        self.quantizer = VectorQuantizerEMA(
+            num_embeddings, embedding_dim, commitment_cost, decay, epsilon, codebook_init, seed=seed, name="quantizer"
+        )
+        self.decoder = Decoder(decoder_filters, num_residual_blocks, image_channels, name="decoder")
+
+    def call(self, images, training=False):
+        quantized = self.quantizer(self.encoder(images), training=training)["quantized"]
+        return self.decoder(quantized)
+
+    def compute_losses(self, images, training):
+        vq = self.quantizer(self.encoder(images, training=training), training=training)
+        reconstructions = self.decoder(vq["quantized"], training=training)
+        reconstruction_loss = _reconstruction_error(images, reconstructions, self.data_variance)
+        return {
+            "loss": reconstruction_loss + vq["commitment_loss"],
+            "reconstruction_loss": reconstruction_loss,
+            "commitment_loss": vq["commitment_loss"],
+            "perplexity": vq["perplexity"],
+            "active_code_fraction": vq["active_fraction"],
+        }
+
+    def encode_to_tokens(self, images):
+        """(B, H, W, C) images -> (B, h, w) int32 code indices."""
+        return self.quantizer.encode_indices(self.encoder(images))
+
+    def decode_tokens(self, tokens):
+        """(B, h, w) int code indices -> (B, H, W, C) reconstructions."""
+        return self.decoder(self.quantizer.lookup(tokens))
+
+    def get_config(self):
+        return {**super().get_config(), **self.config_values}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class VAE(ReconstructionModel):
+    """Gaussian VAE with the same encoder/decoder trunk, for the comparison.
+
+    The encoder predicts a mean and log-variance per latent cell (B, h, w, latent_dim);
+    training samples z = mean + exp(logvar / 2) * noise, inference uses the mean.
+    Loss = MSE (or MSE / data_variance) + kl_beta * KL / (H * W * C), where KL is
+    the KL divergence to N(0, I) in nats per image, so kl_beta weighs nats per
+    pixel value against squared error.
+
+    Input shape: (B, H, W, C) in [0, 1]. Output: reconstructions of the same shape.
+    """
+
+    metric_names = ("loss", "reconstruction_loss", "kl_loss", "kl_bits_per_image")
+
+    def __init__(
+        self,
+        image_channels=3,
+        encoder_filters=(64, 128),
+        decoder_filters=(128, 64),
+        num_residual_blocks=2,
+        latent_dim=16,
+        kl_beta=1.0,
+        data_variance=None,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.config_values = dict(
+            image_channels=image_channels,
+            encoder_filters=list(encoder_filters),
+            decoder_filters=list(decoder_filters),
+            num_residual_blocks=num_residual_blocks,
+            latent_dim=latent_dim,
+            kl_beta=kl_beta,
+            data_variance=data_variance,
+            seed=seed,
+        )
+        self.latent_dim = latent_dim
+        self.kl_beta = kl_beta
+        self.data_variance = data_variance
+        self.encoder = Encoder(encoder_filters, num_residual_blocks, 2 * latent_dim, name="encoder")
+        self.decoder = Decoder(decoder_filters, num_residual_blocks, image_channels, name="decoder")
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def posterior(self, images):
+        """Mean and log-variance, each (B, h, w, latent_dim) float32."""
+        stats = ops.cast(self.encoder(images), "float32")
+        mean, log_variance = ops.split(stats, 2, axis=-1)
+        return mean, ops.clip(log_variance, -30.0, 20.0)
+
+    def call(self, images, training=False):
+        mean, _ = self.posterior(images)
+        return self.decoder(mean)
+
+    def compute_losses(self, images, training):
+        mean, log_variance = self.posterior(images)
+        latents = mean
+        if training:
+            noise = keras.random.normal(ops.shape(mean), seed=self.seed_generator)
+            latents = mean + ops.exp(0.5 * log_variance) * noise
+        reconstructions = self.decoder(latents, training=training)
+        reconstruction_loss = _reconstruction_error(images, reconstructions, self.data_variance)
+        kl_per_image = 0.5 * ops.sum(
+            ops.square(mean) + ops.exp(log_variance) - 1.0 - log_variance, axis=(1, 2, 3)
+        )
+        values_per_image = float(np.prod(images.shape[1:]))
+        kl_loss = ops.mean(kl_per_image) / values_per_image
+        return {
+            "loss": reconstruction_loss + self.kl_beta * kl_loss,
+            "reconstruction_loss": reconstruction_loss,
+            "kl_loss": kl_loss,
+            "kl_bits_per_image": ops.mean(kl_per_image) / np.log(2.0),
+        }
+
+    def get_config(self):
+        return {**super().get_config(), **self.config_values}

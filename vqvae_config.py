@@ -1,0 +1,386 @@
+"""Validated configuration: experiment.json plus command-line overrides.
+
+The whole program works from one `ExperimentConfig`, built once by
+`load_config()`. Every key is checked against the dataclasses below: an
+unknown key, a wrong type or an out-of-range value raises `ConfigError`
+whose message names the key (for example `runs.vqvae.epochs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A user mistake in experiment.json or on the command line."""
+
+
+@dataclass
+class AugmentationConfig:
+    """On-the-fly, attribute-preserving augmentation of the training split.
+
+    Each operation is applied to an image independently with
+    `probability`; an amount of 0 (or `flip: false`) disables it.
+    """
+
+    enabled: bool = True
+    probability: float = 0.25
+    flip: bool = True
+    brightness: float = 0.2
+    contrast: float = 0.3
+    sharpness: float = 0.5
+    saturation: float = 0.2
+    rotation_degrees: float = 5.0
+    noise_stddev: float = 0.02
+    translation_pixels: float = 3.0
+    blur_sigma: float = 1.0
+    zoom: float = 0.1
+
+    def validate(self, path: str) -> None:
+        _check_range(path, "probability", self.probability, 0.0, 1.0)
+        for name in ("brightness", "contrast", "saturation", "zoom"):
+            _check_range(path, name, getattr(self, name), 0.0, 0.9)
+        _check_range(path, "sharpness", self.sharpness, 0.0, 1.0)
+        _check_range(path, "rotation_degrees", self.rotation_degrees, 0.0, 45.0)
+        _check_range(path, "noise_stddev", self.noise_stddev, 0.0, 0.5)
+        _check_range(path, "translation_pixels", self.translation_pixels, 0.0, 32.0)
+        _check_range(path, "blur_sigma", self.blur_sigma, 0.0, 5.0)
+
+
+@dataclass
+class DataConfig:
+    """Where the faces come from and how they are preprocessed and split."""
+
+    path: Optional[str] = None
+    image_size: int = 64
+    crop_border: int = 60
+    source_size: Optional[int] = 250
+    val_fraction: float = 0.05
+    test_fraction: float = 0.1
+    max_image_pixels: int = 25_000_000
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+
+    def validate(self, path: str) -> None:
+        _check_range(path, "image_size", self.image_size, 4, 1024)
+        _check_range(path, "crop_border", self.crop_border, 0, 10_000)
+        if self.source_size is not None:
+            _check_range(path, "source_size", self.source_size, 1, 100_000)
+            if 2 * self.crop_border >= self.source_size:
+                raise ConfigError(
+                    f"{path}.crop_border={self.crop_border} removes the whole "
+                    f"{self.source_size}px source image; use a smaller border."
+                )
+        _check_range(path, "val_fraction", self.val_fraction, 0.0, 0.5)
+        _check_range(path, "test_fraction", self.test_fraction, 0.01, 0.5)
+        _check_range(path, "max_image_pixels", self.max_image_pixels, 1, 10**9)
+        self.augmentation.validate(f"{path}.augmentation")
+
+
+@dataclass
+class AnnealingConfig:
+    """`CommitmentAnnealing`: steer commitment_cost by the active-code fraction."""
+
+    enabled: bool = True
+    target_low: float = 0.9
+    target_high: float = 0.98
+    factor: float = 1.1
+    decay: float = 0.995
+    min_cost: float = 0.05
+    max_cost: float = 1.0
+
+    def validate(self, path: str) -> None:
+        _check_range(path, "target_low", self.target_low, 0.0, 1.0)
+        _check_range(path, "target_high", self.target_high, self.target_low, 1.0)
+        _check_range(path, "factor", self.factor, 1.0, 10.0)
+        _check_range(path, "decay", self.decay, 0.0, 1.0)
+        _check_range(path, "min_cost", self.min_cost, 0.0, 100.0)
+        _check_range(path, "max_cost", self.max_cost, self.min_cost, 100.0)
+
+
+@dataclass
+class RevivalConfig:
+    """`DeadCodeRevival`: replace codes whose EMA count fell below threshold."""
+
+    enabled: bool = True
+    threshold: float = 1.0
+    max_revivals_per_batch: int = 5
+    every_n_batches: int = 10
+    noise: float = 0.01
+    source: Literal["encoder", "codes"] = "encoder"
+
+    def validate(self, path: str) -> None:
+        _check_range(path, "threshold", self.threshold, 0.0, 1e6)
+        _check_range(path, "max_revivals_per_batch", self.max_revivals_per_batch, 1, 10**6)
+        _check_range(path, "every_n_batches", self.every_n_batches, 1, 10**6)
+        _check_range(path, "noise", self.noise, 0.0, 10.0)
+
+
+@dataclass
+class RunConfig:
+    """One named training run: a model, its size and its training policy.
+
+    `model` selects "vqvae" or "vae"; quantizer keys (num_embeddings,
+    commitment_cost, ema_*, codebook_init, annealing, revival) only
+    matter for "vqvae", `latent_dim` and `kl_beta` only for "vae".
+    """
+
+    model: Literal["vqvae", "vae"] = "vqvae"
+    epochs: int = 30
+    max_train_minutes: Optional[float] = None
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    patience: int = 10
+    min_epoch_to_start_saving: int = 0
+    encoder_filters: list[int] = field(default_factory=lambda: [64, 128])
+    decoder_filters: list[int] = field(default_factory=lambda: [128, 64])
+    num_residual_blocks: int = 2
+    embedding_dim: int = 16
+    num_embeddings: int = 512
+    commitment_cost: float = 0.25
+    ema_decay: float = 0.99
+    ema_epsilon: float = 1e-5
+    codebook_init: Literal["data", "uniform"] = "data"
+    normalize_by_variance: bool = False
+    latent_dim: int = 16
+    kl_beta: float = 1.0
+    mixed_precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
+    snapshot_every: int = 5
+    annealing: AnnealingConfig = field(default_factory=AnnealingConfig)
+    revival: RevivalConfig = field(default_factory=RevivalConfig)
+
+    def validate(self, path: str) -> None:
+        _check_range(path, "epochs", self.epochs, 1, 10**6)
+        if self.max_train_minutes is not None:
+            _check_range(path, "max_train_minutes", self.max_train_minutes, 0.01, 10**6)
+        _check_range(path, "batch_size", self.batch_size, 1, 65536)
+        _check_range(path, "learning_rate", self.learning_rate, 1e-8, 1.0)
+        _check_range(path, "patience", self.patience, 1, 10**6)
+        _check_range(path, "min_epoch_to_start_saving", self.min_epoch_to_start_saving, 0, 10**6)
+        if not self.encoder_filters:
+            raise ConfigError(f"{path}.encoder_filters must list at least one filter count.")
+        if len(self.decoder_filters) != len(self.encoder_filters):
+            raise ConfigError(
+                f"{path}.decoder_filters has {len(self.decoder_filters)} entries but "
+                f"encoder_filters has {len(self.encoder_filters)}; each entry is one "
+                "2x down/upsampling, so they must match."
+            )
+        for key in ("encoder_filters", "decoder_filters"):
+            for value in getattr(self, key):
+                _check_range(path, key, value, 1, 4096)
+        _check_range(path, "num_residual_blocks", self.num_residual_blocks, 0, 64)
+        _check_range(path, "embedding_dim", self.embedding_dim, 1, 4096)
+        _check_range(path, "num_embeddings", self.num_embeddings, 2, 1 << 15)
+        _check_range(path, "commitment_cost", self.commitment_cost, 0.0, 100.0)
+        _check_range(path, "ema_decay", self.ema_decay, 0.0, 0.99999)
+        _check_range(path, "ema_epsilon", self.ema_epsilon, 1e-12, 1.0)
+        _check_range(path, "latent_dim", self.latent_dim, 1, 4096)
+        _check_range(path, "kl_beta", self.kl_beta, 0.0, 1000.0)
+        _check_range(path, "snapshot_every", self.snapshot_every, 1, 10**6)
+        self.annealing.validate(f"{path}.annealing")
+        self.revival.validate(f"{path}.revival")
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** len(self.encoder_filters)
+
+    def bits_per_image(self, image_size: int) -> float:
+        """Size of one token grid: grid cells x log2(num_embeddings)."""
+        grid = image_size // self.downsampling_factor
+        return grid * grid * math.log2(self.num_embeddings)
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one invocation of vqvae_face_main.py works from."""
+
+    enable_training: bool = True
+    seed: int = 1234
+    data: DataConfig = field(default_factory=DataConfig)
+    runs: dict[str, RunConfig] = field(default_factory=lambda: {"vqvae": RunConfig()})
+    compare: list[str] = field(default_factory=lambda: ["vqvae", "vae"])
+
+    def validate(self) -> None:
+        self.data.validate("data")
+        if not self.runs:
+            raise ConfigError("runs is empty: define at least one named run.")
+        for name, run in self.runs.items():
+            if not name or any(c in name for c in "/\\.") or name.startswith("-"):
+                raise ConfigError(f"runs: run name {name!r} must be a plain folder name.")
+            run.validate(f"runs.{name}")
+            if self.data.image_size % run.downsampling_factor:
+                raise ConfigError(
+                    f"data.image_size={self.data.image_size} is not divisible by the "
+                    f"downsampling factor {run.downsampling_factor} of runs.{name} "
+                    f"({len(run.encoder_filters)} encoder_filters entries)."
+                )
+        for name in self.compare:
+            if name not in self.runs:
+                raise ConfigError(f"compare names {name!r}, which is not in runs ({sorted(self.runs)}).")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_range(path: str, key: str, value, low, high) -> None:
+    if not (low <= value <= high):
+        raise ConfigError(f"{path}.{key}={value!r} is out of range: expected {low} <= value <= {high}.")
+
+
+def _type_name(annotation) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(annotation)[0])}"
+    if origin is dict:
+        return "an object"
+    if dataclasses.is_dataclass(annotation):
+        return "an object"
+    return annotation.__name__
+
+
+def _convert(annotation, value, path: str):
+    """Check `value` against a type annotation and return it converted."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:
+        for option in typing.get_args(annotation):
+            try:
+                return _convert(option, value, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}={value!r} has the wrong type: expected {_type_name(annotation)}.")
+    if annotation is type(None):
+        if value is None:
+            return None
+    elif origin is Literal:
+        if value in typing.get_args(annotation):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            (item_type,) = typing.get_args(annotation)
+            return [_convert(item_type, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            _, item_type = typing.get_args(annotation)
+            return {k: _convert(item_type, v, f"{path}.{k}") for k, v in value.items()}
+    elif dataclasses.is_dataclass(annotation):
+        if isinstance(value, dict):
+            return _build(annotation, value, path)
+    elif annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{path}={value!r} has the wrong type: expected {_type_name(annotation)}.")
+
+
+def _build(cls, mapping: dict, path: str):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in mapping:
+        if key not in known:
+            where = f"{path}.{key}" if path else key
+            raise ConfigError(f"unknown key {where!r}; allowed keys: {', '.join(sorted(known))}.")
+    kwargs = {}
+    for key, value in mapping.items():
+        kwargs[key] = _convert(hints[key], value, f"{path}.{key}" if path else key)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set epochs=2.")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {text!r}: malformed key {key!r}.")
+    return parts, value
+
+
+def _assign(mapping: dict, parts: list[str], value) -> None:
+    for part in parts[:-1]:
+        child = mapping.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set: {'.'.join(parts)} goes inside {part!r}, which is not an object.")
+        mapping = child
+    mapping[parts[-1]] = value
+
+
+def load_config(
+    path: Optional[str | Path] = None,
+    overrides: list[str] = (),
+    run_names: Optional[list[str]] = None,
+) -> ExperimentConfig:
+    """Read experiment.json (or the defaults), apply `--set` overrides, validate.
+
+    Overrides: `data.KEY=V` and the top-level keys (`seed`, `enable_training`,
+    `compare`) go where they say; any other `KEY=V` (or `annealing.KEY=V`)
+    is set in each selected run. Values are parsed as JSON when they can be.
+    """
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist.")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid JSON: {exc}.") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a JSON object at the top level.")
+    raw.setdefault("runs", {"vqvae": {}})
+    if not isinstance(raw["runs"], dict):
+        raise ConfigError(f"runs={raw['runs']!r} has the wrong type: expected an object.")
+    selected = list(raw["runs"]) if run_names is None else run_names
+    for name in selected:
+        if name not in raw["runs"]:
+            raise ConfigError(f"--run {name!r} is not a run in the config; runs are: {sorted(raw['runs'])}.")
+    top_level = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"runs"}
+    for text in overrides:
+        parts, value = _parse_override(text)
+        if parts[0] in top_level:
+            _assign(raw, parts, value)
+        else:
+            for name in selected:
+                if not isinstance(raw["runs"][name], dict):
+                    continue
+                _assign(raw["runs"][name], parts, value)
+    config = _build(ExperimentConfig, raw, "")
+    config.validate()
+    return config
+
+
+def save_resolved_config(config: ExperimentConfig, run_name: str, path: Path) -> None:
+    """Write the shared settings and one run's resolved settings as JSON."""
+    resolved = {
+        "seed": config.seed,
+        "data": dataclasses.asdict(config.data),
+        "run_name": run_name,
+        "run": dataclasses.asdict(config.runs[run_name]),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(resolved, indent=2), encoding="utf-8")
+    tmp.replace(path)
