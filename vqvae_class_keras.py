@@ -51,28 +51,29 @@ class ResidualBlock(layers.Layer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class Encoder(layers.Layer):
-    """Images to a latent grid: one stride-2 4x4 conv per entry of `filters`, then residual blocks.
+    """Images to a latent grid: one stride-2 4x4 conv per entry of `filters`, residual blocks, 1x1 projection.
 
     Input shape: (B, H, W, C). Output shape: (B, H / 2**len(filters), W / 2**len(filters), output_channels).
     """
 
-    def __init__(self, filters=(64, 128), num_residual_blocks=2, output_channels=16, **kwargs):
+    def __init__(self, filters=(64, 128), num_residual_blocks=2, output_channels=16, residual_hidden_channels=32, **kwargs):
         super().__init__(**kwargs)
         self.filters = list(filters)
         self.num_residual_blocks = num_residual_blocks
         self.output_channels = output_channels
+        self.residual_hidden_channels = residual_hidden_channels
         self.downsamplers = [
             layers.Conv2D(f, 4, strides=2, padding="same", activation="relu") for f in self.filters
         ]
-        self.mix = layers.Conv2D(self.filters[-1], 3, padding="same")
-        self.blocks = [ResidualBlock(self.filters[-1]) for _ in range(num_residual_blocks)]
+        self.blocks = [
+            ResidualBlock(self.filters[-1], residual_hidden_channels) for _ in range(num_residual_blocks)
+        ]
         self.project = layers.Conv2D(output_channels, 1)
 
     def call(self, images):
         x = images
         for layer in self.downsamplers:
             x = layer(x)
-        x = self.mix(x)
         for block in self.blocks:
             x = block(x)
         return self.project(ops.relu(x))
@@ -83,28 +84,36 @@ class Encoder(layers.Layer):
             "filters": self.filters,
             "num_residual_blocks": self.num_residual_blocks,
             "output_channels": self.output_channels,
+            "residual_hidden_channels": self.residual_hidden_channels,
         }
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class Decoder(layers.Layer):
-    """Latent grid to images in [0, 1]: residual blocks, one stride-2 transposed conv per entry of `filters`.
+    """Latent grid to images in [0, 1]: 3x3 conv to filters[0], residual blocks, then one
+    stride-2 4x4 transposed conv per entry of `filters`: to filters[1], filters[2], ...,
+    and the last one straight to the image channels (as in van den Oord et al. 2017).
 
     The sigmoid output layer always computes in float32 (also under mixed precision).
     Input shape: (B, h, w, D). Output shape: (B, h * 2**len(filters), w * 2**len(filters), image_channels).
     """
 
-    def __init__(self, filters=(128, 64), num_residual_blocks=2, image_channels=3, **kwargs):
+    def __init__(self, filters=(128, 64), num_residual_blocks=2, image_channels=3, residual_hidden_channels=32, **kwargs):
         super().__init__(**kwargs)
         self.filters = list(filters)
         self.num_residual_blocks = num_residual_blocks
         self.image_channels = image_channels
+        self.residual_hidden_channels = residual_hidden_channels
         self.mix = layers.Conv2D(self.filters[0], 3, padding="same")
-        self.blocks = [ResidualBlock(self.filters[0]) for _ in range(num_residual_blocks)]
-        self.upsamplers = [
-            layers.Conv2DTranspose(f, 4, strides=2, padding="same", activation="relu") for f in self.filters
+        self.blocks = [
+            ResidualBlock(self.filters[0], residual_hidden_channels) for _ in range(num_residual_blocks)
         ]
-        self.to_image = layers.Conv2D(image_channels, 3, padding="same", activation="sigmoid", dtype="float32")
+        self.upsamplers = [
+            layers.Conv2DTranspose(f, 4, strides=2, padding="same", activation="relu") for f in self.filters[1:]
+        ]
+        self.to_image = layers.Conv2DTranspose(
+            image_channels, 4, strides=2, padding="same", activation="sigmoid", dtype="float32"
+        )
 
     def call(self, latents):
         x = self.mix(latents)
@@ -121,6 +130,7 @@ class Decoder(layers.Layer):
             "filters": self.filters,
             "num_residual_blocks": self.num_residual_blocks,
             "image_channels": self.image_channels,
+            "residual_hidden_channels": self.residual_hidden_channels,
         }
 
 
@@ -387,6 +397,7 @@ class VQVAE(ReconstructionModel):
         image_channels: C, 1 or 3, taken from the data.
         encoder_filters / decoder_filters: one entry per 2x down/upsampling.
         num_residual_blocks: residual blocks at the token-grid resolution, each side.
+        residual_hidden_channels: bottleneck width inside each residual block.
         embedding_dim, num_embeddings, commitment_cost, decay, epsilon,
         codebook_init: see `VectorQuantizerEMA`.
         data_variance: if set, the reconstruction loss is MSE / data_variance
@@ -404,6 +415,7 @@ class VQVAE(ReconstructionModel):
         encoder_filters=(64, 128),
         decoder_filters=(128, 64),
         num_residual_blocks=2,
+        residual_hidden_channels=32,
         embedding_dim=16,
         num_embeddings=512,
         commitment_cost=0.25,
@@ -420,6 +432,7 @@ class VQVAE(ReconstructionModel):
             encoder_filters=list(encoder_filters),
             decoder_filters=list(decoder_filters),
             num_residual_blocks=num_residual_blocks,
+            residual_hidden_channels=residual_hidden_channels,
             embedding_dim=embedding_dim,
             num_embeddings=num_embeddings,
             commitment_cost=commitment_cost,
@@ -430,11 +443,15 @@ class VQVAE(ReconstructionModel):
             seed=seed,
         )
         self.data_variance = data_variance
-        self.encoder = Encoder(encoder_filters, num_residual_blocks, embedding_dim, name="encoder")
+        self.encoder = Encoder(
+            encoder_filters, num_residual_blocks, embedding_dim, residual_hidden_channels, name="encoder"
+        )
         self.quantizer = VectorQuantizerEMA(
             num_embeddings, embedding_dim, commitment_cost, decay, epsilon, codebook_init, seed=seed, name="quantizer"
         )
-        self.decoder = Decoder(decoder_filters, num_residual_blocks, image_channels, name="decoder")
+        self.decoder = Decoder(
+            decoder_filters, num_residual_blocks, image_channels, residual_hidden_channels, name="decoder"
+        )
 
     def call(self, images, training=False):
         quantized = self.quantizer(self.encoder(images), training=training)["quantized"]
@@ -485,6 +502,7 @@ class VAE(ReconstructionModel):
         encoder_filters=(64, 128),
         decoder_filters=(128, 64),
         num_residual_blocks=2,
+        residual_hidden_channels=32,
         latent_dim=16,
         kl_beta=1.0,
         data_variance=None,
@@ -497,6 +515,7 @@ class VAE(ReconstructionModel):
             encoder_filters=list(encoder_filters),
             decoder_filters=list(decoder_filters),
             num_residual_blocks=num_residual_blocks,
+            residual_hidden_channels=residual_hidden_channels,
             latent_dim=latent_dim,
             kl_beta=kl_beta,
             data_variance=data_variance,
@@ -505,8 +524,12 @@ class VAE(ReconstructionModel):
         self.latent_dim = latent_dim
         self.kl_beta = kl_beta
         self.data_variance = data_variance
-        self.encoder = Encoder(encoder_filters, num_residual_blocks, 2 * latent_dim, name="encoder")
-        self.decoder = Decoder(decoder_filters, num_residual_blocks, image_channels, name="decoder")
+        self.encoder = Encoder(
+            encoder_filters, num_residual_blocks, 2 * latent_dim, residual_hidden_channels, name="encoder"
+        )
+        self.decoder = Decoder(
+            decoder_filters, num_residual_blocks, image_channels, residual_hidden_channels, name="decoder"
+        )
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def posterior(self, images):

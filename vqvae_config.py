@@ -67,7 +67,7 @@ class DataConfig:
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
 
     def validate(self, path: str) -> None:
-        _check_range(path, "image_size", self.image_size, 4, 1024)
+        _check_range(path, "image_size", self.image_size, 16, 1024)
         _check_range(path, "crop_border", self.crop_border, 0, 10_000)
         if self.source_size is not None:
             _check_range(path, "source_size", self.source_size, 1, 100_000)
@@ -138,9 +138,10 @@ class RunConfig:
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     patience: int = 10
     min_epoch_to_start_saving: int = 0
-    encoder_filters: list[int] = field(default_factory=lambda: [64, 128])
-    decoder_filters: list[int] = field(default_factory=lambda: [128, 64])
+    encoder_filters: list[int] = field(default_factory=lambda: [32, 128])
+    decoder_filters: list[int] = field(default_factory=lambda: [128, 32])
     num_residual_blocks: int = 2
+    residual_hidden_channels: int = 32
     embedding_dim: int = 16
     num_embeddings: int = 512
     commitment_cost: float = 0.25
@@ -175,6 +176,12 @@ class RunConfig:
             for value in getattr(self, key):
                 _check_range(path, key, value, 1, 4096)
         _check_range(path, "num_residual_blocks", self.num_residual_blocks, 0, 64)
+        _check_range(path, "residual_hidden_channels", self.residual_hidden_channels, 1, 4096)
+        if self.min_epoch_to_start_saving > self.epochs:
+            raise ConfigError(
+                f"{path}.min_epoch_to_start_saving={self.min_epoch_to_start_saving} is after the last epoch "
+                f"(epochs={self.epochs}): no model would ever be saved."
+            )
         _check_range(path, "embedding_dim", self.embedding_dim, 1, 4096)
         _check_range(path, "num_embeddings", self.num_embeddings, 2, 1 << 15)
         _check_range(path, "commitment_cost", self.commitment_cost, 0.0, 100.0)

@@ -1,0 +1,172 @@
+"""Evaluation of a trained run on untouched test faces: tokens, reconstructions, metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+import face_data
+import visualize
+from trainer import RunPaths, load_model, read_state
+from training_callbacks import write_json_atomically
+from vqvae_class_keras import VAE, VQVAE
+
+log = logging.getLogger("vqvae_faces.eval")
+
+PREVIEW_FACES = 10
+
+
+class EvaluationError(RuntimeError):
+    """Nothing to evaluate (no checkpoint) or the checkpoint does not fit the data."""
+
+
+def image_quality(originals: np.ndarray, reconstructions: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Per-image PSNR (dB), SSIM and MSE for float images in [0, 1], data range 1."""
+    psnr, ssim, mse = [], [], []
+    for start in range(0, len(originals), batch_size):
+        a = tf.convert_to_tensor(originals[start:start + batch_size], tf.float32)
+        b = tf.convert_to_tensor(reconstructions[start:start + batch_size], tf.float32)
+        psnr.append(tf.image.psnr(a, b, max_val=1.0).numpy())
+        ssim.append(tf.image.ssim(a, b, max_val=1.0).numpy())
+        mse.append(tf.reduce_mean(tf.square(a - b), axis=[1, 2, 3]).numpy())
+    return {"psnr": np.concatenate(psnr), "ssim": np.concatenate(ssim), "mse": np.concatenate(mse)}
+
+
+def code_statistics(tokens: np.ndarray, num_embeddings: int) -> dict[str, float]:
+    """Fraction of codes used and perplexity (exp of the token entropy) over all tokens."""
+    counts = np.bincount(tokens.reshape(-1).astype(np.int64), minlength=num_embeddings)
+    probabilities = counts / counts.sum()
+    nonzero = probabilities[probabilities > 0]
+    return {
+        "codebook_usage": float((counts > 0).mean()),
+        "perplexity": float(np.exp(-(nonzero * np.log(nonzero)).sum())),
+        "token_entropy_bits": float(-(nonzero * np.log2(nonzero)).sum()),
+    }
+
+
+def tokenize(model: VQVAE, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """uint8 images (N, H, W, C) -> int16 token grids (N, h, w)."""
+    encode = tf.function(model.encode_to_tokens)
+    grids = [encode(batch).numpy() for batch in face_data.make_dataset(images, batch_size)]
+    return np.concatenate(grids).astype(np.int16)
+
+
+def decode(model: VQVAE, tokens: np.ndarray, batch_size: int) -> np.ndarray:
+    """int token grids (N, h, w) -> float32 reconstructions (N, H, W, C)."""
+    decode_fn = tf.function(model.decode_tokens)
+    dataset = tf.data.Dataset.from_tensor_slices(tokens.astype(np.int32)).batch(batch_size)
+    return np.concatenate([decode_fn(batch).numpy() for batch in dataset]).astype(np.float32)
+
+
+def reconstruct(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Reconstructions of uint8 images through the model's inference path."""
+    return model.predict(face_data.make_dataset(images, batch_size), verbose=0).astype(np.float32)
+
+
+def load_trained_model(paths: RunPaths, run_name: str) -> keras.Model:
+    for path in (paths.best_model, paths.latest_model):
+        if path.is_file():
+            if path == paths.latest_model:
+                log.warning("no best.keras for run %s; evaluating latest.keras", run_name)
+            return load_model(path)
+    raise EvaluationError(
+        f"no trained model for run {run_name!r}: {paths.best_model} does not exist. "
+        "Train it first (drop --eval, or set \"enable_training\": true)."
+    )
+
+
+def evaluate_run(
+    run_name: str,
+    paths: RunPaths,
+    images: np.ndarray,
+    names: np.ndarray,
+    dataset: str,
+    batch_size: int,
+    image_size: int,
+) -> dict:
+    """Evaluate a trained run on `images` (uint8, never augmented); write tokens, pictures, metrics.json.
+
+    For a VQ-VAE the test faces are encoded to tokens, saved to
+    `checkpoints/<run>/tokens.npz`, and the reconstructions are decoded from
+    those saved tokens.
+    """
+    model = load_trained_model(paths, run_name)
+    expected = tuple(model.get_build_config()["input_shape"][1:]) if model.get_build_config() else None
+    if expected and tuple(expected) != tuple(images.shape[1:]):
+        raise EvaluationError(
+            f"run {run_name!r} was trained on images of shape {tuple(expected)} but the evaluation data has "
+            f"shape {tuple(images.shape[1:])}: use the data.image_size and data source it was trained with."
+        )
+    originals = images.astype(np.float32) / 255.0
+    metrics: dict = {"run": run_name, "model": type(model).__name__, "dataset": dataset, "num_test_images": len(images)}
+    if isinstance(model, VQVAE):
+        tokens = tokenize(model, images, batch_size)
+        token_file = paths.checkpoints / "tokens.npz"
+        np.savez_compressed(token_file, tokens=tokens, names=np.asarray(names))
+        with np.load(token_file, allow_pickle=False) as saved:
+            reconstructions = decode(model, saved["tokens"], batch_size)
+        k = model.quantizer.num_embeddings
+        stats = code_statistics(tokens, k)
+        metrics.update(stats)
+        metrics["num_embeddings"] = k
+        metrics["token_grid"] = list(tokens.shape[1:])
+        metrics["bits_per_image"] = float(np.prod(tokens.shape[1:]) * math.log2(k))
+        metrics["entropy_coded_bits_per_image"] = float(np.prod(tokens.shape[1:]) * stats["token_entropy_bits"])
+        visualize.plot_code_usage(
+            np.bincount(tokens.reshape(-1).astype(np.int64), minlength=k), paths.images / "codebook_usage.png",
+            f"{run_name}: {stats['codebook_usage']:.0%} of {k} codes used on the test faces",
+        )
+    else:
+        reconstructions = reconstruct(model, images, batch_size)
+        metrics["kl_bits_per_image"] = float(_mean_kl_bits(model, images, batch_size))
+        metrics["bits_per_image"] = metrics["kl_bits_per_image"]
+    quality = image_quality(originals, reconstructions)
+    metrics.update({name: float(values.mean()) for name, values in quality.items()})
+    state = read_state(paths) or {}
+    metrics["train_images_per_second"] = state.get("train_images_per_second")
+    metrics["train_seconds"] = state.get("train_seconds")
+    metrics["epochs_trained"] = state.get("epochs_done")
+    metrics["image_size"] = image_size
+    write_json_atomically(metrics, paths.images / "metrics.json")
+    np.savez_compressed(paths.checkpoints / "test_quality.npz", names=np.asarray(names), **quality)
+    count = min(PREVIEW_FACES, len(images))
+    visualize.save_image_grid(
+        [originals[:count], reconstructions[:count]], ["original", "reconstruction"],
+        paths.images / "reconstructions.png",
+        title=f"{run_name}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f} on {len(images)} test faces",
+    )
+    return metrics
+
+
+def _mean_kl_bits(model: VAE, images: np.ndarray, batch_size: int) -> float:
+    total, count = 0.0, 0
+    for batch in face_data.make_dataset(images, batch_size):
+        mean, log_variance = model.posterior(batch)
+        kl = 0.5 * tf.reduce_sum(tf.square(mean) + tf.exp(log_variance) - 1.0 - log_variance, axis=[1, 2, 3])
+        total += float(tf.reduce_sum(kl)) / math.log(2.0)
+        count += int(kl.shape[0])
+    return total / max(count, 1)
+
+
+def metrics_table(all_metrics: list[dict]) -> str:
+    """The headline numbers of each run, as aligned text."""
+    columns = [
+        "run", "model", "num_test_images", "psnr", "ssim", "mse", "codebook_usage", "perplexity",
+        "bits_per_image", "train_images_per_second",
+    ]
+    frame = pd.DataFrame([{c: m.get(c) for c in columns} for m in all_metrics])
+    return frame.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def test_set(run_paths: RunPaths, faces: face_data.FaceSet) -> tuple[np.ndarray, np.ndarray]:
+    """The run's saved test split, as (images, names)."""
+    split = face_data.load_split(run_paths.split, faces)
+    return faces.subset(split["test"]), faces.names[split["test"]]
+

@@ -1,0 +1,271 @@
+"""Build, train and resume one run: model construction, callbacks, fit, checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import face_data
+import visualize
+from training_callbacks import (
+    CommitmentAnnealing,
+    CosineLearningRate,
+    DeadCodeRevival,
+    ReconstructionSnapshots,
+    ThroughputMeter,
+    TrainingCheckpoint,
+    TrainingClock,
+    write_json_atomically,
+)
+from vqvae_class_keras import VAE, VQVAE
+from vqvae_config import ConfigError, ExperimentConfig, RunConfig, save_resolved_config
+
+log = logging.getLogger("vqvae_faces.train")
+
+ARCHITECTURE_KEYS = (
+    "model", "encoder_filters", "decoder_filters", "num_residual_blocks", "residual_hidden_channels",
+    "embedding_dim", "num_embeddings", "latent_dim",
+)
+DATA_KEYS = ("image_size", "crop_border", "source_size")
+SNAPSHOT_FACES = 8
+
+
+class TrainingError(RuntimeError):
+    """Training could not finish (for example a NaN loss); the message says what to do."""
+
+
+@dataclass
+class RunPaths:
+    """Where one run keeps its files."""
+
+    checkpoints: Path
+    images: Path
+
+    @classmethod
+    def for_run(cls, out: Path, run_name: str) -> "RunPaths":
+        return cls(out / "checkpoints" / run_name, out / "images_saved" / run_name)
+
+    @property
+    def best_model(self) -> Path:
+        return self.checkpoints / "best.keras"
+
+    @property
+    def latest_model(self) -> Path:
+        return self.checkpoints / "latest.keras"
+
+    @property
+    def state(self) -> Path:
+        return self.checkpoints / "state.json"
+
+    @property
+    def split(self) -> Path:
+        return self.checkpoints / "split.json"
+
+    @property
+    def resolved_config(self) -> Path:
+        return self.checkpoints / "config.json"
+
+    @property
+    def history(self) -> Path:
+        return self.checkpoints / "history.csv"
+
+
+def read_state(paths: RunPaths) -> Optional[dict]:
+    if not paths.state.is_file():
+        return None
+    return json.loads(paths.state.read_text(encoding="utf-8"))
+
+
+def choose_precision(setting: str) -> str:
+    """Resolve "auto": mixed_float16 on a GPU, float32 on CPUs (see bench/RESULTS.md)."""
+    if setting != "auto":
+        return setting
+    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+
+
+def build_model(run: RunConfig, channels: int, data_variance: Optional[float], seed: int) -> keras.Model:
+    """A fresh, compiled model for `run` (the dtype policy must already be set)."""
+    trunk = dict(
+        image_channels=channels,
+        encoder_filters=run.encoder_filters,
+        decoder_filters=run.decoder_filters,
+        num_residual_blocks=run.num_residual_blocks,
+        residual_hidden_channels=run.residual_hidden_channels,
+        data_variance=data_variance,
+        seed=seed,
+    )
+    if run.model == "vqvae":
+        model = VQVAE(
+            embedding_dim=run.embedding_dim,
+            num_embeddings=run.num_embeddings,
+            commitment_cost=run.commitment_cost,
+            decay=run.ema_decay,
+            epsilon=run.ema_epsilon,
+            codebook_init=run.codebook_init,
+            **trunk,
+        )
+    else:
+        model = VAE(latent_dim=run.latent_dim, kl_beta=run.kl_beta, **trunk)
+    model.compile(optimizer=keras.optimizers.Adam(run.learning_rate))
+    return model
+
+
+def load_model(path: Path) -> keras.Model:
+    """Load a `.keras` file in safe mode (no arbitrary code)."""
+    return keras.saving.load_model(path, safe_mode=True)
+
+
+def check_compatible(paths: RunPaths, config: ExperimentConfig, run_name: str) -> None:
+    """Refuse to resume or evaluate a checkpoint built with a different architecture or data shape."""
+    if not paths.resolved_config.is_file():
+        return
+    saved = json.loads(paths.resolved_config.read_text(encoding="utf-8"))
+    current_run = dataclasses.asdict(config.runs[run_name])
+    current_data = dataclasses.asdict(config.data)
+    mismatches = [
+        f"{key}: checkpoint {saved['run'].get(key)!r}, config {current_run[key]!r}"
+        for key in ARCHITECTURE_KEYS if saved["run"].get(key) != current_run[key]
+    ] + [
+        f"data.{key}: checkpoint {saved['data'].get(key)!r}, config {current_data[key]!r}"
+        for key in DATA_KEYS if saved["data"].get(key) != current_data[key]
+    ]
+    if mismatches:
+        raise ConfigError(
+            f"run {run_name!r} in {paths.checkpoints} was trained with different settings ("
+            + "; ".join(mismatches) + "). Restore those settings, or pass --retrain to start it over."
+        )
+
+
+def _callbacks(model, run: RunConfig, paths: RunPaths, train_count: int, snapshot_images, state, seed):
+    clock = TrainingClock(run.epochs, run.max_train_minutes, previous_seconds=(state or {}).get("train_seconds", 0.0))
+    callbacks = [clock]
+    if run.lr_schedule == "cosine":
+        callbacks.append(CosineLearningRate(run.learning_rate, clock))
+    if isinstance(model, VQVAE) and run.revival.enabled:
+        r = run.revival
+        callbacks.append(
+            DeadCodeRevival(model.quantizer, r.threshold, r.max_revivals_per_batch, r.every_n_batches, r.noise, r.source, seed)
+        )
+    if isinstance(model, VQVAE) and run.annealing.enabled:
+        a = run.annealing
+        callbacks.append(
+            CommitmentAnnealing(model.quantizer, a.target_low, a.target_high, a.factor, a.decay, a.min_cost, a.max_cost)
+        )
+    throughput = ThroughputMeter(run.batch_size, train_count)
+    checkpoint = TrainingCheckpoint(paths.checkpoints, clock, run.patience, run.min_epoch_to_start_saving, state=state)
+    callbacks += [
+        throughput,
+        ReconstructionSnapshots(snapshot_images, paths.images, run.snapshot_every, visualize.save_image_grid),
+        keras.callbacks.CSVLogger(str(paths.history), append=state is not None),
+        checkpoint,
+    ]
+    return callbacks, clock, throughput, checkpoint
+
+
+def train_run(
+    config: ExperimentConfig, run_name: str, faces: face_data.FaceSet, out: Path, retrain: bool = False
+) -> None:
+    """Train `run_name` on `faces`, resuming from its latest checkpoint when there is one."""
+    run = config.runs[run_name]
+    paths = RunPaths.for_run(out, run_name)
+    state = None if retrain else read_state(paths)
+    if state is not None and not paths.latest_model.is_file():
+        state = None
+    if state and state.get("finished"):
+        log.info(
+            "run %s already finished (%d epochs); evaluating it. Pass --retrain to train it again.",
+            run_name, state["epochs_done"],
+        )
+        return
+    if state is None and paths.checkpoints.exists():
+        shutil.rmtree(paths.checkpoints)
+    paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    paths.images.mkdir(parents=True, exist_ok=True)
+
+    keras.utils.set_random_seed(config.seed)
+    policy = choose_precision(run.mixed_precision)
+    keras.mixed_precision.set_dtype_policy(policy)
+    try:
+        if state is None:
+            split = face_data.split_by_person(
+                faces.persons, config.data.val_fraction, config.data.test_fraction, config.seed
+            )
+            face_data.save_split(paths.split, faces, split)
+            save_resolved_config(config, run_name, paths.resolved_config)
+            train_images = faces.subset(split["train"])
+            variance = float(np.var(train_images / 255.0)) if run.normalize_by_variance else None
+            model = build_model(run, faces.channels, variance, config.seed)
+            model.build((None,) + faces.images.shape[1:])
+            initial_epoch = 0
+        else:
+            check_compatible(paths, config, run_name)
+            split = face_data.load_split(paths.split, faces)
+            train_images = faces.subset(split["train"])
+            model = load_model(paths.latest_model)
+            initial_epoch = state["epochs_done"]
+            log.info("resuming run %s from epoch %d (%s)", run_name, initial_epoch, paths.latest_model)
+        log.info(
+            "run %s: %s, %s, %d train / %d val / %d test images (identity-disjoint), %d parameters",
+            run_name, run.model, policy, len(split["train"]), len(split["val"]), len(split["test"]),
+            model.count_params(),
+        )
+        _fit(model, run, paths, faces, split, train_images, state, initial_epoch, config)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+
+
+def _fit(model, run, paths, faces, split, train_images, state, initial_epoch, config):
+    augmenter = None
+    if config.data.augmentation.enabled:
+        augmenter = face_data.FaceAugmenter(
+            config.data.augmentation, config.data.image_size, faces.channels, config.seed
+        )
+    train_ds = face_data.make_dataset(train_images, run.batch_size, augmenter, shuffle_seed=config.seed)
+    val_images = faces.subset(split["val"])
+    val_ds = face_data.make_dataset(val_images, run.batch_size) if len(val_images) else None
+    snapshot_images = (val_images if len(val_images) else train_images)[:SNAPSHOT_FACES].astype(np.float32) / 255.0
+    if augmenter is not None and augmenter.ops:
+        originals = train_images[:SNAPSHOT_FACES].astype(np.float32) / 255.0
+        variants = [augmenter(tf.constant(originals)).numpy() for _ in range(3)]
+        visualize.save_image_grid(
+            [originals] + variants, ["original", "augmented", "augmented", "augmented"],
+            paths.images.parent / "augmentations.png", title="training augmentation (fresh each epoch)",
+        )
+    callbacks, clock, throughput, checkpoint = _callbacks(
+        model, run, paths, len(train_images), snapshot_images, state, config.seed
+    )
+    model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=run.epochs,
+        initial_epoch=initial_epoch,
+        callbacks=callbacks,
+        verbose=2,
+    )
+    if checkpoint.diverged_epoch is not None:
+        raise TrainingError(
+            f"the loss became NaN or infinite in epoch {checkpoint.diverged_epoch}; training stopped and the "
+            f"last good checkpoint (epoch {checkpoint.epochs_done}) is kept in {paths.checkpoints}. "
+            "Lower learning_rate (e.g. --set learning_rate=5e-4) and rerun with --retrain."
+        )
+    final_state = checkpoint.state(finished=True)
+    final_state["train_images_per_second"] = throughput.images_per_second or (state or {}).get("train_images_per_second")
+    final_state["stopped_by"] = (
+        "time limit" if clock.time_limit_reached else "early stopping" if checkpoint.early_stopped else "epochs"
+    )
+    write_json_atomically(final_state, paths.state)
+    log.info(
+        "run finished after %d epochs (%s), %.1f min of training, best %s %.5f at epoch %s",
+        checkpoint.epochs_done, final_state["stopped_by"], clock.elapsed_seconds / 60, checkpoint.monitor,
+        checkpoint.best, checkpoint.best_epoch,
+    )
+    visualize.plot_training_curves(paths.history, paths.images / "training_curves.png")

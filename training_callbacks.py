@@ -1,0 +1,367 @@
+"""Training policy as Keras callbacks: annealing, revival, time budget, LR schedule,
+snapshots, throughput and crash-safe checkpoints.
+
+The model owns the math (see `VectorQuantizerEMA.reset_codes`); these classes
+decide when and how much. None of them pulls tensors to Python on every step:
+per-step hooks only count batches or read the clock, statistics are read from
+layer weights or from the epoch logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+log = logging.getLogger("vqvae_faces.train")
+
+
+class CommitmentAnnealing(keras.callbacks.Callback):
+    """Steer the quantizer's `commitment_cost` by the fraction of active codes, once per epoch.
+
+    Below `[target_low, target_high]` the cost is divided by `factor` (weaker
+    commitment lets encoder outputs move and reach unused codes); above it the
+    cost is multiplied by `factor`; inside it the cost decays by `decay`. The
+    result is clamped to `[min_cost, max_cost]`. The cost lives in a layer
+    weight, so checkpoints keep the annealed value.
+    """
+
+    def __init__(self, quantizer, target_low, target_high, factor, decay, min_cost, max_cost):
+        super().__init__()
+        if not 0.0 <= target_low <= target_high <= 1.0:
+            raise ValueError(f"need 0 <= target_low <= target_high <= 1, received {target_low}, {target_high}")
+        if not 0.0 <= min_cost <= max_cost:
+            raise ValueError(f"need 0 <= min_cost <= max_cost, received {min_cost}, {max_cost}")
+        self.quantizer = quantizer
+        self.target_low, self.target_high = target_low, target_high
+        self.factor, self.decay = factor, decay
+        self.min_cost, self.max_cost = min_cost, max_cost
+
+    def next_cost(self, cost: float, active_fraction: float) -> float:
+        """The annealing rule: the new commitment cost for this epoch's active-code fraction."""
+        if active_fraction < self.target_low:
+            cost = cost / self.factor
+        elif active_fraction > self.target_high:
+            cost = cost * self.factor
+        else:
+            cost = cost * self.decay
+        return float(min(max(cost, self.min_cost), self.max_cost))
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        if "active_code_fraction" not in logs:
+            return
+        cost = self.next_cost(float(self.quantizer.commitment_cost.numpy()), float(logs["active_code_fraction"]))
+        self.quantizer.commitment_cost.assign(cost)
+        logs["commitment_cost"] = cost
+
+
+def revive_dead_codes(quantizer, threshold, max_revivals, noise, source, generator):
+    """Replace dead codes of `quantizer`; returns how many were replaced (int32 tensor).
+
+    A code is dead when its EMA cluster size is below `threshold`. At most
+    `max_revivals` of them, least used first, move to candidate vectors plus
+    Gaussian noise (`noise` x the candidates' RMS): rows of the last training
+    batch's encoder outputs (`source="encoder"`) or randomly chosen live codes
+    (`source="codes"`). If every code is dead, the whole codebook is reset from
+    encoder outputs.
+    """
+    num_codes = quantizer.num_embeddings
+    usage = tf.convert_to_tensor(quantizer.ema_cluster_size)
+    dead = usage < threshold
+    num_dead = tf.reduce_sum(tf.cast(dead, tf.int32))
+
+    def candidates(count, pool):
+        rows = generator.uniform([count], maxval=tf.shape(pool)[0], dtype=tf.int32)
+        chosen = tf.gather(pool, rows)
+        scale = tf.sqrt(tf.reduce_mean(tf.square(chosen)) + 1e-12)
+        return chosen + noise * scale * generator.normal(tf.shape(chosen))
+
+    def reset_all():
+        quantizer.reset_codes(tf.range(num_codes), candidates(num_codes, quantizer.latent_sample))
+        return tf.constant(num_codes, tf.int32)
+
+    def reset_some():
+        count = tf.minimum(num_dead, max_revivals)
+        least_used = tf.argsort(usage, stable=True)[:count]
+        if source == "codes":
+            pool = tf.boolean_mask(quantizer.embeddings, tf.logical_not(dead))
+        else:
+            pool = quantizer.latent_sample
+        quantizer.reset_codes(least_used, candidates(count, pool))
+        return count
+
+    return tf.cond(
+        tf.equal(num_dead, num_codes),
+        reset_all,
+        lambda: tf.cond(num_dead > 0, reset_some, lambda: tf.constant(0, tf.int32)),
+    )
+
+
+class DeadCodeRevival(keras.callbacks.Callback):
+    """Every `every_n_batches` training batches, revive up to `max_revivals_per_batch` dead codes.
+
+    See `revive_dead_codes` for the rule. The revival runs as one compiled
+    graph on the quantizer's weights; the number revived is summed in a
+    variable and reported once per epoch as `revived_codes`.
+    """
+
+    def __init__(self, quantizer, threshold=1.0, max_revivals_per_batch=5, every_n_batches=10,
+                 noise=0.01, source="encoder", seed=0):
+        super().__init__()
+        if source not in ("encoder", "codes"):
+            raise ValueError(f"source must be 'encoder' or 'codes', received source={source!r}")
+        self.quantizer = quantizer
+        self.every_n_batches = every_n_batches
+        self.generator = tf.random.Generator.from_seed(seed)
+        self.revived = tf.Variable(0, dtype=tf.int32, trainable=False)
+        self._revive = tf.function(
+            lambda: self.revived.assign_add(
+                revive_dead_codes(quantizer, threshold, max_revivals_per_batch, noise, source, self.generator)
+            )
+        )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.revived.assign(0)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (batch + 1) % self.every_n_batches == 0:
+            self._revive()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["revived_codes"] = int(self.revived.numpy())
+
+
+class TrainingClock(keras.callbacks.Callback):
+    """Wall-clock training time across resumes; stops training after `max_minutes`.
+
+    `elapsed_seconds` counts this run's time plus `previous_seconds` from
+    earlier sessions of the same run. `progress(epoch)` is the fraction of the
+    training budget used: the larger of the epoch fraction and the time fraction.
+    """
+
+    def __init__(self, total_epochs: int, max_minutes: Optional[float] = None, previous_seconds: float = 0.0):
+        super().__init__()
+        self.total_epochs = total_epochs
+        self.max_seconds = None if max_minutes is None else 60.0 * max_minutes
+        self.previous_seconds = previous_seconds
+        self.started = None
+        self.time_limit_reached = False
+
+    @property
+    def elapsed_seconds(self) -> float:
+        running = 0.0 if self.started is None else time.monotonic() - self.started
+        return self.previous_seconds + running
+
+    def progress(self, epoch: float) -> float:
+        fraction = epoch / self.total_epochs
+        if self.max_seconds:
+            fraction = max(fraction, self.elapsed_seconds / self.max_seconds)
+        return min(fraction, 1.0)
+
+    def on_train_begin(self, logs=None):
+        self.started = time.monotonic()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.max_seconds is not None and self.elapsed_seconds >= self.max_seconds:
+            self.time_limit_reached = True
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["train_seconds"] = self.elapsed_seconds
+
+
+class CosineLearningRate(keras.callbacks.Callback):
+    """Cosine decay from `base_rate` to `final_fraction * base_rate` over the training budget.
+
+    Progress comes from `TrainingClock.progress`, so a time-limited run finishes
+    its schedule when its time runs out. Updated every `update_every` batches.
+    """
+
+    def __init__(self, base_rate: float, clock: TrainingClock, final_fraction: float = 0.02, update_every: int = 20):
+        super().__init__()
+        self.base_rate = base_rate
+        self.clock = clock
+        self.final_fraction = final_fraction
+        self.update_every = update_every
+        self.epoch = 0
+        self.steps_per_epoch = None
+
+    def rate(self, progress: float) -> float:
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.base_rate * (self.final_fraction + (1.0 - self.final_fraction) * cosine)
+
+    def _update(self, batch):
+        fraction = batch / self.steps_per_epoch if self.steps_per_epoch else 0.0
+        self.model.optimizer.learning_rate.assign(self.rate(self.clock.progress(self.epoch + fraction)))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        self._update(0)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch and batch % self.update_every == 0:
+            self._update(batch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.steps_per_epoch = self.params.get("steps") or self.steps_per_epoch
+        if logs is not None:
+            logs["learning_rate"] = float(self.model.optimizer.learning_rate.numpy())
+
+
+class ThroughputMeter(keras.callbacks.Callback):
+    """Steady-state training images/s: batches x batch size over batch time, first epoch excluded."""
+
+    def __init__(self, batch_size: int, num_images: int):
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_images = num_images
+        self.images = 0
+        self.seconds = 0.0
+        self.epochs_seen = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.perf_counter()
+        self.last_batch_end = self.epoch_start
+        self.batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+        self.last_batch_end = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs_seen += 1
+        if self.epochs_seen > 1:
+            self.images += min(self.batches * self.batch_size, self.num_images)
+            self.seconds += self.last_batch_end - self.epoch_start
+        if logs is not None and self.images_per_second is not None:
+            logs["images_per_second"] = self.images_per_second
+
+    @property
+    def images_per_second(self) -> Optional[float]:
+        return self.images / self.seconds if self.seconds > 0 else None
+
+
+class ReconstructionSnapshots(keras.callbacks.Callback):
+    """Every `every` epochs, save fixed validation faces over their reconstructions."""
+
+    def __init__(self, images: np.ndarray, folder: Path, every: int, save_grid):
+        super().__init__()
+        self.images = images
+        self.folder = Path(folder)
+        self.every = every
+        self.save_grid = save_grid
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every == 0:
+            reconstructions = self.model.predict(self.images, verbose=0)
+            self.save_grid(
+                [self.images, reconstructions], ["original", "reconstruction"],
+                self.folder / f"epoch_{epoch + 1:04d}.png", title=f"epoch {epoch + 1}",
+            )
+
+
+def fsync_replace(tmp: Path, final: Path) -> None:
+    """Flush `tmp` to disk, then atomically rename it to `final`."""
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)
+    directory = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def save_model_atomically(model: keras.Model, path: Path) -> None:
+    """`model.save` to a temporary file beside `path`, fsync, rename: never a half-written file."""
+    tmp = path.with_name(path.stem + ".partial.keras")
+    try:
+        model.save(tmp)
+        fsync_replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomically(data: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    fsync_replace(tmp, path)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+class TrainingCheckpoint(keras.callbacks.Callback):
+    """Best-by-validation model, resumable latest state, early stopping, NaN guard.
+
+    Files in `folder`:
+      best.keras    the model with the lowest `monitor` so far (from
+                    `min_epoch_to_start_saving` on);
+      latest.keras  the full training state: weights, optimizer, codebook and
+                    EMA statistics, annealed commitment cost;
+      state.json    epoch counter, best value, patience counter, training
+                    seconds used, and whether the run finished.
+    Every file is written to a temporary name and renamed, so an interrupted
+    write leaves the previous good file in place. A non-finite loss stops
+    training without saving; `diverged_epoch` tells the caller.
+    """
+
+    def __init__(self, folder: Path, clock: TrainingClock, patience: int, min_epoch_to_start_saving: int = 0,
+                 monitor: str = "val_loss", state: Optional[dict] = None):
+        super().__init__()
+        self.folder = Path(folder)
+        self.clock = clock
+        self.patience = patience
+        self.min_epoch_to_start_saving = min_epoch_to_start_saving
+        self.monitor = monitor
+        state = state or {}
+        self.best = state.get("best", math.inf)
+        self.wait = state.get("wait", 0)
+        self.best_epoch = state.get("best_epoch")
+        self.diverged_epoch = None
+        self.early_stopped = False
+        self.epochs_done = state.get("epochs_done", 0)
+
+    def state(self, finished: bool) -> dict:
+        return {
+            "epochs_done": self.epochs_done,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "monitor": self.monitor,
+            "wait": self.wait,
+            "train_seconds": self.clock.elapsed_seconds,
+            "finished": finished,
+        }
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if not all(math.isfinite(float(logs[k])) for k in ("loss", self.monitor) if k in logs):
+            self.diverged_epoch = epoch + 1
+            self.model.stop_training = True
+            return
+        self.epochs_done = epoch + 1
+        current = float(logs.get(self.monitor, logs["loss"]))
+        if self.epochs_done >= self.min_epoch_to_start_saving:
+            if current < self.best:
+                self.best, self.best_epoch, self.wait = current, self.epochs_done, 0
+                save_model_atomically(self.model, self.folder / "best.keras")
+            else:
+                self.wait += 1
+                if self.wait >= self.patience:
+                    self.early_stopped = True
+                    self.model.stop_training = True
+        save_model_atomically(self.model, self.folder / "latest.keras")
+        write_json_atomically(self.state(finished=False), self.folder / "state.json")

@@ -1,0 +1,87 @@
+"""Pictures: image grids, training curves, codebook usage (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def _save(figure, path: Path) -> None:
+    """Save to a temporary file and rename, so a picture is never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".partial" + path.suffix)
+    figure.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    os.replace(tmp, path)
+
+
+def save_image_grid(rows: list[np.ndarray], labels: list[str], path: Path, title: Optional[str] = None) -> None:
+    """One row per entry of `rows`, each (N, H, W, C) in [0, 1] (or uint8); same N for all rows."""
+    count = min(len(r) for r in rows)
+    figure, axes = plt.subplots(
+        len(rows), count, figsize=(1.2 * count + 1.2, 1.3 * len(rows) + 0.4), squeeze=False
+    )
+    for r, (images, label) in enumerate(zip(rows, labels)):
+        images = np.asarray(images)
+        if images.dtype == np.uint8:
+            images = images.astype(np.float32) / 255.0
+        for c in range(count):
+            axis = axes[r, c]
+            image = np.clip(images[c], 0.0, 1.0)
+            if image.shape[-1] == 1:
+                axis.imshow(image[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
+            else:
+                axis.imshow(image)
+            axis.set_xticks([])
+            axis.set_yticks([])
+        axes[r, 0].set_ylabel(label, fontsize=9)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    _save(figure, path)
+
+
+def plot_training_curves(history_csv: Path, path: Path) -> None:
+    """Losses (train and validation) and, when present, code usage over epochs."""
+    history = pd.read_csv(history_csv)
+    history = history.drop_duplicates("epoch", keep="last").sort_values("epoch")
+    epochs = history["epoch"] + 1
+    usage_columns = [c for c in ("active_code_fraction", "val_active_code_fraction") if c in history]
+    panels = 2 if usage_columns else 1
+    figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.8), squeeze=False)
+    loss_axis = axes[0, 0]
+    for column in ("loss", "val_loss", "reconstruction_loss", "val_reconstruction_loss"):
+        if column in history:
+            loss_axis.plot(epochs, history[column], label=column)
+    loss_axis.set_yscale("log")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_title("losses")
+    loss_axis.legend(fontsize=8)
+    if usage_columns:
+        usage_axis = axes[0, 1]
+        for column in usage_columns:
+            usage_axis.plot(epochs, history[column], label=column)
+        usage_axis.set_ylim(0.0, 1.05)
+        usage_axis.set_xlabel("epoch")
+        usage_axis.set_title("fraction of codes used per batch")
+        usage_axis.legend(fontsize=8)
+    _save(figure, path)
+
+
+def plot_code_usage(token_counts: np.ndarray, path: Path, title: str) -> None:
+    """Bar chart of how often each code is used, sorted by frequency."""
+    counts = np.sort(np.asarray(token_counts))[::-1]
+    figure, axis = plt.subplots(figsize=(7, 3))
+    axis.bar(np.arange(len(counts)), counts, width=1.0)
+    axis.set_xlabel("code (sorted by use)")
+    axis.set_ylabel("tokens")
+    axis.set_title(title, fontsize=10)
+    _save(figure, path)

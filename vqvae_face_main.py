@@ -1,0 +1,118 @@
+"""Train and evaluate VQ-VAE / VAE face autoencoders on LFW.
+
+    python vqvae_face_main.py                       # every run in experiment.json, embedded faces
+    python vqvae_face_main.py --data lfw-deepfunneled.tgz --run vqvae
+    python vqvae_face_main.py --eval                # evaluate saved checkpoints only
+    python vqvae_face_main.py --set epochs=2 --set data.image_size=32
+
+Expected mistakes (bad config, missing data, no checkpoint, NaN loss) end with a
+one-line error and exit status 2; Ctrl-C exits with 130 and the run resumes
+from its last completed epoch when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+SCRIPT_DIR = Path(__file__).resolve().parent
+DEFAULT_CONFIG = SCRIPT_DIR / "experiment.json"
+
+log = logging.getLogger("vqvae_faces")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="experiment JSON (default: experiment.json beside this script)")
+    parser.add_argument("--run", action="append", dest="runs", metavar="NAME", help="run to use (repeatable; default: all runs)")
+    parser.add_argument("--data", default=None, help="LFW folder or lfw-deepfunneled.tgz (overrides data.path)")
+    parser.add_argument("--test-data", default=None, help="evaluate on every image of this LFW-layout folder/archive instead of the saved test split")
+    parser.add_argument("--eval", action="store_true", help='evaluation only (same as "enable_training": false)')
+    parser.add_argument("--retrain", action="store_true", help="train selected runs from scratch, discarding their checkpoints")
+    parser.add_argument("--out", default=".", help="folder that receives checkpoints/ and images_saved/ (default: current folder)")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set epochs=2 or --set data.image_size=32 (repeatable)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (overrides seed)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser.parse_args(argv)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def run(args) -> int:
+    from vqvae_config import load_config
+
+    config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    config = load_config(config_path, args.overrides, args.runs)
+    if args.data:
+        config.data.path = args.data
+    if args.seed is not None:
+        config.seed = args.seed
+    if args.eval:
+        config.enable_training = False
+    run_names = args.runs or list(config.runs)
+    out = Path(args.out)
+
+    import face_data
+    import trainer
+    from evaluation import evaluate_run, metrics_table, test_set
+
+    search_dirs = [SCRIPT_DIR, Path.cwd()]
+    faces = face_data.load_faces(config.data, out / "checkpoints" / "data_cache", search_dirs)
+    test_faces = None
+    if args.test_data:
+        test_settings = type(config.data)(**{**vars(config.data), "path": args.test_data})
+        test_faces = face_data.load_faces(test_settings, out / "checkpoints" / "data_cache", search_dirs)
+
+    results = []
+    for run_name in run_names:
+        paths = trainer.RunPaths.for_run(out, run_name)
+        if config.enable_training:
+            trainer.train_run(config, run_name, faces, out, retrain=args.retrain)
+        else:
+            trainer.check_compatible(paths, config, run_name)
+        if test_faces is not None:
+            images, names, dataset = test_faces.images, test_faces.names, test_faces.description + " (all images)"
+        else:
+            images, names = test_set(paths, faces)
+            dataset = faces.description + " (identity-disjoint test split)"
+        metrics = evaluate_run(
+            run_name, paths, images, names, dataset, config.runs[run_name].batch_size, config.data.image_size
+        )
+        results.append(metrics)
+        log.info("run %s: metrics in %s", run_name, paths.images / "metrics.json")
+    print(metrics_table(results))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(args.verbose)
+    from vqvae_config import ConfigError
+
+    try:
+        from evaluation import EvaluationError
+        from face_data import DataError
+        from trainer import TrainingError
+
+        return run(args)
+    except (ConfigError, DataError, EvaluationError, TrainingError) as error:
+        log.error("%s", error)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted: the last completed epoch is saved; run the same command again to resume.")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
