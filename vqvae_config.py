@@ -210,8 +210,8 @@ class ExperimentConfig:
     enable_training: bool = True
     seed: int = 1234
     data: DataConfig = field(default_factory=DataConfig)
-    runs: dict[str, RunConfig] = field(default_factory=lambda: {"vqvae": RunConfig()})
-    compare: list[str] = field(default_factory=lambda: ["vqvae", "vae"])
+    runs: dict[str, RunConfig] = field(default_factory=lambda: {"vqvae": RunConfig(), "vae": RunConfig(model="vae")})
+    compare: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         self.data.validate("data")
@@ -357,7 +357,7 @@ def load_config(
             raise ConfigError(f"config file {str(path)!r} is not valid JSON: {exc}.") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a JSON object at the top level.")
-    raw.setdefault("runs", {"vqvae": {}})
+    raw.setdefault("runs", {"vqvae": {}, "vae": {"model": "vae"}})
     if not isinstance(raw["runs"], dict):
         raise ConfigError(f"runs={raw['runs']!r} has the wrong type: expected an object.")
     selected = list(raw["runs"]) if run_names is None else run_names

@@ -1,0 +1,75 @@
+import json
+
+import pytest
+
+from vqvae_config import ConfigError, load_config
+
+from conftest import ROOT
+
+
+def write(tmp_path, data):
+    path = tmp_path / "experiment.json"
+    path.write_text(json.dumps(data) if not isinstance(data, str) else data)
+    return path
+
+
+def test_shipped_experiment_json_is_valid():
+    config = load_config(ROOT / "experiment.json")
+    assert set(config.compare) <= set(config.runs)
+    assert config.runs["vqvae"].bits_per_image(config.data.image_size) <= 2304
+
+
+def test_defaults_without_a_file():
+    config = load_config(None)
+    assert list(config.runs) == ["vqvae", "vae"] and config.runs["vae"].model == "vae"
+    assert config.data.image_size == 64
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"runs": {"a": {"epochz": 3}}}, "runs.a.epochz"),
+        ({"data": {"image_sise": 32}}, "data.image_sise"),
+        ({"runs": {"a": {"epochs": "ten"}}}, "runs.a.epochs"),
+        ({"runs": {"a": {"epochs": 2.5}}}, "runs.a.epochs"),
+        ({"runs": {"a": {"learning_rate": True}}}, "runs.a.learning_rate"),
+        ({"runs": {"a": {"batch_size": -4}}}, "runs.a.batch_size"),
+        ({"runs": {"a": {"num_embeddings": 1}}}, "runs.a.num_embeddings"),
+        ({"runs": {"a": {"model": "gan"}}}, "runs.a.model"),
+        ({"runs": {"a": {"encoder_filters": [8, "x"]}}}, "runs.a.encoder_filters[1]"),
+        ({"data": {"image_size": 30}, "runs": {"a": {}}}, "data.image_size=30"),
+        ({"runs": {"a": {"decoder_filters": [8]}}}, "runs.a.decoder_filters"),
+        ({"data": {"augmentation": {"probability": 2}}}, "data.augmentation.probability"),
+        ({"compare": ["nope"]}, "nope"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, data, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        load_config(write(tmp_path, data))
+
+
+def test_not_json_and_not_an_object(tmp_path):
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(write(tmp_path, "{ this is not json"))
+    with pytest.raises(ConfigError, match="JSON object"):
+        load_config(write(tmp_path, "[1, 2]"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.json")
+
+
+def test_overrides_are_typed_and_routed(tmp_path):
+    path = write(tmp_path, {"runs": {"a": {}, "b": {"model": "vae"}}, "compare": []})
+    config = load_config(path, ["epochs=2", "data.image_size=32", "seed=7", "annealing.min_cost=0.1"], ["a"])
+    assert config.runs["a"].epochs == 2
+    assert config.runs["b"].epochs != 2
+    assert config.runs["a"].annealing.min_cost == 0.1
+    assert config.data.image_size == 32
+    assert config.seed == 7
+    with pytest.raises(ConfigError, match="runs.a.epochs"):
+        load_config(path, ["epochs=two"], ["a"])
+    with pytest.raises(ConfigError, match="unknown key 'runs.a.bogus'"):
+        load_config(path, ["bogus=1"], ["a"])
+    with pytest.raises(ConfigError, match="--run 'c'"):
+        load_config(path, [], ["c"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(path, ["epochs"], ["a"])

@@ -1,0 +1,222 @@
+import io
+import logging
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import face_data
+from vqvae_config import AugmentationConfig, DataConfig
+
+from conftest import IMAGES_PER_PERSON, PEOPLE, write_lfw_tree
+
+
+def settings(path=None, **kwargs):
+    return DataConfig(path=str(path) if path else None, **kwargs)
+
+
+def test_folder_and_archive_give_identical_arrays(lfw_tree, lfw_archive, tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    from_folder = face_data.load_faces(settings(lfw_tree, image_size=32), tmp_path / "c1", [])
+    from_archive = face_data.load_faces(settings(lfw_archive, image_size=32), tmp_path / "c2", [])
+    assert len(from_folder) == len(PEOPLE) * IMAGES_PER_PERSON
+    np.testing.assert_array_equal(from_folder.images, from_archive.images)
+    np.testing.assert_array_equal(from_folder.names, from_archive.names)
+    assert from_folder.images.shape[1:] == (32, 32, 3) and from_folder.images.dtype == np.uint8
+    assert from_folder.names[0] == "Ada_Lovelace/Ada_Lovelace_0001.jpg"
+    assert from_folder.skipped == {"corrupt or truncated image": 1, "not a readable image": 1}
+    assert "skipped 2 files" in caplog.text
+
+
+def test_parent_folder_of_the_tree_is_accepted(lfw_tree, tmp_path):
+    faces = face_data.load_faces(settings(lfw_tree.parent, image_size=16), tmp_path, [])
+    assert len(faces) == len(PEOPLE) * IMAGES_PER_PERSON
+
+
+def test_crop_resize_scale_on_a_known_image(tmp_path):
+    """The 60 px border is removed; the 130 px centre, left half A and right half B, fills the output."""
+    image = np.zeros((250, 250, 3), np.uint8)
+    image[60:190, 60:125] = (200, 100, 40)
+    image[60:190, 125:190] = (20, 220, 120)
+    data = io.BytesIO()
+    Image.fromarray(image).save(data, format="PNG")
+    face = face_data.decode_face(data.getvalue(), settings(image_size=26))
+    assert face.shape == (26, 26, 3) and face.dtype == np.uint8
+    np.testing.assert_array_equal(face[:, :12], np.broadcast_to([200, 100, 40], (26, 12, 3)))
+    np.testing.assert_array_equal(face[:, 14:], np.broadcast_to([20, 220, 120], (26, 12, 3)))
+    dataset = face_data.make_dataset(face[None], batch_size=1)
+    scaled = next(iter(dataset)).numpy()
+    assert scaled.dtype == np.float32
+    np.testing.assert_allclose(scaled[0, 0, 0], np.array([200, 100, 40]) / 255.0, rtol=1e-6)
+
+
+def test_grayscale_stays_one_channel_and_cmyk_becomes_rgb():
+    gray, cmyk = io.BytesIO(), io.BytesIO()
+    Image.new("L", (250, 250), 90).save(gray, format="JPEG")
+    Image.new("CMYK", (250, 250), (0, 0, 0, 0)).save(cmyk, format="JPEG")
+    assert face_data.decode_face(gray.getvalue(), settings(image_size=16)).shape == (16, 16, 1)
+    assert face_data.decode_face(cmyk.getvalue(), settings(image_size=16)).shape == (16, 16, 3)
+
+
+def test_bad_images_are_skipped_with_a_reason():
+    small, huge = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (100, 100)).save(small, format="JPEG")
+    Image.new("L", (3000, 3000)).save(huge, format="PNG")
+    s = settings(image_size=16)
+    assert face_data.decode_face(small.getvalue(), s) == "not 250x250 pixels"
+    assert face_data.decode_face(b"", s) == "not a readable image"
+    assert face_data.decode_face(huge.getvalue(), settings(image_size=16, source_size=None, max_image_pixels=10**6)) \
+        == "larger than max_image_pixels=1000000"
+
+
+def test_split_is_identity_disjoint_and_reproducible():
+    persons = np.repeat([f"p{i}" for i in range(40)], 3)
+    split = face_data.split_by_person(persons, 0.1, 0.2, seed=5)
+    groups = {part: set(persons[idx]) for part, idx in split.items()}
+    assert not groups["train"] & groups["val"] and not groups["train"] & groups["test"]
+    assert not groups["val"] & groups["test"]
+    assert sum(len(idx) for idx in split.values()) == len(persons)
+    assert len(groups["test"]) == 8 and len(groups["val"]) == 4
+    again = face_data.split_by_person(persons, 0.1, 0.2, seed=5)
+    other = face_data.split_by_person(persons, 0.1, 0.2, seed=6)
+    assert all(np.array_equal(split[k], again[k]) for k in split)
+    assert not np.array_equal(split["test"], other["test"])
+
+
+def test_split_round_trip_and_mismatch(lfw_tree, tmp_path):
+    faces = face_data.load_faces(settings(lfw_tree, image_size=16), tmp_path, [])
+    split = face_data.split_by_person(faces.persons, 0.15, 0.3, seed=1)
+    face_data.save_split(tmp_path / "split.json", faces, split)
+    loaded = face_data.load_split(tmp_path / "split.json", faces)
+    assert all(np.array_equal(split[k], loaded[k]) for k in split)
+    bundled = face_data.load_bundled_faces(settings(image_size=16))
+    with pytest.raises(face_data.DataError, match="not in"):
+        face_data.load_split(tmp_path / "split.json", bundled)
+
+
+def test_cache_hit_and_rebuild_on_changed_settings(lfw_tree, tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.INFO)
+    first = face_data.load_faces(settings(lfw_tree, image_size=16), tmp_path, [])
+    assert len(list(tmp_path.glob("faces-*.npz"))) == 1
+    calls = []
+    monkeypatch.setattr(face_data, "_decode_all", lambda *a: calls.append(1) or ([], []))
+    again = face_data.load_faces(settings(lfw_tree, image_size=16), tmp_path, [])
+    assert calls == [] and "from cache" in caplog.text
+    np.testing.assert_array_equal(first.images, again.images)
+    assert again.skipped == first.skipped
+    with pytest.raises(face_data.DataError):
+        face_data.load_faces(settings(lfw_tree, image_size=16, crop_border=50), tmp_path, [])
+    assert calls == [1], "a changed crop_border must rebuild the cache"
+
+
+def test_cache_contains_no_pickled_objects(lfw_tree, tmp_path):
+    face_data.load_faces(settings(lfw_tree, image_size=16), tmp_path, [])
+    (cache,) = tmp_path.glob("faces-*.npz")
+    with np.load(cache, allow_pickle=False) as data:
+        assert all(data[key].dtype != object for key in data.files)
+
+
+def augmented_batches(channels=3, probability=0.5):
+    images = np.stack([np.roll(np.tile(np.arange(32, dtype=np.uint8)[:, None, None] * 8, (1, 32, channels)), i, 0)
+                       for i in range(16)])
+    augmenter = face_data.FaceAugmenter(AugmentationConfig(probability=probability), 32, channels, seed=3)
+    dataset = face_data.make_dataset(images, 16, augmenter, shuffle_seed=None)
+    return images, [next(iter(dataset)).numpy() for _ in range(2)]
+
+
+def test_augmentation_keeps_shape_range_and_changes_images_each_epoch():
+    images, (first, second) = augmented_batches()
+    assert first.shape == images.shape and first.dtype == np.float32
+    assert first.min() >= 0.0 and first.max() <= 1.0
+    original = images.astype(np.float32) / 255.0
+    changed = np.abs(first - original).reshape(16, -1).max(axis=1) > 1e-3
+    assert changed.sum() >= 12, "with 10 ops at p=0.5 nearly every image changes"
+    assert np.abs(first - second).max() > 1e-3, "each pass draws fresh augmentations"
+
+
+def test_augmentation_probability_zero_leaves_images_alone():
+    images, (first, _) = augmented_batches(probability=0.0)
+    np.testing.assert_allclose(first, images / 255.0, atol=1e-6)
+
+
+def test_grayscale_augmentation_skips_saturation():
+    augmenter = face_data.FaceAugmenter(AugmentationConfig(), 32, channels=1, seed=0)
+    assert len(augmenter.ops) == 9
+    assert all("saturation" not in op.name for op in augmenter.ops)
+    images, (first, _) = augmented_batches(channels=1)
+    assert first.shape[-1] == 1
+
+
+def test_validation_pipeline_is_untouched():
+    images = np.random.default_rng(0).integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)
+    batches = [b.numpy() for b in face_data.make_dataset(images, 4)]
+    np.testing.assert_array_equal(np.concatenate(batches), images / np.float32(255.0))
+
+
+def test_bundled_default(caplog):
+    caplog.set_level(logging.INFO)
+    faces = face_data.load_faces(settings(image_size=32), Path("unused"), [])
+    assert faces.images.shape == (100, 32, 32, 1)
+    assert len(set(faces.persons)) == 100
+    assert "scikit-image lfw_subset" in caplog.text and "--data" in caplog.text
+
+
+def test_missing_path_and_empty_folders(tmp_path):
+    with pytest.raises(face_data.DataError, match="does not exist"):
+        face_data.load_faces(settings(tmp_path / "nowhere"), tmp_path, [])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(face_data.DataError, match="no usable images"):
+        face_data.load_faces(settings(tmp_path / "empty"), tmp_path / "c", [])
+    junk = tmp_path / "junk" / "Someone"
+    junk.mkdir(parents=True)
+    (junk / "Someone_0001.jpg").write_bytes(b"\x00" * 100)
+    with pytest.raises(face_data.DataError, match="no usable images"):
+        face_data.load_faces(settings(tmp_path / "junk"), tmp_path / "c", [])
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(face_data.DataError, match="not a .tgz"):
+        face_data.load_faces(settings(tmp_path / "file.txt"), tmp_path / "c", [])
+
+
+def test_malicious_archive_members_are_skipped(tmp_path):
+    tree = write_lfw_tree(tmp_path / "src", people=PEOPLE[:3], per_person=2)
+    payload = (tree / PEOPLE[0] / f"{PEOPLE[0]}_0001.jpg").read_bytes()
+    with tarfile.open(tmp_path / "evil.tar", "w") as handle:
+        for name in ("../escape/Evil_0001.jpg", "/abs/Evil/Evil_0001.jpg", "lfw-deepfunneled/Evil/Evil_0001.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            handle.addfile(info, io.BytesIO(payload))
+        link = tarfile.TarInfo("lfw-deepfunneled/Evil/Evil_0002.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        handle.addfile(link)
+    before = set(p for p in tmp_path.rglob("*"))
+    faces = face_data.load_faces(settings(tmp_path / "evil.tar", image_size=16), tmp_path / "cache", [])
+    assert list(faces.names) == ["Evil/Evil_0001.jpg"]
+    assert faces.skipped["unsafe archive member (link, absolute path or '..')"] == 3
+    created = set(p for p in tmp_path.rglob("*")) - before
+    assert all(p.is_relative_to(tmp_path / "cache") for p in created)
+    assert not (tmp_path.parent / "escape").exists()
+
+
+def test_symlink_out_of_the_data_folder_is_skipped(tmp_path):
+    tree = write_lfw_tree(tmp_path / "src", people=PEOPLE[:3], per_person=2)
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes((tree / PEOPLE[0] / f"{PEOPLE[0]}_0001.jpg").read_bytes())
+    (tree / PEOPLE[0] / f"{PEOPLE[0]}_0077.jpg").symlink_to(outside)
+    faces = face_data.load_faces(settings(tree, image_size=16), tmp_path / "cache", [])
+    assert faces.skipped["link pointing outside the data folder"] == 1
+    assert f"{PEOPLE[0]}/{PEOPLE[0]}_0077.jpg" not in faces.names
+
+
+def test_attributes_join_when_present(tmp_path):
+    tree = write_lfw_tree(tmp_path / "src", people=PEOPLE[:3], per_person=2)
+    (tree / "lfw_attributes.txt").write_text(
+        "# LFW attributes file\n#\tperson\timagenum\tMale\tSmiling\n"
+        "Ada Lovelace\t1\t-1.5\t0.7\nAlan Turing\t2\t1.2\t-0.3\n"
+    )
+    faces = face_data.load_faces(settings(tree, image_size=16), tmp_path / "cache", [])
+    assert len(faces) == 6, "images without attributes are kept"
+    assert list(faces.attributes.columns) == ["Male", "Smiling"]
+    assert faces.attributes.loc["Alan_Turing/Alan_Turing_0002.jpg", "Male"] == pytest.approx(1.2)
+    assert faces.attributes.loc["Ada_Lovelace/Ada_Lovelace_0002.jpg"].isna().all()

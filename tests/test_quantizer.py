@@ -1,0 +1,162 @@
+"""VectorQuantizerEMA against hand-made tensors and a NumPy oracle, eager and compiled."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from vqvae_class_keras import VectorQuantizerEMA
+
+MODES = ["eager", "tf.function"]
+
+
+def make_quantizer(codebook, decay=0.9, epsilon=1e-5, commitment_cost=0.25, init="uniform"):
+    k, d = codebook.shape
+    layer = VectorQuantizerEMA(k, d, commitment_cost=commitment_cost, decay=decay, epsilon=epsilon, codebook_init=init)
+    layer.build((None, d))
+    layer.embeddings.assign(codebook)
+    layer.ema_embedding_sum.assign(codebook)
+    return layer
+
+
+def call(layer, inputs, training, mode):
+    fn = (lambda x: layer(x, training=training)) if mode == "eager" else tf.function(
+        lambda x: layer(x, training=training)
+    )
+    return {k: v.numpy() for k, v in fn(tf.constant(inputs)).items()}
+
+
+CODEBOOK = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]], np.float32)
+# Nearest codes by hand: (0.1, 0.1)->0, (0.9,-0.2)->1, (0.2,1.5)->2, (0.6,0.1)->1, (-1,-1)->0
+INPUTS = np.array([[[0.1, 0.1], [0.9, -0.2]], [[0.2, 1.5], [0.6, 0.1]], [[-1.0, -1.0], [0.45, 0.0]]], np.float32)
+EXPECTED = np.array([[0, 1], [2, 1], [0, 0]])
+
+
+def numpy_ema_oracle(codebook, cluster, sums, flat, indices, decay, epsilon):
+    k = len(codebook)
+    counts = np.bincount(indices, minlength=k).astype(np.float64)
+    dw = np.zeros_like(codebook, dtype=np.float64)
+    for vector, index in zip(flat, indices):
+        dw[index] += vector
+    cluster = decay * cluster + (1 - decay) * counts
+    sums = decay * sums + (1 - decay) * dw
+    n = cluster.sum()
+    smoothed = (cluster + epsilon) / (n + k * epsilon) * n
+    return cluster, sums, sums / smoothed[:, None]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nearest_code_by_squared_distance(mode):
+    layer = make_quantizer(CODEBOOK)
+    out = call(layer, INPUTS, training=False, mode=mode)
+    np.testing.assert_array_equal(out["indices"], EXPECTED)
+    np.testing.assert_allclose(out["quantized"], CODEBOOK[EXPECTED], atol=1e-6)
+    np.testing.assert_array_equal(layer.encode_indices(tf.constant(INPUTS)).numpy(), EXPECTED)
+    np.testing.assert_allclose(layer.lookup(EXPECTED).numpy(), CODEBOOK[EXPECTED])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_losses_and_diagnostics_by_hand(mode):
+    layer = make_quantizer(CODEBOOK, commitment_cost=0.5)
+    out = call(layer, INPUTS, training=False, mode=mode)
+    squared = ((INPUTS - CODEBOOK[EXPECTED]) ** 2).mean()
+    np.testing.assert_allclose(out["commitment_loss"], 0.5 * squared, rtol=1e-5)
+    p = np.array([3, 2, 1]) / 6
+    np.testing.assert_allclose(out["perplexity"], np.exp(-(p * np.log(p)).sum()), rtol=1e-5)
+    np.testing.assert_allclose(out["active_fraction"], 1.0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ema_update_matches_numpy_oracle_over_steps(mode):
+    rng = np.random.default_rng(0)
+    codebook = rng.normal(size=(5, 3)).astype(np.float32)
+    layer = make_quantizer(codebook, decay=0.8, epsilon=1e-3)
+    cluster, sums = np.ones(5), codebook.astype(np.float64)
+    step = (lambda x: layer(x, training=True)) if mode == "eager" else tf.function(lambda x: layer(x, training=True))
+    for _ in range(3):
+        batch = rng.normal(size=(4, 6, 3)).astype(np.float32)
+        current = layer.embeddings.numpy().astype(np.float64)
+        flat = batch.reshape(-1, 3)
+        indices = ((flat[:, None, :] - current[None]) ** 2).sum(-1).argmin(1)
+        out = step(tf.constant(batch))
+        np.testing.assert_array_equal(out["indices"].numpy().reshape(-1), indices)
+        cluster, sums, expected = numpy_ema_oracle(current, cluster, sums, flat, indices, 0.8, 1e-3)
+        np.testing.assert_allclose(layer.ema_cluster_size.numpy(), cluster, rtol=1e-5)
+        np.testing.assert_allclose(layer.ema_embedding_sum.numpy(), sums, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(layer.embeddings.numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_single_step_ema_by_hand():
+    """decay 0.5, epsilon 0, counts start at 1: code 1 gets (0.9, -0.2) and (0.6, 0.1)."""
+    layer = make_quantizer(CODEBOOK, decay=0.5, epsilon=0.0)
+    layer(tf.constant(INPUTS), training=True)
+    np.testing.assert_allclose(layer.ema_cluster_size.numpy(), [0.5 + 1.5, 0.5 + 1.0, 0.5 + 0.5])
+    np.testing.assert_allclose(layer.ema_embedding_sum.numpy()[1], [0.5 + 0.75, -0.05], rtol=1e-6)
+    np.testing.assert_allclose(layer.embeddings.numpy()[1], [1.25 / 1.5, -0.05 / 1.5], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_weights_frozen_in_inference(mode):
+    layer = make_quantizer(CODEBOOK)
+    before = [w.numpy().copy() for w in layer.weights]
+    call(layer, INPUTS, training=False, mode=mode)
+    for old, new in zip(before, layer.weights):
+        np.testing.assert_array_equal(old, new.numpy())
+    assert not layer.trainable_weights
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_straight_through_gradient_is_identity(mode):
+    layer = make_quantizer(CODEBOOK, commitment_cost=0.0)
+    inputs = tf.constant(INPUTS)
+    upstream = tf.constant(np.random.default_rng(1).normal(size=INPUTS.shape).astype(np.float32))
+
+    def gradient(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x, training=False)["quantized"] * upstream)
+        return tape.gradient(loss, x)
+
+    fn = gradient if mode == "eager" else tf.function(gradient)
+    np.testing.assert_allclose(fn(inputs).numpy(), upstream.numpy(), rtol=1e-6)
+
+
+def test_commitment_gradient_pulls_inputs_to_codes():
+    layer = make_quantizer(CODEBOOK, commitment_cost=1.0)
+    inputs = tf.constant(INPUTS)
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        loss = layer(inputs, training=False)["commitment_loss"]
+    expected = 2.0 * (INPUTS - CODEBOOK[EXPECTED]) / INPUTS.size
+    np.testing.assert_allclose(tape.gradient(loss, inputs).numpy(), expected, rtol=1e-5)
+
+
+def test_data_initialisation_uses_encoder_outputs_once():
+    layer = VectorQuantizerEMA(4, 2, decay=0.999, codebook_init="data", seed=3)
+    batch = np.arange(16, dtype=np.float32).reshape(8, 2) * 10.0
+    layer(tf.constant(batch), training=True)
+    assert layer.initialized.numpy() == 1.0
+    codes = layer.embeddings.numpy()
+    distance_to_data = np.sqrt(((codes[:, None] - batch[None]) ** 2).sum(-1)).min(axis=1)
+    assert np.all(distance_to_data < 0.5), "each code starts on a distinct encoder output"
+    assert len({tuple(np.round(c)) for c in codes}) == 4
+    np.testing.assert_allclose(layer.ema_cluster_size.numpy().sum(), 8.0, rtol=1e-3)
+    layer(tf.constant(batch + 1000.0), training=True)
+    assert np.all(np.abs(layer.embeddings.numpy() - codes) < 10.0), "initialisation happens only once"
+
+
+def test_reset_codes_gives_consistent_fresh_state():
+    layer = make_quantizer(CODEBOOK)
+    layer.ema_cluster_size.assign([4.0, 0.1, 1.9])
+    layer.reset_codes([1], [[5.0, 5.0]])
+    np.testing.assert_allclose(layer.embeddings.numpy()[1], [5.0, 5.0])
+    np.testing.assert_allclose(layer.ema_cluster_size.numpy(), [4.0, 2.0, 1.9])
+    np.testing.assert_allclose(layer.ema_embedding_sum.numpy()[1], [10.0, 10.0])
+
+
+def test_invalid_arguments_echo_the_value():
+    with pytest.raises(ValueError, match="num_embeddings=1"):
+        VectorQuantizerEMA(1, 4)
+    with pytest.raises(ValueError, match="decay=1.5"):
+        VectorQuantizerEMA(8, 4, decay=1.5)
+    with pytest.raises(ValueError, match="last axis 3"):
+        VectorQuantizerEMA(8, 4).build((None, 3))
