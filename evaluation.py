@@ -70,12 +70,13 @@ def reconstruct(model: keras.Model, images: np.ndarray, batch_size: int) -> np.n
     return model.predict(face_data.make_dataset(images, batch_size), verbose=0).astype(np.float32)
 
 
-def load_trained_model(paths: RunPaths, run_name: str) -> keras.Model:
+def trained_model_path(paths: RunPaths, run_name: str) -> Path:
+    """best.keras, else latest.keras; a clear error when the run was never trained."""
     for path in (paths.best_model, paths.latest_model):
         if path.is_file():
             if path == paths.latest_model:
                 log.warning("no best.keras for run %s; evaluating latest.keras", run_name)
-            return load_model(path)
+            return path
     raise EvaluationError(
         f"no trained model for run {run_name!r}: {paths.best_model} does not exist. "
         "Train it first (drop --eval, or set \"enable_training\": true)."
@@ -97,7 +98,7 @@ def evaluate_run(
     `checkpoints/<run>/tokens.npz`, and the reconstructions are decoded from
     those saved tokens.
     """
-    model = load_trained_model(paths, run_name)
+    model = load_model(trained_model_path(paths, run_name))
     expected = tuple(model.get_build_config()["input_shape"][1:]) if model.get_build_config() else None
     if expected and tuple(expected) != tuple(images.shape[1:]):
         raise EvaluationError(

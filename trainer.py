@@ -181,11 +181,13 @@ def train_run(
     if state is not None and not paths.latest_model.is_file():
         state = None
     if state and state.get("finished"):
-        log.info(
-            "run %s already finished (%d epochs); evaluating it. Pass --retrain to train it again.",
-            run_name, state["epochs_done"],
-        )
-        return
+        if state.get("stopped_by") != "epochs" or state["epochs_done"] >= run.epochs:
+            log.info(
+                "run %s already finished (%d epochs, stopped by %s); evaluating it. Pass --retrain to train it again.",
+                run_name, state["epochs_done"], state.get("stopped_by"),
+            )
+            return
+        log.info("run %s: extending from %d to %d epochs", run_name, state["epochs_done"], run.epochs)
     if state is None and paths.checkpoints.exists():
         shutil.rmtree(paths.checkpoints)
     paths.checkpoints.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ def run(args) -> int:
 
     import face_data
     import trainer
-    from evaluation import evaluate_run, metrics_table, test_set
+    from evaluation import evaluate_run, metrics_table, test_set, trained_model_path
 
     search_dirs = [SCRIPT_DIR, Path.cwd()]
     faces = face_data.load_faces(config.data, out / "checkpoints" / "data_cache", search_dirs)
@@ -81,6 +81,7 @@ def run(args) -> int:
             trainer.train_run(config, run_name, faces, out, retrain=args.retrain)
         else:
             trainer.check_compatible(paths, config, run_name)
+        trained_model_path(paths, run_name)
         if test_faces is not None:
             images, names, dataset = test_faces.images, test_faces.names, test_faces.description + " (all images)"
         else:

@@ -1,0 +1,146 @@
+"""Training-policy rules: annealing, revival, time budget, LR schedule, checkpoint guard."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from training_callbacks import (
+    CommitmentAnnealing,
+    CosineLearningRate,
+    DeadCodeRevival,
+    TrainingCheckpoint,
+    TrainingClock,
+    revive_dead_codes,
+)
+from vqvae_class_keras import VectorQuantizerEMA
+
+
+def annealer(quantizer=None):
+    return CommitmentAnnealing(quantizer, target_low=0.8, target_high=0.9, factor=2.0, decay=0.5,
+                               min_cost=0.1, max_cost=1.0)
+
+
+def test_annealing_direction_and_clamps():
+    rule = annealer()
+    assert rule.next_cost(0.4, active_fraction=0.5) == pytest.approx(0.2)   # below band: decrease
+    assert rule.next_cost(0.4, active_fraction=0.95) == pytest.approx(0.8)  # above band: increase
+    assert rule.next_cost(0.4, active_fraction=0.85) == pytest.approx(0.2)  # inside: decay
+    assert rule.next_cost(0.15, active_fraction=0.5) == pytest.approx(0.1)  # clamped at min
+    assert rule.next_cost(0.7, active_fraction=0.99) == pytest.approx(1.0)  # clamped at max
+    with pytest.raises(ValueError):
+        CommitmentAnnealing(None, 0.9, 0.8, 2.0, 0.5, 0.1, 1.0)
+
+
+def test_annealing_writes_the_layer_weight_and_logs():
+    quantizer = VectorQuantizerEMA(4, 2, commitment_cost=0.4)
+    quantizer.build((None, 2))
+    callback = annealer(quantizer)
+    logs = {"active_code_fraction": 0.95}
+    callback.on_epoch_end(0, logs)
+    assert quantizer.commitment_cost.numpy() == pytest.approx(0.8)
+    assert logs["commitment_cost"] == pytest.approx(0.8)
+
+
+def quantizer_with_usage(usage, dim=2):
+    k = len(usage)
+    quantizer = VectorQuantizerEMA(k, dim, codebook_init="uniform")
+    quantizer.build((None, dim))
+    quantizer.embeddings.assign(np.arange(k * dim, dtype=np.float32).reshape(k, dim))
+    quantizer.ema_cluster_size.assign(np.asarray(usage, np.float32))
+    quantizer.latent_sample.assign(np.full((k, dim), 100.0, np.float32))
+    return quantizer
+
+
+def test_revival_replaces_at_most_n_least_used_dead_codes():
+    usage = [5.0, 0.1, 3.0, 0.5, 0.0, 0.2, 8.0, 0.3]
+    quantizer = quantizer_with_usage(usage)
+    before = quantizer.embeddings.numpy().copy()
+    revived = revive_dead_codes(quantizer, threshold=1.0, max_revivals=3, noise=0.0, source="encoder",
+                                generator=tf.random.Generator.from_seed(0))
+    assert int(revived) == 3
+    after = quantizer.embeddings.numpy()
+    moved = sorted(np.flatnonzero(np.any(after != before, axis=1)))
+    assert moved == [1, 4, 5], "the three least-used dead codes (0.0, 0.1, 0.2)"
+    np.testing.assert_allclose(after[moved], 100.0)
+    mean_usage = np.mean(usage)
+    np.testing.assert_allclose(quantizer.ema_cluster_size.numpy()[moved], mean_usage, rtol=1e-6)
+    assert np.all(quantizer.ema_cluster_size.numpy()[moved] >= 1.0), "not dead again at once"
+    np.testing.assert_allclose(quantizer.ema_embedding_sum.numpy()[moved], 100.0 * mean_usage, rtol=1e-5)
+
+
+def test_revival_from_live_codes_with_noise():
+    quantizer = quantizer_with_usage([5.0, 0.0, 4.0, 0.0])
+    revive_dead_codes(quantizer, 1.0, 10, noise=0.01, source="codes", generator=tf.random.Generator.from_seed(1))
+    codes = quantizer.embeddings.numpy()
+    live = np.array([[0.0, 1.0], [4.0, 5.0]])
+    for index in (1, 3):
+        nearest = np.abs(live - codes[index]).max(axis=1).min()
+        assert 0 < nearest < 0.5, "a noisy copy of a live code"
+
+
+def test_revival_with_no_dead_codes_changes_nothing():
+    quantizer = quantizer_with_usage([2.0, 3.0])
+    before = [w.numpy().copy() for w in quantizer.weights]
+    assert int(revive_dead_codes(quantizer, 1.0, 5, 0.01, "encoder", tf.random.Generator.from_seed(0))) == 0
+    for old, weight in zip(before, quantizer.weights):
+        np.testing.assert_array_equal(old, weight.numpy())
+
+
+def test_all_dead_codebook_is_reinitialised_whole():
+    quantizer = quantizer_with_usage([0.0] * 6)
+    revived = revive_dead_codes(quantizer, 1.0, 2, 0.0, "encoder", tf.random.Generator.from_seed(0))
+    assert int(revived) == 6
+    np.testing.assert_allclose(quantizer.embeddings.numpy(), 100.0)
+
+
+def test_revival_callback_runs_every_n_batches_and_reports():
+    quantizer = quantizer_with_usage([5.0, 0.1, 3.0, 0.5, 0.0, 0.2, 8.0, 0.3])
+    callback = DeadCodeRevival(quantizer, threshold=1.0, max_revivals_per_batch=1, every_n_batches=2, noise=0.0)
+    callback.on_epoch_begin(0)
+    for batch in range(5):
+        callback.on_train_batch_end(batch)
+    logs = {}
+    callback.on_epoch_end(0, logs)
+    assert logs["revived_codes"] == 2
+
+
+class FakeModel:
+    def __init__(self):
+        self.stop_training = False
+        self.optimizer = keras.optimizers.Adam(1.0)
+
+
+def test_time_limit_stops_training_and_progress_follows_it():
+    clock = TrainingClock(total_epochs=100, max_minutes=1.0, previous_seconds=45.0)
+    clock.set_model(FakeModel())
+    clock.on_train_begin()
+    assert 0.74 < clock.progress(1) < 0.8, "time fraction dominates the epoch fraction"
+    clock.on_train_batch_end(0)
+    assert not clock.model.stop_training
+    clock.previous_seconds = 61.0
+    clock.on_train_batch_end(1)
+    assert clock.model.stop_training and clock.time_limit_reached
+    assert clock.progress(1) == 1.0
+
+
+def test_cosine_schedule_values():
+    clock = TrainingClock(total_epochs=10)
+    schedule = CosineLearningRate(1.0, clock, final_fraction=0.0)
+    assert schedule.rate(0.0) == pytest.approx(1.0)
+    assert schedule.rate(0.5) == pytest.approx(0.5)
+    assert schedule.rate(1.0) == pytest.approx(0.0, abs=1e-12)
+    schedule.set_model(FakeModel())
+    schedule.on_epoch_begin(5)
+    assert float(schedule.model.optimizer.learning_rate.numpy()) == pytest.approx(0.5)
+
+
+def test_checkpoint_refuses_to_save_a_non_finite_loss(tmp_path):
+    clock = TrainingClock(total_epochs=3)
+    checkpoint = TrainingCheckpoint(tmp_path, clock, patience=2)
+    checkpoint.set_model(FakeModel())
+    checkpoint.on_epoch_end(0, {"loss": math.nan, "val_loss": 1.0})
+    assert checkpoint.diverged_epoch == 1 and checkpoint.model.stop_training
+    assert list(tmp_path.iterdir()) == []

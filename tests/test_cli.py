@@ -1,0 +1,105 @@
+"""End-to-end: the command line a user runs, on the bundled faces with a tiny model."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, TINY_RUN
+
+MAIN = str(ROOT / "vqvae_face_main.py")
+
+
+def run_main(out, *args, timeout=300):
+    overrides = [item for setting in TINY_RUN for item in ("--set", setting)]
+    command = [sys.executable, MAIN, "--out", str(out), *overrides, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=out)
+
+
+@pytest.fixture(scope="module")
+def trained_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli")
+    result = run_main(out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_training_writes_every_promised_file(trained_out):
+    out, result = trained_out
+    assert "scikit-image lfw_subset" in result.stderr
+    for run in ("vqvae", "vae"):
+        for name in ("best.keras", "latest.keras", "state.json", "split.json", "config.json", "history.csv"):
+            assert (out / "checkpoints" / run / name).is_file(), (run, name)
+        for name in ("reconstructions.png", "metrics.json", "training_curves.png", "epoch_0001.png"):
+            assert (out / "images_saved" / run / name).is_file(), (run, name)
+    assert (out / "checkpoints" / "vqvae" / "tokens.npz").is_file()
+    assert (out / "images_saved" / "vqvae" / "codebook_usage.png").is_file()
+    assert (out / "images_saved" / "augmentations.png").is_file()
+    assert not list(out.rglob("*.partial*")), "no temporary files are left behind"
+
+
+def test_metrics_are_consistent_with_the_saved_tokens(trained_out):
+    out, result = trained_out
+    metrics = json.loads((out / "images_saved" / "vqvae" / "metrics.json").read_text())
+    assert metrics["num_test_images"] == 10
+    assert metrics["bits_per_image"] == 4 * 4 * math.log2(16)
+    assert 0 < metrics["codebook_usage"] <= 1 and 1 <= metrics["perplexity"] <= 16
+    assert 0 < metrics["ssim"] <= 1 and 0 < metrics["mse"] < 1
+    assert "identity-disjoint test split" in metrics["dataset"]
+    quality = np.load(out / "checkpoints" / "vqvae" / "test_quality.npz")
+    np.testing.assert_allclose(metrics["psnr"], np.mean(10 * np.log10(1 / quality["mse"])), rtol=1e-4)
+    tokens = np.load(out / "checkpoints" / "vqvae" / "tokens.npz")
+    assert tokens["tokens"].shape == (10, 4, 4) and tokens["tokens"].dtype == np.int16
+    split = json.loads((out / "checkpoints" / "vqvae" / "split.json").read_text())
+    assert list(tokens["names"]) == split["test"]
+    used = len(np.unique(tokens["tokens"])) / 16
+    assert metrics["codebook_usage"] == pytest.approx(used)
+    assert "psnr" in result.stdout and "vqvae" in result.stdout
+
+
+def test_eval_reuses_checkpoint_and_split(trained_out):
+    out, _ = trained_out
+    before = json.loads((out / "images_saved" / "vqvae" / "metrics.json").read_text())
+    result = run_main(out, "--eval", "--run", "vqvae")
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = json.loads((out / "images_saved" / "vqvae" / "metrics.json").read_text())
+    assert after["psnr"] == pytest.approx(before["psnr"], abs=1e-5)
+    assert "Epoch" not in result.stdout
+
+
+def test_rerun_with_more_epochs_resumes_from_the_saved_epoch(trained_out):
+    out, _ = trained_out
+    result = run_main(out, "--run", "vqvae", "--set", "epochs=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "extending from 1 to 2 epochs" in result.stderr
+    assert "Epoch 2/2" in result.stdout and "Epoch 1/2" not in result.stdout
+    with open(out / "checkpoints" / "vqvae" / "history.csv") as handle:
+        epochs = [row["epoch"] for row in csv.DictReader(handle)]
+    assert epochs == ["0", "1"]
+    state = json.loads((out / "checkpoints" / "vqvae" / "state.json").read_text())
+    assert state["epochs_done"] == 2 and state["finished"]
+
+
+def test_architecture_change_is_refused(trained_out):
+    out, _ = trained_out
+    result = run_main(out, "--eval", "--run", "vqvae", "--set", "num_embeddings=32")
+    assert result.returncode == 2
+    assert "num_embeddings" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--eval"], "no trained model"),
+    (["--set", "epochs=many"], "runs.vqvae.epochs"),
+    (["--set", "data.image_size=18"], "data.image_size=18"),
+    (["--data", "does-not-exist.tgz"], "does not exist"),
+    (["--run", "nope"], "--run 'nope'"),
+])
+def test_user_mistakes_exit_2_without_traceback(tmp_path, args, message):
+    result = run_main(tmp_path, *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

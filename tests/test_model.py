@@ -1,0 +1,98 @@
+"""Models: shapes, serialization round trip in safe mode, token round trip, VAE KL."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from vqvae_class_keras import VAE, VQVAE, Decoder, Encoder, ResidualBlock, VectorQuantizerEMA
+
+TINY = dict(encoder_filters=[8, 16], decoder_filters=[16, 8], num_residual_blocks=1, residual_hidden_channels=8)
+
+
+def images(n=8, size=16, channels=3, seed=0):
+    return np.random.default_rng(seed).random((n, size, size, channels)).astype(np.float32)
+
+
+def trained(model, x):
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.build(x.shape)
+    model.fit(x, epochs=1, batch_size=4, verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_shapes_follow_the_data(channels):
+    model = VQVAE(image_channels=channels, embedding_dim=4, num_embeddings=16, **TINY)
+    x = images(channels=channels)
+    out = model(x)
+    assert out.shape == x.shape
+    assert float(tf.reduce_min(out)) >= 0.0 and float(tf.reduce_max(out)) <= 1.0
+    assert model.encode_to_tokens(x).shape == (8, 4, 4)
+
+
+@pytest.mark.parametrize("cls", [VQVAE, VAE])
+def test_serialization_round_trip_in_safe_mode(cls, tmp_path):
+    x = images()
+    extra = dict(embedding_dim=4, num_embeddings=16) if cls is VQVAE else dict(latent_dim=4, kl_beta=0.1)
+    model = trained(cls(image_channels=3, seed=1, **TINY, **extra), x)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert type(loaded) is cls
+    assert loaded.get_config() == model.get_config()
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    if cls is VQVAE:
+        np.testing.assert_array_equal(loaded.quantizer.ema_cluster_size.numpy(), model.quantizer.ema_cluster_size.numpy())
+        assert int(loaded.optimizer.iterations.numpy()) == int(model.optimizer.iterations.numpy()) == 2
+
+
+@pytest.mark.parametrize("layer", [
+    ResidualBlock(8, 4), Encoder([8, 16], 1, 4, 8), Decoder([16, 8], 1, 3, 8),
+    VectorQuantizerEMA(16, 4, commitment_cost=0.3, decay=0.95, epsilon=1e-4, codebook_init="uniform", seed=2),
+])
+def test_layer_get_config_round_trip(layer):
+    config = layer.get_config()
+    clone = type(layer).from_config(config)
+    assert clone.get_config() == config
+
+
+def test_token_round_trip_equals_reconstruction():
+    x = images()
+    model = trained(VQVAE(image_channels=3, embedding_dim=4, num_embeddings=16, seed=0, **TINY), x)
+    tokens = model.encode_to_tokens(x)
+    assert tokens.dtype == tf.int32
+    np.testing.assert_allclose(model.decode_tokens(tokens).numpy(), model(x).numpy(), atol=1e-6)
+
+
+def smooth_images(n, size=16):
+    y, x = np.mgrid[0:size, 0:size] / size
+    pictures = [
+        np.stack([0.5 + 0.4 * np.sin(2 * np.pi * (i + 1) * (x + c * y) / 2) for c in range(3)], axis=-1)
+        for i in range(n)
+    ]
+    return np.stack(pictures).astype(np.float32)
+
+
+def test_training_reduces_the_loss_and_uses_codes():
+    x = np.repeat(smooth_images(4), 8, axis=0)
+    model = VQVAE(image_channels=3, embedding_dim=4, num_embeddings=16, seed=0, **TINY)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    model.build(x.shape)
+    history = model.fit(x, epochs=15, batch_size=8, verbose=0).history
+    assert history["reconstruction_loss"][-1] < 0.7 * history["reconstruction_loss"][0]
+    assert history["active_code_fraction"][-1] > 0.1
+
+
+def test_vae_kl_matches_closed_form():
+    x = images(n=4)
+    model = VAE(image_channels=3, latent_dim=4, kl_beta=2.0, seed=0, **TINY)
+    model.build(x.shape)
+    mean, log_variance = [t.numpy().astype(np.float64) for t in model.posterior(x)]
+    kl = 0.5 * (mean**2 + np.exp(log_variance) - 1 - log_variance).sum(axis=(1, 2, 3))
+    values = model.compute_losses(tf.constant(x), training=False)
+    np.testing.assert_allclose(float(values["kl_bits_per_image"]), kl.mean() / np.log(2), rtol=1e-4)
+    expected_loss = float(values["reconstruction_loss"]) + 2.0 * kl.mean() / x[0].size
+    np.testing.assert_allclose(float(values["loss"]), expected_loss, rtol=1e-4)
+    # Inference decodes the posterior mean: no sampling noise.
+    np.testing.assert_array_equal(model(x).numpy(), model(x).numpy())
