@@ -67,7 +67,9 @@ class CommitmentAnnealing(keras.callbacks.Callback):
 def revive_dead_codes(quantizer, threshold, max_revivals, noise, source, generator):
     """Replace dead codes of `quantizer`; returns how many were replaced (int32 tensor).
 
-    A code is dead when its EMA cluster size is below `threshold`. At most
+    A code is dead when its EMA cluster size is below `threshold` times the mean
+    EMA cluster size (so the rule does not depend on batch size, grid size or K;
+    a codebook whose counts are all zero is entirely dead). At most
     `max_revivals` of them, least used first, move to candidate vectors plus
     Gaussian noise (`noise` x the candidates' RMS): rows of the last training
     batch's encoder outputs (`source="encoder"`) or randomly chosen live codes
@@ -76,7 +78,7 @@ def revive_dead_codes(quantizer, threshold, max_revivals, noise, source, generat
     """
     num_codes = quantizer.num_embeddings
     usage = tf.convert_to_tensor(quantizer.ema_cluster_size)
-    dead = usage < threshold
+    dead = usage < tf.maximum(threshold * tf.reduce_mean(usage), 1e-12)
     num_dead = tf.reduce_sum(tf.cast(dead, tf.int32))
 
     def candidates(count, pool):
@@ -109,12 +111,13 @@ def revive_dead_codes(quantizer, threshold, max_revivals, noise, source, generat
 class DeadCodeRevival(keras.callbacks.Callback):
     """Every `every_n_batches` training batches, revive up to `max_revivals_per_batch` dead codes.
 
-    See `revive_dead_codes` for the rule. The revival runs as one compiled
-    graph on the quantizer's weights; the number revived is summed in a
-    variable and reported once per epoch as `revived_codes`.
+    See `revive_dead_codes` for the rule. Batches are counted across epochs.
+    The revival runs as one compiled graph on the quantizer's weights; the
+    number revived is summed in a variable and reported once per epoch as
+    `revived_codes`.
     """
 
-    def __init__(self, quantizer, threshold=1.0, max_revivals_per_batch=5, every_n_batches=10,
+    def __init__(self, quantizer, threshold=0.1, max_revivals_per_batch=5, every_n_batches=1,
                  noise=0.01, source="encoder", seed=0):
         super().__init__()
         if source not in ("encoder", "codes"):
@@ -123,6 +126,7 @@ class DeadCodeRevival(keras.callbacks.Callback):
         self.every_n_batches = every_n_batches
         self.generator = tf.random.Generator.from_seed(seed)
         self.revived = tf.Variable(0, dtype=tf.int32, trainable=False)
+        self.batches_seen = 0
         self._revive = tf.function(
             lambda: self.revived.assign_add(
                 revive_dead_codes(quantizer, threshold, max_revivals_per_batch, noise, source, self.generator)
@@ -133,7 +137,8 @@ class DeadCodeRevival(keras.callbacks.Callback):
         self.revived.assign(0)
 
     def on_train_batch_end(self, batch, logs=None):
-        if (batch + 1) % self.every_n_batches == 0:
+        self.batches_seen += 1
+        if self.batches_seen % self.every_n_batches == 0:
             self._revive()
 
     def on_epoch_end(self, epoch, logs=None):

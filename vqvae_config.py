@@ -105,17 +105,17 @@ class AnnealingConfig:
 
 @dataclass
 class RevivalConfig:
-    """`DeadCodeRevival`: replace codes whose EMA count fell below threshold."""
+    """`DeadCodeRevival`: replace codes whose EMA count fell below threshold x the mean count."""
 
     enabled: bool = True
-    threshold: float = 1.0
+    threshold: float = 0.1
     max_revivals_per_batch: int = 5
-    every_n_batches: int = 10
+    every_n_batches: int = 1
     noise: float = 0.01
     source: Literal["encoder", "codes"] = "encoder"
 
     def validate(self, path: str) -> None:
-        _check_range(path, "threshold", self.threshold, 0.0, 1e6)
+        _check_range(path, "threshold", self.threshold, 0.0, 1.0)
         _check_range(path, "max_revivals_per_batch", self.max_revivals_per_batch, 1, 10**6)
         _check_range(path, "every_n_batches", self.every_n_batches, 1, 10**6)
         _check_range(path, "noise", self.noise, 0.0, 10.0)

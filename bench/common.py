@@ -1,0 +1,71 @@
+"""Helpers shared by the benchmark scripts: machine description, tables, JSON output."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def machine() -> dict:
+    """CPU model and core count (from /proc/cpuinfo on Linux), plus GPUs TensorFlow sees."""
+    import tensorflow as tf
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+    return {"cpu": model, "cores": os.cpu_count(), "gpus": gpus, "tensorflow": tf.__version__}
+
+
+def sample_images(count: int, size: int = 64, data: str | None = None) -> np.ndarray:
+    """`count` uint8 faces from an LFW source (via the decoding cache), or smooth synthetic ones."""
+    if data:
+        from face_data import load_faces
+        from vqvae_config import DataConfig
+
+        faces = load_faces(DataConfig(path=data, image_size=size), ROOT / "checkpoints" / "data_cache", [])
+        reps = -(-count // len(faces))
+        return np.concatenate([faces.images] * reps)[:count]
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:size, 0:size] / size
+    base = np.stack([np.sin(2 * np.pi * (x * a + y * b)) for a, b in rng.uniform(0.5, 3, (3, 2))], -1)
+    noise = rng.normal(0, 0.1, (count, 1, 1, 3))
+    return np.clip(127 + 100 * (base[None] + noise), 0, 255).astype(np.uint8)
+
+
+def timed(function, repeats: int = 3) -> float:
+    """Best wall-clock seconds of `repeats` calls (after one warm-up call)."""
+    function()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def report(name: str, rows: list[dict], extra: dict | None = None) -> None:
+    """Print `rows` as a table and write them with the machine description to bench/<name>.json."""
+    table = pd.DataFrame(rows)
+    info = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), **machine(), **(extra or {})}
+    print(f"# {name}  ({info['date']}, {info['cpu']}, {info['cores']} cores, TF {info['tensorflow']})")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    out = Path(__file__).resolve().parent / f"{name}.json"
+    out.write_text(json.dumps({**info, "rows": rows}, indent=2))
