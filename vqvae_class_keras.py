@@ -277,16 +277,19 @@ class VectorQuantizerEMA(layers.Layer):
         }
 
     def _initialize_from_data_once(self, flat):
-        """With codebook_init="data": on the first training call, codes := random inputs."""
+        """With codebook_init="data": on the first training call, codes := random inputs.
+
+        The EMA counts restart at 1 (as at construction), so codes the data does
+        not use fall below the revival threshold within a few dozen steps.
+        """
         if self.codebook_init != "data":
             return
 
         def initialize():
             sample = self._sample_rows(flat, self.num_embeddings)
-            expected_count = ops.cast(ops.shape(flat)[0], "float32") / self.num_embeddings
             self.embeddings.assign(sample)
-            self.ema_cluster_size.assign(ops.full((self.num_embeddings,), expected_count))
-            self.ema_embedding_sum.assign(sample * expected_count)
+            self.ema_cluster_size.assign(ops.ones((self.num_embeddings,)))
+            self.ema_embedding_sum.assign(sample)
             self.initialized.assign(1.0)
             return tf.constant(True)
 
