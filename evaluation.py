@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -83,6 +83,15 @@ def trained_model_path(paths: RunPaths, run_name: str) -> Path:
     )
 
 
+@dataclass
+class EvaluationResult:
+    """What `evaluate_run` measured: summary metrics, per-image quality, reconstructions (N, H, W, C)."""
+
+    metrics: dict
+    quality: dict[str, np.ndarray]
+    reconstructions: np.ndarray
+
+
 def evaluate_run(
     run_name: str,
     paths: RunPaths,
@@ -91,7 +100,7 @@ def evaluate_run(
     dataset: str,
     batch_size: int,
     image_size: int,
-) -> dict:
+) -> EvaluationResult:
     """Evaluate a trained run on `images` (uint8, never augmented); write tokens, pictures, metrics.json.
 
     For a VQ-VAE the test faces are encoded to tokens, saved to
@@ -143,7 +152,7 @@ def evaluate_run(
         paths.images / "reconstructions.png",
         title=f"{run_name}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f} on {len(images)} test faces",
     )
-    return metrics
+    return EvaluationResult(metrics, quality, reconstructions)
 
 
 def _mean_kl_bits(model: VAE, images: np.ndarray, batch_size: int) -> float:

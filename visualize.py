@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def _save(figure, path: Path) -> None:
+def save_figure(figure, path: Path) -> None:
     """Save to a temporary file and rename, so a picture is never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +46,7 @@ def save_image_grid(rows: list[np.ndarray], labels: list[str], path: Path, title
         axes[r, 0].set_ylabel(label, fontsize=9)
     if title:
         figure.suptitle(title, fontsize=10)
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_training_curves(history_csv: Path, path: Path) -> None:
@@ -73,7 +73,7 @@ def plot_training_curves(history_csv: Path, path: Path) -> None:
         usage_axis.set_xlabel("epoch")
         usage_axis.set_title("fraction of codes used per batch")
         usage_axis.legend(fontsize=8)
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_code_usage(token_counts: np.ndarray, path: Path, title: str) -> None:
@@ -84,4 +84,4 @@ def plot_code_usage(token_counts: np.ndarray, path: Path, title: str) -> None:
     axis.set_xlabel("code (sorted by use)")
     axis.set_ylabel("tokens")
     axis.set_title(title, fontsize=10)
-    _save(figure, path)
+    save_figure(figure, path)

@@ -31,6 +31,9 @@ def parse_args(argv):
     parser.add_argument("--data", default=None, help="LFW folder or lfw-deepfunneled.tgz (overrides data.path)")
     parser.add_argument("--test-data", default=None, help="evaluate on every image of this LFW-layout folder/archive instead of the saved test split")
     parser.add_argument("--eval", action="store_true", help='evaluation only (same as "enable_training": false)')
+    parser.add_argument("--compare", action="store_true",
+                        help="train (or reuse) the runs listed in \"compare\" and compare them with JPEG/WebP "
+                             "on the same test faces; writes images_saved/compare/")
     parser.add_argument("--retrain", action="store_true", help="train selected runs from scratch, discarding their checkpoints")
     parser.add_argument("--out", default=".", help="folder that receives checkpoints/ and images_saved/ (default: current folder)")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
@@ -60,7 +63,12 @@ def run(args) -> int:
         config.seed = args.seed
     if args.eval:
         config.enable_training = False
-    run_names = args.runs or list(config.runs)
+    if args.runs:
+        run_names = args.runs
+    elif args.compare and config.compare:
+        run_names = config.compare
+    else:
+        run_names = list(config.runs)
     out = Path(args.out)
 
     import face_data
@@ -74,7 +82,7 @@ def run(args) -> int:
         test_settings = type(config.data)(**{**vars(config.data), "path": args.test_data})
         test_faces = face_data.load_faces(test_settings, out / "checkpoints" / "data_cache", search_dirs)
 
-    results = []
+    results, test_names = {}, {}
     for run_name in run_names:
         paths = trainer.RunPaths.for_run(out, run_name)
         if config.enable_training:
@@ -87,13 +95,41 @@ def run(args) -> int:
         else:
             images, names = test_set(paths, faces)
             dataset = faces.description + " (identity-disjoint test split)"
-        metrics = evaluate_run(
+        result = evaluate_run(
             run_name, paths, images, names, dataset, config.runs[run_name].batch_size, config.data.image_size
         )
-        results.append(metrics)
+        results[run_name], test_names[run_name] = result, list(names)
         log.info("run %s: metrics in %s", run_name, paths.images / "metrics.json")
-    print(metrics_table(results))
+    print(metrics_table([r.metrics for r in results.values()]))
+    if args.compare:
+        compare_runs(results, test_names, images, dataset, out)
     return 0
+
+
+def compare_runs(results, test_names, images, dataset, out: Path) -> None:
+    """Write images_saved/compare/ for runs evaluated on the same test faces."""
+    import numpy as np
+
+    import compare
+    import trainer
+    from evaluation import EvaluationError
+
+    run_names = list(results)
+    token_grids = {}
+    for name in run_names:
+        if test_names[name] != test_names[run_names[0]]:
+            raise EvaluationError(
+                f"runs {run_names[0]!r} and {name!r} have different test faces (trained with other data or seed); "
+                "retrain one of them with --retrain so they share the split."
+            )
+        if results[name].metrics["model"] == "VQVAE":
+            token_file = trainer.RunPaths.for_run(out, name).checkpoints / "tokens.npz"
+            with np.load(token_file, allow_pickle=False) as saved:
+                token_grids[name] = saved["tokens"]
+    run_images = {name: trainer.RunPaths.for_run(out, name).images for name in run_names}
+    table = compare.write_comparison(out / "images_saved" / "compare", images, results, token_grids, run_images, dataset)
+    print()
+    print(compare.markdown_table(table))
 
 
 def main(argv=None) -> int:

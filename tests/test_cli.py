@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -103,3 +104,27 @@ def test_user_mistakes_exit_2_without_traceback(tmp_path, args, message):
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_compare_writes_the_report(trained_out):
+    out, _ = trained_out
+    result = run_main(out, "--compare", "--eval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = out / "images_saved" / "compare"
+    for name in ("comparison.csv", "comparison.md", "comparison.png", "rate_distortion.png", "report.html"):
+        assert (folder / name).is_file(), name
+    table = list(csv.DictReader(open(folder / "comparison.csv")))
+    methods = [row["method"] for row in table]
+    assert methods[:2] == ["VQ-VAE (vqvae)", "VQ-VAE (vqvae) + entropy coding"]
+    assert "VAE (vae)" in methods and "JPEG" in methods and "WebP" in methods
+    budget = float(table[0]["bits_per_image"])
+    for row in table:
+        if row["method"] in ("JPEG", "WebP") and row["fits_budget"] == "True":
+            assert float(row["bits_per_image"]) <= budget
+        assert float(row["psnr_ci95_low"]) <= float(row["psnr"]) <= float(row["psnr_ci95_high"])
+    page = (folder / "report.html").read_text()
+    assert "<table" in page and page.count("data:image/png;base64,") >= 4
+    assert "http://" not in page and "https://" not in page
+    assert "<script" not in page and "<link" not in page
+    assert all(source.startswith("data:image/png;base64,") for source in re.findall(r'src="([^"]*)"', page))
+    assert "| method |" in result.stdout

@@ -1,0 +1,253 @@
+"""VQ-VAE vs VAE vs JPEG/WebP on the same held-out faces: table, pictures, report.html.
+
+The codecs see exactly the test images the models see (same crop and size, uint8).
+Each codec is run at the highest quality whose mean size fits the VQ-VAE's token
+budget (grid cells x log2 K bits), and over a range of qualities for the
+rate-distortion plot.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import lzma
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import visualize  # noqa: E402
+from evaluation import EvaluationResult, image_quality  # noqa: E402
+
+log = logging.getLogger("vqvae_faces.compare")
+
+CODECS = {
+    "JPEG": dict(format="JPEG", optimize=True),
+    "WebP": dict(format="WEBP", method=6),
+}
+CURVE_QUALITIES = (1, 2, 3, 5, 7, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 95)
+BOOTSTRAP_SAMPLES = 2000
+PREVIEW_FACES = 8
+
+
+@dataclass
+class CodecResult:
+    """One codec at one quality: mean bits per image and the decoded images."""
+
+    codec: str
+    quality: int
+    bits_per_image: float
+    decoded: np.ndarray
+
+
+def encode_decode(images: np.ndarray, codec: str, quality: int) -> CodecResult:
+    """Compress each uint8 image (N, H, W, C) with Pillow at `quality`; return mean size and decodings."""
+    sizes, decoded = [], []
+    grayscale = images.shape[-1] == 1
+    for image in images:
+        picture = Image.fromarray(image[..., 0] if grayscale else image)
+        buffer = io.BytesIO()
+        picture.save(buffer, quality=quality, **CODECS[codec])
+        sizes.append(buffer.tell())
+        buffer.seek(0)
+        with Image.open(buffer) as back:
+            array = np.asarray(back.convert("L" if grayscale else "RGB"))
+        decoded.append(array[..., None] if grayscale else array)
+    return CodecResult(codec, quality, 8.0 * float(np.mean(sizes)), np.stack(decoded))
+
+
+def best_quality_within(images: np.ndarray, codec: str, budget_bits: float) -> tuple[CodecResult, bool]:
+    """Highest quality (1..100) whose mean size is <= budget, by bisection (size grows with quality).
+
+    Returns (result, fits); when even quality 1 is too large, returns quality 1 and fits=False.
+    """
+    low = encode_decode(images, codec, 1)
+    if low.bits_per_image > budget_bits:
+        return low, False
+    best, lo, hi = low, 2, 100
+    while lo <= hi:
+        middle = (lo + hi) // 2
+        result = encode_decode(images, codec, middle)
+        if result.bits_per_image <= budget_bits:
+            best, lo = result, middle + 1
+        else:
+            hi = middle - 1
+    return best, True
+
+
+def bootstrap_interval(values: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of `values`."""
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (samples, len(values)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def lzma_bits_per_image(tokens: np.ndarray) -> float:
+    """Real size of all token grids compressed losslessly with LZMA (xz), per image."""
+    return 8.0 * len(lzma.compress(tokens.astype(np.uint16).tobytes(), preset=9)) / len(tokens)
+
+
+def _row(method: str, setting: str, bits: float, quality: dict[str, np.ndarray], **extra) -> dict:
+    low, high = bootstrap_interval(quality["psnr"])
+    return {
+        "method": method,
+        "setting": setting,
+        "bits_per_image": bits,
+        "psnr": float(quality["psnr"].mean()),
+        "psnr_ci95_low": low,
+        "psnr_ci95_high": high,
+        "ssim": float(quality["ssim"].mean()),
+        "mse": float(quality["mse"].mean()),
+        **extra,
+    }
+
+
+def rate_distortion_curve(images: np.ndarray, codec: str, qualities=CURVE_QUALITIES) -> pd.DataFrame:
+    originals = images.astype(np.float32) / 255.0
+    rows = []
+    for quality in qualities:
+        result = encode_decode(images, codec, quality)
+        scores = image_quality(originals, result.decoded.astype(np.float32) / 255.0)
+        rows.append({"codec": codec, "quality": quality, "bits_per_image": result.bits_per_image,
+                     "psnr": float(scores["psnr"].mean()), "ssim": float(scores["ssim"].mean())})
+    return pd.DataFrame(rows)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (no extra dependency)."""
+
+    def cell(value):
+        if isinstance(value, float):
+            return "" if np.isnan(value) else f"{value:.4g}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def build_table(
+    images: np.ndarray, results: dict[str, EvaluationResult], tokens: dict[str, np.ndarray]
+) -> tuple[pd.DataFrame, dict[str, CodecResult], Optional[float]]:
+    """One row per model run, its entropy-coded size, and each codec at the VQ-VAE budget."""
+    rows = []
+    budget = None
+    for name, result in results.items():
+        m = result.metrics
+        if m["model"] == "VQVAE":
+            budget = m["bits_per_image"] if budget is None else min(budget, m["bits_per_image"])
+            grid = "x".join(str(v) for v in m["token_grid"])
+            setting = f"{grid} tokens, K={m['num_embeddings']}"
+            rows.append(_row(f"VQ-VAE ({name})", setting, m["bits_per_image"], result.quality,
+                             codebook_usage=m["codebook_usage"], perplexity=m["perplexity"]))
+            rows.append(_row(f"VQ-VAE ({name}) + entropy coding", "empirical token entropy",
+                             m["entropy_coded_bits_per_image"], result.quality))
+            rows.append(_row(f"VQ-VAE ({name}) + xz", "tokens compressed with LZMA",
+                             lzma_bits_per_image(tokens[name]), result.quality))
+        else:
+            rows.append(_row(f"VAE ({name})", "Gaussian latent, mean decoded", m["kl_bits_per_image"],
+                             result.quality, kl_bits_per_image=m["kl_bits_per_image"]))
+    codecs = {}
+    if budget is not None:
+        originals = images.astype(np.float32) / 255.0
+        for codec in CODECS:
+            result, fits = best_quality_within(images, codec, budget)
+            codecs[codec] = result
+            scores = image_quality(originals, result.decoded.astype(np.float32) / 255.0)
+            note = f"quality {result.quality}" if fits else f"quality 1 does NOT fit the {budget:.0f}-bit budget"
+            rows.append(_row(codec, note, result.bits_per_image, scores, codec_quality=result.quality,
+                             fits_budget=fits))
+    return pd.DataFrame(rows), codecs, budget
+
+
+def plot_rate_distortion(curves: pd.DataFrame, table: pd.DataFrame, path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for codec, curve in curves.groupby("codec"):
+        axis.plot(curve["bits_per_image"], curve["psnr"], marker=".", label=f"{codec} (quality 1..95)")
+    models = table[table["method"].str.startswith(("VQ-VAE", "VAE"))]
+    for row in models.itertuples(index=False):
+        axis.scatter(row.bits_per_image, row.psnr, s=60, zorder=3, label=row.method)
+    axis.set_xscale("log")
+    axis.set_xlabel("bits per image")
+    axis.set_ylabel("PSNR (dB)")
+    axis.set_title("rate-distortion on the held-out test faces")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8)
+    visualize.save_figure(figure, path)
+
+
+def _embedded_png(path: Path) -> str:
+    if not path.is_file():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
+
+
+def write_html(folder: Path, table: pd.DataFrame, run_images: dict[str, Path], dataset: str) -> Path:
+    """report.html with every picture embedded as data: URIs (opens offline, no external references)."""
+    sections = [
+        "<h2>Comparison on the held-out test faces</h2>",
+        f"<p>{html.escape(dataset)}</p>",
+        table.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep=""),
+        "<h2>Rate-distortion</h2>", _embedded_png(folder / "rate_distortion.png"),
+        "<h2>Reconstructions</h2>", _embedded_png(folder / "comparison.png"),
+    ]
+    for name, run_folder in run_images.items():
+        sections += [f"<h2>Run {html.escape(name)}</h2>",
+                     _embedded_png(run_folder / "training_curves.png"),
+                     _embedded_png(run_folder / "codebook_usage.png")]
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>vqvae-faces comparison</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
+        "img{max-width:100%}</style></head><body><h1>vqvae-faces comparison</h1>"
+        + "\n".join(sections) + "</body></html>"
+    )
+    path = folder / "report.html"
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def write_comparison(
+    folder: Path,
+    images: np.ndarray,
+    results: dict[str, EvaluationResult],
+    tokens: dict[str, np.ndarray],
+    run_images: dict[str, Path],
+    dataset: str,
+) -> pd.DataFrame:
+    """Write comparison.csv/.md/.png, rate_distortion.png and report.html into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    table, codecs, budget = build_table(images, results, tokens)
+    tmp = folder / "comparison.csv.partial"
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, folder / "comparison.csv")
+    (folder / "comparison.md").write_text(markdown_table(table), encoding="utf-8")
+    curves = pd.concat([rate_distortion_curve(images, codec) for codec in CODECS])
+    curves.to_csv(folder / "rate_distortion.csv", index=False)
+    plot_rate_distortion(curves, table, folder / "rate_distortion.png")
+    count = min(PREVIEW_FACES, len(images))
+    rows = [images[:count]] + [r.reconstructions[:count] for r in results.values()]
+    labels = ["original"] + list(results)
+    for codec, result in codecs.items():
+        rows.append(result.decoded[:count])
+        labels.append(f"{codec} q{result.quality}")
+    title = f"same test faces; codecs at the VQ-VAE budget of {budget:.0f} bits" if budget else "same test faces"
+    visualize.save_image_grid(rows, labels, folder / "comparison.png", title=title)
+    write_html(folder, table, run_images, dataset)
+    log.info("comparison written to %s", folder)
+    return table
