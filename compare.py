@@ -120,8 +120,15 @@ def rate_distortion_curve(images: np.ndarray, codec: str, qualities=CURVE_QUALIT
     for quality in qualities:
         result = encode_decode(images, codec, quality)
         scores = image_quality(originals, result.decoded.astype(np.float32) / 255.0)
-        rows.append({"codec": codec, "quality": quality, "bits_per_image": result.bits_per_image,
-                     "psnr": float(scores["psnr"].mean()), "ssim": float(scores["ssim"].mean())})
+        rows.append(
+            {
+                "codec": codec,
+                "quality": quality,
+                "bits_per_image": result.bits_per_image,
+                "psnr": float(scores["psnr"].mean()),
+                "ssim": float(scores["ssim"].mean()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -150,15 +157,42 @@ def build_table(
             budget = m["bits_per_image"] if budget is None else min(budget, m["bits_per_image"])
             grid = "x".join(str(v) for v in m["token_grid"])
             setting = f"{grid} tokens, K={m['num_embeddings']}"
-            rows.append(_row(f"VQ-VAE ({name})", setting, m["bits_per_image"], result.quality,
-                             codebook_usage=m["codebook_usage"], perplexity=m["perplexity"]))
-            rows.append(_row(f"VQ-VAE ({name}) + entropy coding", "empirical token entropy",
-                             m["entropy_coded_bits_per_image"], result.quality))
-            rows.append(_row(f"VQ-VAE ({name}) + xz", "tokens compressed with LZMA",
-                             lzma_bits_per_image(tokens[name]), result.quality))
+            rows.append(
+                _row(
+                    f"VQ-VAE ({name})",
+                    setting,
+                    m["bits_per_image"],
+                    result.quality,
+                    codebook_usage=m["codebook_usage"],
+                    perplexity=m["perplexity"],
+                )
+            )
+            rows.append(
+                _row(
+                    f"VQ-VAE ({name}) + entropy coding",
+                    "empirical token entropy",
+                    m["entropy_coded_bits_per_image"],
+                    result.quality,
+                )
+            )
+            rows.append(
+                _row(
+                    f"VQ-VAE ({name}) + xz",
+                    "tokens compressed with LZMA",
+                    lzma_bits_per_image(tokens[name]),
+                    result.quality,
+                )
+            )
         else:
-            rows.append(_row(f"VAE ({name})", "Gaussian latent, mean decoded", m["kl_bits_per_image"],
-                             result.quality, kl_bits_per_image=m["kl_bits_per_image"]))
+            rows.append(
+                _row(
+                    f"VAE ({name})",
+                    "Gaussian latent, mean decoded",
+                    m["kl_bits_per_image"],
+                    result.quality,
+                    kl_bits_per_image=m["kl_bits_per_image"],
+                )
+            )
     codecs = {}
     if budget is not None:
         originals = images.astype(np.float32) / 255.0
@@ -167,8 +201,9 @@ def build_table(
             codecs[codec] = result
             scores = image_quality(originals, result.decoded.astype(np.float32) / 255.0)
             note = f"quality {result.quality}" if fits else f"quality 1 does NOT fit the {budget:.0f}-bit budget"
-            rows.append(_row(codec, note, result.bits_per_image, scores, codec_quality=result.quality,
-                             fits_budget=fits))
+            rows.append(
+                _row(codec, note, result.bits_per_image, scores, codec_quality=result.quality, fits_budget=fits)
+            )
     return pd.DataFrame(rows), codecs, budget
 
 
@@ -201,19 +236,24 @@ def write_html(folder: Path, table: pd.DataFrame, run_images: dict[str, Path], d
         "<h2>Comparison on the held-out test faces</h2>",
         f"<p>{html.escape(dataset)}</p>",
         table.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep=""),
-        "<h2>Rate-distortion</h2>", _embedded_png(folder / "rate_distortion.png"),
-        "<h2>Reconstructions</h2>", _embedded_png(folder / "comparison.png"),
+        "<h2>Rate-distortion</h2>",
+        _embedded_png(folder / "rate_distortion.png"),
+        "<h2>Reconstructions</h2>",
+        _embedded_png(folder / "comparison.png"),
     ]
     for name, run_folder in run_images.items():
-        sections += [f"<h2>Run {html.escape(name)}</h2>",
-                     _embedded_png(run_folder / "training_curves.png"),
-                     _embedded_png(run_folder / "codebook_usage.png")]
+        sections += [
+            f"<h2>Run {html.escape(name)}</h2>",
+            _embedded_png(run_folder / "training_curves.png"),
+            _embedded_png(run_folder / "codebook_usage.png"),
+        ]
     page = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>vqvae-faces comparison</title>"
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
         "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
         "img{max-width:100%}</style></head><body><h1>vqvae-faces comparison</h1>"
-        + "\n".join(sections) + "</body></html>"
+        + "\n".join(sections)
+        + "</body></html>"
     )
     path = folder / "report.html"
     tmp = path.with_name(path.name + ".partial")

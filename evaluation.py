@@ -31,8 +31,8 @@ def image_quality(originals: np.ndarray, reconstructions: np.ndarray, batch_size
     """Per-image PSNR (dB), SSIM and MSE for float images in [0, 1], data range 1."""
     psnr, ssim, mse = [], [], []
     for start in range(0, len(originals), batch_size):
-        a = tf.convert_to_tensor(originals[start:start + batch_size], tf.float32)
-        b = tf.convert_to_tensor(reconstructions[start:start + batch_size], tf.float32)
+        a = tf.convert_to_tensor(originals[start : start + batch_size], tf.float32)
+        b = tf.convert_to_tensor(reconstructions[start : start + batch_size], tf.float32)
         psnr.append(tf.image.psnr(a, b, max_val=1.0).numpy())
         ssim.append(tf.image.ssim(a, b, max_val=1.0).numpy())
         mse.append(tf.reduce_mean(tf.square(a - b), axis=[1, 2, 3]).numpy())
@@ -79,7 +79,7 @@ def trained_model_path(paths: RunPaths, run_name: str) -> Path:
             return path
     raise EvaluationError(
         f"no trained model for run {run_name!r}: {paths.best_model} does not exist. "
-        "Train it first (drop --eval, or set \"enable_training\": true)."
+        'Train it first (drop --eval, or set "enable_training": true).'
     )
 
 
@@ -130,7 +130,8 @@ def evaluate_run(
         metrics["bits_per_image"] = float(np.prod(tokens.shape[1:]) * math.log2(k))
         metrics["entropy_coded_bits_per_image"] = float(np.prod(tokens.shape[1:]) * stats["token_entropy_bits"])
         visualize.plot_code_usage(
-            np.bincount(tokens.reshape(-1).astype(np.int64), minlength=k), paths.images / "codebook_usage.png",
+            np.bincount(tokens.reshape(-1).astype(np.int64), minlength=k),
+            paths.images / "codebook_usage.png",
             f"{run_name}: {stats['codebook_usage']:.0%} of {k} codes used on the test faces",
         )
     else:
@@ -148,7 +149,8 @@ def evaluate_run(
     np.savez_compressed(paths.checkpoints / "test_quality.npz", names=np.asarray(names), **quality)
     count = min(PREVIEW_FACES, len(images))
     visualize.save_image_grid(
-        [originals[:count], reconstructions[:count]], ["original", "reconstruction"],
+        [originals[:count], reconstructions[:count]],
+        ["original", "reconstruction"],
         paths.images / "reconstructions.png",
         title=f"{run_name}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f} on {len(images)} test faces",
     )
@@ -168,8 +170,16 @@ def _mean_kl_bits(model: VAE, images: np.ndarray, batch_size: int) -> float:
 def metrics_table(all_metrics: list[dict]) -> str:
     """The headline numbers of each run, as aligned text."""
     columns = [
-        "run", "model", "num_test_images", "psnr", "ssim", "mse", "codebook_usage", "perplexity",
-        "bits_per_image", "train_images_per_second",
+        "run",
+        "model",
+        "num_test_images",
+        "psnr",
+        "ssim",
+        "mse",
+        "codebook_usage",
+        "perplexity",
+        "bits_per_image",
+        "train_images_per_second",
     ]
     frame = pd.DataFrame([{c: m.get(c) for c in columns} for m in all_metrics])
     return frame.to_string(index=False, float_format=lambda v: f"{v:.4g}")
@@ -179,4 +189,3 @@ def test_set(run_paths: RunPaths, faces: face_data.FaceSet) -> tuple[np.ndarray,
     """The run's saved test split, as (images, names)."""
     split = face_data.load_split(run_paths.split, faces)
     return faces.subset(split["test"]), faces.names[split["test"]]
-

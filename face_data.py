@@ -87,9 +87,7 @@ def resolve_source(path: Optional[str], search_dirs: list[Path]) -> Optional[Pat
                 "(<Person_Name>/<Person_Name>_0001.jpg) or the lfw-deepfunneled.tgz archive."
             )
         if source.is_file() and not source.name.endswith(ARCHIVE_SUFFIXES):
-            raise DataError(
-                f"data path {str(source)!r} is a file but not a .tgz/.tar.gz/.tar archive."
-            )
+            raise DataError(f"data path {str(source)!r} is a file but not a .tgz/.tar.gz/.tar archive.")
         return source
     for folder in search_dirs:
         for name in DEFAULT_SOURCE_NAMES:
@@ -262,7 +260,9 @@ def _read_attributes(source: Path, names: list[str]) -> Optional[pd.DataFrame]:
     joined = table.drop(columns=["person", "imagenum"]).reindex(names)
     log.info(
         "attributes: %d of %d images have entries in %s",
-        int(joined.notna().any(axis=1).sum()), len(names), attribute_file,
+        int(joined.notna().any(axis=1).sum()),
+        len(names),
+        attribute_file,
     )
     return joined
 
@@ -346,7 +346,10 @@ def load_faces(settings: DataConfig, cache_dir: Path, search_dirs: list[Path]) -
     face_set.attributes = _read_attributes(source, names)
     log.info(
         "decoded %d faces of %d people from %s (cached in %s)",
-        len(face_set), len(set(face_set.persons)), source, cache_file,
+        len(face_set),
+        len(set(face_set.persons)),
+        source,
+        cache_file,
     )
     return face_set
 
@@ -389,9 +392,7 @@ def _read_cache(path: Path) -> FaceSet:
 # ---------------------------------------------------------------- split
 
 
-def split_by_person(
-    persons: np.ndarray, val_fraction: float, test_fraction: float, seed: int
-) -> dict[str, np.ndarray]:
+def split_by_person(persons: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
     """Identity-disjoint train/val/test indices (fractions are of people).
 
     Returns a dict of sorted index arrays. The same inputs always give the same
@@ -400,8 +401,7 @@ def split_by_person(
     groups = np.asarray(persons)
     if len(set(groups)) < 3:
         raise DataError(
-            f"the data has {len(set(groups))} people; an identity-disjoint "
-            "train/val/test split needs at least 3."
+            f"the data has {len(set(groups))} people; an identity-disjoint train/val/test split needs at least 3."
         )
     indices = np.arange(len(groups))
     outer = GroupShuffleSplit(n_splits=1, test_size=test_fraction, random_state=seed)
@@ -477,7 +477,9 @@ class FaceAugmenter:
                 layers.RandomSaturation((low / (1 + low), high / (1 + high)), value_range=unit, seed=seed + 4)
             )
         if settings.rotation_degrees:
-            self.ops.append(layers.RandomRotation(settings.rotation_degrees / 360.0, fill_mode="reflect", seed=seed + 5))
+            self.ops.append(
+                layers.RandomRotation(settings.rotation_degrees / 360.0, fill_mode="reflect", seed=seed + 5)
+            )
         if settings.noise_stddev:
             self.ops.append(layers.GaussianNoise(settings.noise_stddev, seed=seed + 6))
         if settings.translation_pixels:
@@ -503,7 +505,9 @@ class FaceAugmenter:
         return tf.clip_by_value(images, 0.0, 1.0)
 
 
-def make_dataset(images: np.ndarray, batch_size: int, augmenter: Optional[FaceAugmenter] = None, shuffle_seed: Optional[int] = None):
+def make_dataset(
+    images: np.ndarray, batch_size: int, augmenter: Optional[FaceAugmenter] = None, shuffle_seed: Optional[int] = None
+):
     """tf.data pipeline over uint8 images: (shuffle) -> batch -> scale to [0,1] -> (augment) -> prefetch.
 
     Training passes `augmenter` and `shuffle_seed`; validation and test pass

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
+import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -24,6 +28,7 @@ from training_callbacks import (
     ThroughputMeter,
     TrainingCheckpoint,
     TrainingClock,
+    TrainingError,
     write_json_atomically,
 )
 from vqvae_class_keras import VAE, VQVAE
@@ -32,15 +37,17 @@ from vqvae_config import ConfigError, ExperimentConfig, RunConfig, save_resolved
 log = logging.getLogger("vqvae_faces.train")
 
 ARCHITECTURE_KEYS = (
-    "model", "encoder_filters", "decoder_filters", "num_residual_blocks", "residual_hidden_channels",
-    "embedding_dim", "num_embeddings", "latent_dim",
+    "model",
+    "encoder_filters",
+    "decoder_filters",
+    "num_residual_blocks",
+    "residual_hidden_channels",
+    "embedding_dim",
+    "num_embeddings",
+    "latent_dim",
 )
 DATA_KEYS = ("image_size", "crop_border", "source_size")
 SNAPSHOT_FACES = 8
-
-
-class TrainingError(RuntimeError):
-    """Training could not finish (for example a NaN loss); the message says what to do."""
 
 
 @dataclass
@@ -77,6 +84,32 @@ class RunPaths:
     @property
     def history(self) -> Path:
         return self.checkpoints / "history.csv"
+
+
+@contextlib.contextmanager
+def exclusive_run_lock(folder: Path):
+    """Hold `folder/train.lock` while training, so a second process cannot train the same run.
+
+    The lock is an OS file lock: it disappears with the process, even after SIGKILL.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "train.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            raise TrainingError(
+                f"run folder {folder} is being trained by another process (pid {owner}); "
+                "wait for it to finish or use another --out folder."
+            ) from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_state(paths: RunPaths) -> Optional[dict]:
@@ -133,15 +166,18 @@ def check_compatible(paths: RunPaths, config: ExperimentConfig, run_name: str) -
     current_data = dataclasses.asdict(config.data)
     mismatches = [
         f"{key}: checkpoint {saved['run'].get(key)!r}, config {current_run[key]!r}"
-        for key in ARCHITECTURE_KEYS if saved["run"].get(key) != current_run[key]
+        for key in ARCHITECTURE_KEYS
+        if saved["run"].get(key) != current_run[key]
     ] + [
         f"data.{key}: checkpoint {saved['data'].get(key)!r}, config {current_data[key]!r}"
-        for key in DATA_KEYS if saved["data"].get(key) != current_data[key]
+        for key in DATA_KEYS
+        if saved["data"].get(key) != current_data[key]
     ]
     if mismatches:
         raise ConfigError(
             f"run {run_name!r} in {paths.checkpoints} was trained with different settings ("
-            + "; ".join(mismatches) + "). Restore those settings, or pass --retrain to start it over."
+            + "; ".join(mismatches)
+            + "). Restore those settings, or pass --retrain to start it over."
         )
 
 
@@ -153,7 +189,9 @@ def _callbacks(model, run: RunConfig, paths: RunPaths, train_count: int, snapsho
     if isinstance(model, VQVAE) and run.revival.enabled:
         r = run.revival
         callbacks.append(
-            DeadCodeRevival(model.quantizer, r.threshold, r.max_revivals_per_batch, r.every_n_batches, r.noise, r.source, seed)
+            DeadCodeRevival(
+                model.quantizer, r.threshold, r.max_revivals_per_batch, r.every_n_batches, r.noise, r.source, seed
+            )
         )
     if isinstance(model, VQVAE) and run.annealing.enabled:
         a = run.annealing
@@ -175,8 +213,13 @@ def train_run(
     config: ExperimentConfig, run_name: str, faces: face_data.FaceSet, out: Path, retrain: bool = False
 ) -> None:
     """Train `run_name` on `faces`, resuming from its latest checkpoint when there is one."""
-    run = config.runs[run_name]
     paths = RunPaths.for_run(out, run_name)
+    with exclusive_run_lock(paths.checkpoints):
+        _train_locked(config, run_name, faces, paths, retrain)
+
+
+def _train_locked(config, run_name, faces, paths, retrain):
+    run = config.runs[run_name]
     state = None if retrain else read_state(paths)
     if state is not None and not paths.latest_model.is_file():
         state = None
@@ -184,13 +227,18 @@ def train_run(
         if state.get("stopped_by") != "epochs" or state["epochs_done"] >= run.epochs:
             log.info(
                 "run %s already finished (%d epochs, stopped by %s); evaluating it. Pass --retrain to train it again.",
-                run_name, state["epochs_done"], state.get("stopped_by"),
+                run_name,
+                state["epochs_done"],
+                state.get("stopped_by"),
             )
             return
         log.info("run %s: extending from %d to %d epochs", run_name, state["epochs_done"], run.epochs)
-    if state is None and paths.checkpoints.exists():
-        shutil.rmtree(paths.checkpoints)
-    paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        for stale in paths.checkpoints.iterdir():
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            elif stale.name != "train.lock":
+                stale.unlink()
     paths.images.mkdir(parents=True, exist_ok=True)
 
     keras.utils.set_random_seed(config.seed)
@@ -209,7 +257,6 @@ def train_run(
             model.build((None,) + faces.images.shape[1:])
             initial_epoch = 0
         else:
-            check_compatible(paths, config, run_name)
             split = face_data.load_split(paths.split, faces)
             train_images = faces.subset(split["train"])
             model = load_model(paths.latest_model)
@@ -217,7 +264,12 @@ def train_run(
             log.info("resuming run %s from epoch %d (%s)", run_name, initial_epoch, paths.latest_model)
         log.info(
             "run %s: %s, %s, %d train / %d val / %d test images (identity-disjoint), %d parameters",
-            run_name, run.model, policy, len(split["train"]), len(split["val"]), len(split["test"]),
+            run_name,
+            run.model,
+            policy,
+            len(split["train"]),
+            len(split["val"]),
+            len(split["test"]),
             model.count_params(),
         )
         _fit(model, run, paths, faces, split, train_images, state, initial_epoch, config)
@@ -239,8 +291,10 @@ def _fit(model, run, paths, faces, split, train_images, state, initial_epoch, co
         originals = train_images[:SNAPSHOT_FACES].astype(np.float32) / 255.0
         variants = [augmenter(tf.constant(originals)).numpy() for _ in range(3)]
         visualize.save_image_grid(
-            [originals] + variants, ["original", "augmented", "augmented", "augmented"],
-            paths.images.parent / "augmentations.png", title="training augmentation (fresh each epoch)",
+            [originals] + variants,
+            ["original", "augmented", "augmented", "augmented"],
+            paths.images.parent / "augmentations.png",
+            title="training augmentation (fresh each epoch)",
         )
     callbacks, clock, throughput, checkpoint = _callbacks(
         model, run, paths, len(train_images), snapshot_images, state, config.seed
@@ -251,7 +305,7 @@ def _fit(model, run, paths, faces, split, train_images, state, initial_epoch, co
         epochs=run.epochs,
         initial_epoch=initial_epoch,
         callbacks=callbacks,
-        verbose=2,
+        verbose=1 if sys.stdout.isatty() else 2,
     )
     if checkpoint.diverged_epoch is not None:
         raise TrainingError(
@@ -260,14 +314,20 @@ def _fit(model, run, paths, faces, split, train_images, state, initial_epoch, co
             "Lower learning_rate (e.g. --set learning_rate=5e-4) and rerun with --retrain."
         )
     final_state = checkpoint.state(finished=True)
-    final_state["train_images_per_second"] = throughput.images_per_second or (state or {}).get("train_images_per_second")
+    final_state["train_images_per_second"] = throughput.images_per_second or (state or {}).get(
+        "train_images_per_second"
+    )
     final_state["stopped_by"] = (
         "time limit" if clock.time_limit_reached else "early stopping" if checkpoint.early_stopped else "epochs"
     )
     write_json_atomically(final_state, paths.state)
     log.info(
         "run finished after %d epochs (%s), %.1f min of training, best %s %.5f at epoch %s",
-        checkpoint.epochs_done, final_state["stopped_by"], clock.elapsed_seconds / 60, checkpoint.monitor,
-        checkpoint.best, checkpoint.best_epoch,
+        checkpoint.epochs_done,
+        final_state["stopped_by"],
+        clock.elapsed_seconds / 60,
+        checkpoint.monitor,
+        checkpoint.best,
+        checkpoint.best_epoch,
     )
     visualize.plot_training_curves(paths.history, paths.images / "training_curves.png")

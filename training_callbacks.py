@@ -117,8 +117,16 @@ class DeadCodeRevival(keras.callbacks.Callback):
     `revived_codes`.
     """
 
-    def __init__(self, quantizer, threshold=0.1, max_revivals_per_batch=5, every_n_batches=1,
-                 noise=0.01, source="encoder", seed=0):
+    def __init__(
+        self,
+        quantizer,
+        threshold=0.1,
+        max_revivals_per_batch=5,
+        every_n_batches=1,
+        noise=0.01,
+        source="encoder",
+        seed=0,
+    ):
         super().__init__()
         if source not in ("encoder", "codes"):
             raise ValueError(f"source must be 'encoder' or 'codes', received source={source!r}")
@@ -271,8 +279,10 @@ class ReconstructionSnapshots(keras.callbacks.Callback):
         if (epoch + 1) % self.every == 0:
             reconstructions = self.model.predict(self.images, verbose=0)
             self.save_grid(
-                [self.images, reconstructions], ["original", "reconstruction"],
-                self.folder / f"epoch_{epoch + 1:04d}.png", title=f"epoch {epoch + 1}",
+                [self.images, reconstructions],
+                ["original", "reconstruction"],
+                self.folder / f"epoch_{epoch + 1:04d}.png",
+                title=f"epoch {epoch + 1}",
             )
 
 
@@ -305,8 +315,8 @@ def write_json_atomically(data: dict, path: Path) -> None:
     fsync_replace(tmp, path)
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss."""
+class TrainingError(RuntimeError):
+    """Training could not go on (NaN loss, checkpoint not writable, ...); the message says what to do."""
 
 
 class TrainingCheckpoint(keras.callbacks.Callback):
@@ -324,8 +334,15 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     training without saving; `diverged_epoch` tells the caller.
     """
 
-    def __init__(self, folder: Path, clock: TrainingClock, patience: int, min_epoch_to_start_saving: int = 0,
-                 monitor: str = "val_loss", state: Optional[dict] = None):
+    def __init__(
+        self,
+        folder: Path,
+        clock: TrainingClock,
+        patience: int,
+        min_epoch_to_start_saving: int = 0,
+        monitor: str = "val_loss",
+        state: Optional[dict] = None,
+    ):
         super().__init__()
         self.folder = Path(folder)
         self.clock = clock
@@ -362,11 +379,20 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         if self.epochs_done >= self.min_epoch_to_start_saving:
             if current < self.best:
                 self.best, self.best_epoch, self.wait = current, self.epochs_done, 0
-                save_model_atomically(self.model, self.folder / "best.keras")
+                self._write(lambda: save_model_atomically(self.model, self.folder / "best.keras"))
             else:
                 self.wait += 1
                 if self.wait >= self.patience:
                     self.early_stopped = True
                     self.model.stop_training = True
-        save_model_atomically(self.model, self.folder / "latest.keras")
-        write_json_atomically(self.state(finished=False), self.folder / "state.json")
+        self._write(lambda: save_model_atomically(self.model, self.folder / "latest.keras"))
+        self._write(lambda: write_json_atomically(self.state(finished=False), self.folder / "state.json"))
+
+    def _write(self, save) -> None:
+        try:
+            save()
+        except OSError as error:
+            raise TrainingError(
+                f"could not write a checkpoint in {self.folder} ({error.strerror or error}); the previous "
+                "checkpoint is kept. Free some disk space and rerun the same command to resume."
+            ) from None

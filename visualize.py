@@ -27,9 +27,7 @@ def save_figure(figure, path: Path) -> None:
 def save_image_grid(rows: list[np.ndarray], labels: list[str], path: Path, title: Optional[str] = None) -> None:
     """One row per entry of `rows`, each (N, H, W, C) in [0, 1] (or uint8); same N for all rows."""
     count = min(len(r) for r in rows)
-    figure, axes = plt.subplots(
-        len(rows), count, figsize=(1.2 * count + 1.2, 1.3 * len(rows) + 0.4), squeeze=False
-    )
+    figure, axes = plt.subplots(len(rows), count, figsize=(1.2 * count + 1.2, 1.3 * len(rows) + 0.4), squeeze=False)
     for r, (images, label) in enumerate(zip(rows, labels)):
         images = np.asarray(images)
         if images.dtype == np.uint8:

@@ -56,18 +56,16 @@ class Encoder(layers.Layer):
     Input shape: (B, H, W, C). Output shape: (B, H / 2**len(filters), W / 2**len(filters), output_channels).
     """
 
-    def __init__(self, filters=(64, 128), num_residual_blocks=2, output_channels=16, residual_hidden_channels=32, **kwargs):
+    def __init__(
+        self, filters=(64, 128), num_residual_blocks=2, output_channels=16, residual_hidden_channels=32, **kwargs
+    ):
         super().__init__(**kwargs)
         self.filters = list(filters)
         self.num_residual_blocks = num_residual_blocks
         self.output_channels = output_channels
         self.residual_hidden_channels = residual_hidden_channels
-        self.downsamplers = [
-            layers.Conv2D(f, 4, strides=2, padding="same", activation="relu") for f in self.filters
-        ]
-        self.blocks = [
-            ResidualBlock(self.filters[-1], residual_hidden_channels) for _ in range(num_residual_blocks)
-        ]
+        self.downsamplers = [layers.Conv2D(f, 4, strides=2, padding="same", activation="relu") for f in self.filters]
+        self.blocks = [ResidualBlock(self.filters[-1], residual_hidden_channels) for _ in range(num_residual_blocks)]
         self.project = layers.Conv2D(output_channels, 1)
 
     def call(self, images):
@@ -98,16 +96,16 @@ class Decoder(layers.Layer):
     Input shape: (B, h, w, D). Output shape: (B, h * 2**len(filters), w * 2**len(filters), image_channels).
     """
 
-    def __init__(self, filters=(128, 64), num_residual_blocks=2, image_channels=3, residual_hidden_channels=32, **kwargs):
+    def __init__(
+        self, filters=(128, 64), num_residual_blocks=2, image_channels=3, residual_hidden_channels=32, **kwargs
+    ):
         super().__init__(**kwargs)
         self.filters = list(filters)
         self.num_residual_blocks = num_residual_blocks
         self.image_channels = image_channels
         self.residual_hidden_channels = residual_hidden_channels
         self.mix = layers.Conv2D(self.filters[0], 3, padding="same")
-        self.blocks = [
-            ResidualBlock(self.filters[0], residual_hidden_channels) for _ in range(num_residual_blocks)
-        ]
+        self.blocks = [ResidualBlock(self.filters[0], residual_hidden_channels) for _ in range(num_residual_blocks)]
         self.upsamplers = [
             layers.Conv2DTranspose(f, 4, strides=2, padding="same", activation="relu") for f in self.filters[1:]
         ]
@@ -553,9 +551,7 @@ class VAE(ReconstructionModel):
             latents = mean + ops.exp(0.5 * log_variance) * noise
         reconstructions = self.decoder(latents, training=training)
         reconstruction_loss = _reconstruction_error(images, reconstructions, self.data_variance)
-        kl_per_image = 0.5 * ops.sum(
-            ops.square(mean) + ops.exp(log_variance) - 1.0 - log_variance, axis=(1, 2, 3)
-        )
+        kl_per_image = 0.5 * ops.sum(ops.square(mean) + ops.exp(log_variance) - 1.0 - log_variance, axis=(1, 2, 3))
         values_per_image = float(np.prod(images.shape[1:]))
         kl_loss = ops.mean(kl_per_image) / values_per_image
         return {

@@ -27,17 +27,36 @@ log = logging.getLogger("vqvae_faces")
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="experiment JSON (default: experiment.json beside this script)")
-    parser.add_argument("--run", action="append", dest="runs", metavar="NAME", help="run to use (repeatable; default: all runs)")
+    parser.add_argument(
+        "--run", action="append", dest="runs", metavar="NAME", help="run to use (repeatable; default: all runs)"
+    )
     parser.add_argument("--data", default=None, help="LFW folder or lfw-deepfunneled.tgz (overrides data.path)")
-    parser.add_argument("--test-data", default=None, help="evaluate on every image of this LFW-layout folder/archive instead of the saved test split")
+    parser.add_argument(
+        "--test-data",
+        default=None,
+        help="evaluate on every image of this LFW-layout folder/archive instead of the saved test split",
+    )
     parser.add_argument("--eval", action="store_true", help='evaluation only (same as "enable_training": false)')
-    parser.add_argument("--compare", action="store_true",
-                        help="train (or reuse) the runs listed in \"compare\" and compare them with JPEG/WebP "
-                             "on the same test faces; writes images_saved/compare/")
-    parser.add_argument("--retrain", action="store_true", help="train selected runs from scratch, discarding their checkpoints")
-    parser.add_argument("--out", default=".", help="folder that receives checkpoints/ and images_saved/ (default: current folder)")
-    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
-                        help="override a setting, e.g. --set epochs=2 or --set data.image_size=32 (repeatable)")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help='train (or reuse) the runs listed in "compare" and compare them with JPEG/WebP '
+        "on the same test faces; writes images_saved/compare/",
+    )
+    parser.add_argument(
+        "--retrain", action="store_true", help="train selected runs from scratch, discarding their checkpoints"
+    )
+    parser.add_argument(
+        "--out", default=".", help="folder that receives checkpoints/ and images_saved/ (default: current folder)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set epochs=2 or --set data.image_size=32 (repeatable)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="random seed (overrides seed)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
@@ -85,10 +104,10 @@ def run(args) -> int:
     results, test_names = {}, {}
     for run_name in run_names:
         paths = trainer.RunPaths.for_run(out, run_name)
+        if not args.retrain:
+            trainer.check_compatible(paths, config, run_name)
         if config.enable_training:
             trainer.train_run(config, run_name, faces, out, retrain=args.retrain)
-        else:
-            trainer.check_compatible(paths, config, run_name)
         trained_model_path(paths, run_name)
         if test_faces is not None:
             images, names, dataset = test_faces.images, test_faces.names, test_faces.description + " (all images)"
@@ -127,7 +146,9 @@ def compare_runs(results, test_names, images, dataset, out: Path) -> None:
             with np.load(token_file, allow_pickle=False) as saved:
                 token_grids[name] = saved["tokens"]
     run_images = {name: trainer.RunPaths.for_run(out, name).images for name in run_names}
-    table = compare.write_comparison(out / "images_saved" / "compare", images, results, token_grids, run_images, dataset)
+    table = compare.write_comparison(
+        out / "images_saved" / "compare", images, results, token_grids, run_images, dataset
+    )
     print()
     print(compare.markdown_table(table))
 

@@ -14,8 +14,18 @@ from common import report, sample_images, timed
 import face_data  # noqa: E402
 from vqvae_config import AugmentationConfig, RunConfig  # noqa: E402
 
-OPS = ["flip", "brightness", "contrast", "sharpness", "saturation", "rotation_degrees",
-       "noise_stddev", "translation_pixels", "blur_sigma", "zoom"]
+OPS = [
+    "flip",
+    "brightness",
+    "contrast",
+    "sharpness",
+    "saturation",
+    "rotation_degrees",
+    "noise_stddev",
+    "translation_pixels",
+    "blur_sigma",
+    "zoom",
+]
 
 
 def pipeline_rate(images, batch_size, augmenter) -> float:
@@ -55,11 +65,16 @@ def main():
     args = parser.parse_args()
     images = sample_images(args.images, 64, args.data)
     channels = images.shape[-1]
-    rows = [{"pipeline": "batch + scale (no augmentation)",
-             "images_per_s": pipeline_rate(images, args.batch_size, None)}]
+    rows = [
+        {"pipeline": "batch + scale (no augmentation)", "images_per_s": pipeline_rate(images, args.batch_size, None)}
+    ]
     default = face_data.FaceAugmenter(AugmentationConfig(), 64, channels, seed=0)
-    rows.append({"pipeline": "default augmentation (10 ops, p=0.25 each)",
-                 "images_per_s": pipeline_rate(images, args.batch_size, default)})
+    rows.append(
+        {
+            "pipeline": "default augmentation (10 ops, p=0.25 each)",
+            "images_per_s": pipeline_rate(images, args.batch_size, default),
+        }
+    )
     off = {op: (False if op == "flip" else 0.0) for op in OPS}
     for op in OPS:
         settings = dataclasses.replace(AugmentationConfig(**off), **{op: getattr(AugmentationConfig(), op)})

@@ -19,13 +19,14 @@ from vqvae_class_keras import VectorQuantizerEMA
 
 
 def annealer(quantizer=None):
-    return CommitmentAnnealing(quantizer, target_low=0.8, target_high=0.9, factor=2.0, decay=0.5,
-                               min_cost=0.1, max_cost=1.0)
+    return CommitmentAnnealing(
+        quantizer, target_low=0.8, target_high=0.9, factor=2.0, decay=0.5, min_cost=0.1, max_cost=1.0
+    )
 
 
 def test_annealing_direction_and_clamps():
     rule = annealer()
-    assert rule.next_cost(0.4, active_fraction=0.5) == pytest.approx(0.2)   # below band: decrease
+    assert rule.next_cost(0.4, active_fraction=0.5) == pytest.approx(0.2)  # below band: decrease
     assert rule.next_cost(0.4, active_fraction=0.95) == pytest.approx(0.8)  # above band: increase
     assert rule.next_cost(0.4, active_fraction=0.85) == pytest.approx(0.2)  # inside: decay
     assert rule.next_cost(0.15, active_fraction=0.5) == pytest.approx(0.1)  # clamped at min
@@ -59,8 +60,14 @@ def test_revival_replaces_at_most_n_least_used_dead_codes():
     quantizer = quantizer_with_usage(usage)
     before = quantizer.embeddings.numpy().copy()
     # mean usage 2.14: threshold 0.5 makes codes below 1.07 dead (0.1, 0.5, 0.0, 0.2, 0.3).
-    revived = revive_dead_codes(quantizer, threshold=0.5, max_revivals=3, noise=0.0, source="encoder",
-                                generator=tf.random.Generator.from_seed(0))
+    revived = revive_dead_codes(
+        quantizer,
+        threshold=0.5,
+        max_revivals=3,
+        noise=0.0,
+        source="encoder",
+        generator=tf.random.Generator.from_seed(0),
+    )
     assert int(revived) == 3
     after = quantizer.embeddings.numpy()
     moved = sorted(np.flatnonzero(np.any(after != before, axis=1)))

@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, TINY_RUN
 
 MAIN = str(ROOT / "vqvae_face_main.py")
@@ -92,13 +91,16 @@ def test_architecture_change_is_refused(trained_out):
     assert "num_embeddings" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--eval"], "no trained model"),
-    (["--set", "epochs=many"], "runs.vqvae.epochs"),
-    (["--set", "data.image_size=18"], "data.image_size=18"),
-    (["--data", "does-not-exist.tgz"], "does not exist"),
-    (["--run", "nope"], "--run 'nope'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--eval"], "no trained model"),
+        (["--set", "epochs=many"], "runs.vqvae.epochs"),
+        (["--set", "data.image_size=18"], "data.image_size=18"),
+        (["--data", "does-not-exist.tgz"], "does not exist"),
+        (["--run", "nope"], "--run 'nope'"),
+    ],
+)
 def test_user_mistakes_exit_2_without_traceback(tmp_path, args, message):
     result = run_main(tmp_path, *args)
     assert result.returncode == 2, result.stderr[-2000:]

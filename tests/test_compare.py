@@ -3,9 +3,9 @@
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import face_image
 
 import compare
-from conftest import face_image
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,12 @@ def test_lzma_size_of_constant_tokens_is_tiny():
 
 
 def test_markdown_table():
-    frame = pd.DataFrame([{"method": "WebP", "psnr": 28.04321, "note": None}, {"method": "VAE", "psnr": np.nan, "note": "x"}])
+    frame = pd.DataFrame(
+        [{"method": "WebP", "psnr": 28.04321, "note": None}, {"method": "VAE", "psnr": np.nan, "note": "x"}]
+    )
     assert compare.markdown_table(frame).splitlines() == [
-        "| method | psnr | note |", "|---|---|---|", "| WebP | 28.04 |  |", "| VAE |  | x |",
+        "| method | psnr | note |",
+        "|---|---|---|",
+        "| WebP | 28.04 |  |",
+        "| VAE |  | x |",
     ]

@@ -1,10 +1,9 @@
 import json
 
 import pytest
+from conftest import ROOT
 
 from vqvae_config import ConfigError, load_config
-
-from conftest import ROOT
 
 
 def write(tmp_path, data):

@@ -5,12 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import IMAGES_PER_PERSON, PEOPLE, write_lfw_tree
 from PIL import Image
 
 import face_data
 from vqvae_config import AugmentationConfig, DataConfig
-
-from conftest import IMAGES_PER_PERSON, PEOPLE, write_lfw_tree
 
 
 def settings(path=None, **kwargs):
@@ -67,8 +66,10 @@ def test_bad_images_are_skipped_with_a_reason():
     s = settings(image_size=16)
     assert face_data.decode_face(small.getvalue(), s) == "not 250x250 pixels"
     assert face_data.decode_face(b"", s) == "not a readable image"
-    assert face_data.decode_face(huge.getvalue(), settings(image_size=16, source_size=None, max_image_pixels=10**6)) \
+    assert (
+        face_data.decode_face(huge.getvalue(), settings(image_size=16, source_size=None, max_image_pixels=10**6))
         == "larger than max_image_pixels=1000000"
+    )
 
 
 def test_split_is_identity_disjoint_and_reproducible():
@@ -119,8 +120,9 @@ def test_cache_contains_no_pickled_objects(lfw_tree, tmp_path):
 
 
 def augmented_batches(channels=3, probability=0.5):
-    images = np.stack([np.roll(np.tile(np.arange(32, dtype=np.uint8)[:, None, None] * 8, (1, 32, channels)), i, 0)
-                       for i in range(16)])
+    images = np.stack(
+        [np.roll(np.tile(np.arange(32, dtype=np.uint8)[:, None, None] * 8, (1, 32, channels)), i, 0) for i in range(16)]
+    )
     augmenter = face_data.FaceAugmenter(AugmentationConfig(probability=probability), 32, channels, seed=3)
     dataset = face_data.make_dataset(images, 16, augmenter, shuffle_seed=None)
     return images, [next(iter(dataset)).numpy() for _ in range(2)]

@@ -43,14 +43,21 @@ def test_serialization_round_trip_in_safe_mode(cls, tmp_path):
     assert loaded.get_config() == model.get_config()
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
     if cls is VQVAE:
-        np.testing.assert_array_equal(loaded.quantizer.ema_cluster_size.numpy(), model.quantizer.ema_cluster_size.numpy())
+        np.testing.assert_array_equal(
+            loaded.quantizer.ema_cluster_size.numpy(), model.quantizer.ema_cluster_size.numpy()
+        )
         assert int(loaded.optimizer.iterations.numpy()) == int(model.optimizer.iterations.numpy()) == 2
 
 
-@pytest.mark.parametrize("layer", [
-    ResidualBlock(8, 4), Encoder([8, 16], 1, 4, 8), Decoder([16, 8], 1, 3, 8),
-    VectorQuantizerEMA(16, 4, commitment_cost=0.3, decay=0.95, epsilon=1e-4, codebook_init="uniform", seed=2),
-])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        ResidualBlock(8, 4),
+        Encoder([8, 16], 1, 4, 8),
+        Decoder([16, 8], 1, 3, 8),
+        VectorQuantizerEMA(16, 4, commitment_cost=0.3, decay=0.95, epsilon=1e-4, codebook_init="uniform", seed=2),
+    ],
+)
 def test_layer_get_config_round_trip(layer):
     config = layer.get_config()
     clone = type(layer).from_config(config)

@@ -19,8 +19,10 @@ def make_quantizer(codebook, decay=0.9, epsilon=1e-5, commitment_cost=0.25, init
 
 
 def call(layer, inputs, training, mode):
-    fn = (lambda x: layer(x, training=training)) if mode == "eager" else tf.function(
-        lambda x: layer(x, training=training)
+    fn = (
+        (lambda x: layer(x, training=training))
+        if mode == "eager"
+        else tf.function(lambda x: layer(x, training=training))
     )
     return {k: v.numpy() for k, v in fn(tf.constant(inputs)).items()}
 

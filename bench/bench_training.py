@@ -1,0 +1,85 @@
+"""Training throughput of the default model (images/s, steady state: compile and the first
+steps excluded), float32 vs mixed precision, at 64x64 and several batch sizes; plus
+evaluation throughput (encode to tokens, decode from tokens).
+
+    python bench/bench_training.py [--batch 64 128] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from common import report, sample_images, timed
+
+from trainer import build_model  # noqa: E402
+from vqvae_config import RunConfig  # noqa: E402
+
+
+def train_rate(policy: str, images, batch_size: int, steps: int) -> tuple[float, float]:
+    """(images/s, final loss) for `steps` train steps of the default VQ-VAE under `policy`."""
+    keras.mixed_precision.set_dtype_policy(policy)
+    keras.utils.set_random_seed(0)
+    try:
+        model = build_model(RunConfig(), images.shape[-1], None, seed=0)
+        model.build((None,) + images.shape[1:])
+        batch = tf.constant(images[:batch_size].astype("float32") / 255.0)
+        step = tf.function(model.train_step)
+        for _ in range(3):
+            step(batch)
+        losses = []
+
+        def run():
+            for _ in range(steps):
+                logs = step(batch)
+            losses.append(float(logs["reconstruction_loss"]))
+
+        seconds = timed(run, repeats=2)
+        return steps * batch_size / seconds, losses[-1]
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+
+
+def eval_rates(images, batch_size: int) -> dict:
+    model = build_model(RunConfig(), images.shape[-1], None, seed=0)
+    model.build((None,) + images.shape[1:])
+    batch = tf.constant(images[:batch_size].astype("float32") / 255.0)
+    encode = tf.function(model.encode_to_tokens)
+    decode = tf.function(model.decode_tokens)
+    tokens = encode(batch)
+    return {
+        "encode_to_tokens_images_per_s": 10 * batch_size / timed(lambda: [encode(batch).numpy() for _ in range(10)]),
+        "decode_tokens_images_per_s": 10 * batch_size / timed(lambda: [decode(tokens).numpy() for _ in range(10)]),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--policies", nargs="+", default=["float32", "mixed_bfloat16"])
+    args = parser.parse_args()
+    images = sample_images(max(args.batch), 64)
+    rows = []
+    for batch_size in args.batch:
+        baseline = None
+        for policy in args.policies:
+            rate, loss = train_rate(policy, images, batch_size, args.steps)
+            baseline = baseline or rate
+            rows.append(
+                {
+                    "batch": batch_size,
+                    "policy": policy,
+                    "train_images_per_s": rate,
+                    "ratio_to_float32": rate / baseline,
+                    "loss_after_steps": loss,
+                }
+            )
+    extra = eval_rates(images, 128)
+    print(", ".join(f"{k}: {v:.0f}" for k, v in extra.items()))
+    report("bench_training", rows, extra)
+
+
+if __name__ == "__main__":
+    main()

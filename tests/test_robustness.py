@@ -1,0 +1,104 @@
+"""Hostile inputs and crash safety: random bytes and configs, run lock, full disk, no pickle."""
+
+import errno
+import json
+import re
+
+import keras
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import face_data
+import training_callbacks
+import trainer
+from conftest import ROOT
+from training_callbacks import TrainingCheckpoint, TrainingClock, TrainingError
+from vqvae_config import ConfigError, DataConfig, load_config
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=2048))
+def test_random_bytes_never_crash_the_decoder(data):
+    result = face_data.decode_face(data, DataConfig(image_size=16))
+    assert isinstance(result, str)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=12), children, max_size=3),
+    max_leaves=8,
+)
+keys = st.sampled_from(["epochs", "batch_size", "num_embeddings", "encoder_filters", "model", "learning_rate",
+                        "annealing", "revival", "image_size", "bogus", "mixed_precision", "max_train_minutes"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(run=st.dictionaries(keys, json_values, max_size=4), data=st.dictionaries(keys, json_values, max_size=2))
+def test_random_configs_give_config_errors_only(tmp_path, run, data):
+    path = tmp_path / "experiment.json"
+    path.write_text(json.dumps({"runs": {"r": run}, "data": data, "compare": []}))
+    try:
+        config = load_config(path)
+    except ConfigError as error:
+        assert str(error)
+        return
+    assert config.runs["r"].num_embeddings >= 2 and config.data.image_size % config.runs["r"].downsampling_factor == 0
+
+
+def test_second_trainer_of_the_same_run_is_refused(tmp_path):
+    with trainer.exclusive_run_lock(tmp_path):
+        with pytest.raises(TrainingError, match="another process"):
+            with trainer.exclusive_run_lock(tmp_path):
+                pass
+    with trainer.exclusive_run_lock(tmp_path):
+        pass
+
+
+class TinyModel(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(1)
+        self.stop_training = False
+
+    def call(self, x):
+        return self.dense(x)
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = TinyModel()
+    model(keras.ops.zeros((1, 2)))
+    checkpoint = TrainingCheckpoint(tmp_path, TrainingClock(total_epochs=3), patience=5)
+    checkpoint.set_model(model)
+    checkpoint.on_epoch_end(0, {"loss": 1.0, "val_loss": 1.0})
+    good = (tmp_path / "latest.keras").read_bytes()
+
+    def no_space(self, path, *args, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(keras.Model, "save", no_space)
+    with pytest.raises(TrainingError, match="No space left on device"):
+        checkpoint.on_epoch_end(1, {"loss": 0.5, "val_loss": 0.5})
+    assert (tmp_path / "latest.keras").read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.keras", "latest.keras", "state.json"]
+    assert json.loads((tmp_path / "state.json").read_text())["epochs_done"] == 1
+
+
+def test_save_model_atomically_never_leaves_partial_files(tmp_path, monkeypatch):
+    model = TinyModel()
+    model(keras.ops.zeros((1, 2)))
+    monkeypatch.setattr(training_callbacks, "fsync_replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        training_callbacks.save_model_atomically(model, tmp_path / "best.keras")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_pickle_anywhere_in_the_package():
+    sources = [p for p in ROOT.rglob("*.py") if ".venv" not in p.parts and "tests" not in p.parts]
+    assert sources
+    pattern = re.compile(r"\bimport pickle\b|\bcPickle\b|allow_pickle\s*=\s*True|safe_mode\s*=\s*False|\bdill\b")
+    offenders = [str(p) for p in sources if pattern.search(p.read_text())]
+    assert offenders == []
+
