@@ -6,13 +6,13 @@ import re
 
 import keras
 import pytest
+from conftest import ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import face_data
-import training_callbacks
 import trainer
-from conftest import ROOT
+import training_callbacks
 from training_callbacks import TrainingCheckpoint, TrainingClock, TrainingError
 from vqvae_config import ConfigError, DataConfig, load_config
 
@@ -25,12 +25,26 @@ def test_random_bytes_never_crash_the_decoder(data):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True) | st.text(max_size=8),
+    st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.floats(allow_nan=True) | st.text(max_size=8),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=12), children, max_size=3),
     max_leaves=8,
 )
-keys = st.sampled_from(["epochs", "batch_size", "num_embeddings", "encoder_filters", "model", "learning_rate",
-                        "annealing", "revival", "image_size", "bogus", "mixed_precision", "max_train_minutes"])
+keys = st.sampled_from(
+    [
+        "epochs",
+        "batch_size",
+        "num_embeddings",
+        "encoder_filters",
+        "model",
+        "learning_rate",
+        "annealing",
+        "revival",
+        "image_size",
+        "bogus",
+        "mixed_precision",
+        "max_train_minutes",
+    ]
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -101,4 +115,3 @@ def test_no_pickle_anywhere_in_the_package():
     pattern = re.compile(r"\bimport pickle\b|\bcPickle\b|allow_pickle\s*=\s*True|safe_mode\s*=\s*False|\bdill\b")
     offenders = [str(p) for p in sources if pattern.search(p.read_text())]
     assert offenders == []
-
