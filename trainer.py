@@ -125,8 +125,47 @@ def choose_precision(setting: str) -> str:
     return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
 
 
-def build_model(run: RunConfig, channels: int, data_variance: Optional[float], seed: int) -> keras.Model:
-    """A fresh, compiled model for `run` (the dtype policy must already be set)."""
+def choose_strategy(setting: str) -> tf.distribute.Strategy:
+    """The tf.distribute strategy for `distribution`.
+
+    "auto": MultiWorkerMirroredStrategy when TF_CONFIG names several workers,
+    MirroredStrategy when more than one GPU is visible, else the default
+    (single-device) strategy. "mirrored" uses every GPU, or every logical CPU
+    device when there is no GPU.
+    """
+    if setting == "auto":
+        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+        if len(cluster.get("worker", [])) + len(cluster.get("chief", [])) > 1:
+            setting = "multi_worker"
+        elif len(tf.config.list_physical_devices("GPU")) > 1:
+            setting = "mirrored"
+        else:
+            setting = "none"
+    if setting == "multi_worker":
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    elif setting == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        strategy = tf.distribute.MirroredStrategy(devices=[d.name for d in devices])
+    else:
+        strategy = tf.distribute.get_strategy()
+    log.info("distribution: %s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync)
+    return strategy
+
+
+def is_chief() -> bool:
+    """True unless TF_CONFIG makes this process a non-chief worker (they write no files)."""
+    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    task = config.get("task", {})
+    if not task:
+        return True
+    has_chief = "chief" in config.get("cluster", {})
+    return task.get("type") == "chief" or (not has_chief and task.get("type") == "worker" and task.get("index") == 0)
+
+
+def build_model(
+    run: RunConfig, channels: int, data_variance: Optional[float], seed: int, learning_rate: Optional[float] = None
+) -> keras.Model:
+    """A fresh, compiled model for `run` (the dtype policy and strategy scope must already be set)."""
     trunk = dict(
         image_channels=channels,
         encoder_filters=run.encoder_filters,
@@ -148,7 +187,7 @@ def build_model(run: RunConfig, channels: int, data_variance: Optional[float], s
         )
     else:
         model = VAE(latent_dim=run.latent_dim, kl_beta=run.kl_beta, **trunk)
-    model.compile(optimizer=keras.optimizers.Adam(run.learning_rate))
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate or run.learning_rate))
     return model
 
 
@@ -181,11 +220,12 @@ def check_compatible(paths: RunPaths, config: ExperimentConfig, run_name: str) -
         )
 
 
-def _callbacks(model, run: RunConfig, paths: RunPaths, train_count: int, snapshot_images, state, seed):
+def _callbacks(model, run: RunConfig, paths: RunPaths, train_count: int, snapshot_images, state, seed, schedule):
+    """The training-policy callbacks; `schedule` holds the global batch size, base rate and chief flag."""
     clock = TrainingClock(run.epochs, run.max_train_minutes, previous_seconds=(state or {}).get("train_seconds", 0.0))
     callbacks = [clock]
     if run.lr_schedule == "cosine":
-        callbacks.append(CosineLearningRate(run.learning_rate, clock))
+        callbacks.append(CosineLearningRate(schedule["learning_rate"], clock))
     if isinstance(model, VQVAE) and run.revival.enabled:
         r = run.revival
         callbacks.append(
@@ -198,28 +238,44 @@ def _callbacks(model, run: RunConfig, paths: RunPaths, train_count: int, snapsho
         callbacks.append(
             CommitmentAnnealing(model.quantizer, a.target_low, a.target_high, a.factor, a.decay, a.min_cost, a.max_cost)
         )
-    throughput = ThroughputMeter(run.batch_size, train_count)
-    checkpoint = TrainingCheckpoint(paths.checkpoints, clock, run.patience, run.min_epoch_to_start_saving, state=state)
-    callbacks += [
-        throughput,
-        ReconstructionSnapshots(snapshot_images, paths.images, run.snapshot_every, visualize.save_image_grid),
-        keras.callbacks.CSVLogger(str(paths.history), append=state is not None),
-        checkpoint,
-    ]
+    throughput = ThroughputMeter(schedule["global_batch"], train_count)
+    checkpoint = TrainingCheckpoint(
+        paths.checkpoints,
+        clock,
+        run.patience,
+        run.min_epoch_to_start_saving,
+        state=state,
+        write_files=schedule["chief"],
+    )
+    callbacks.append(throughput)
+    if schedule["chief"]:
+        callbacks += [
+            ReconstructionSnapshots(snapshot_images, paths.images, run.snapshot_every, visualize.save_image_grid),
+            keras.callbacks.CSVLogger(str(paths.history), append=state is not None),
+        ]
+    callbacks.append(checkpoint)
     return callbacks, clock, throughput, checkpoint
 
 
 def train_run(
-    config: ExperimentConfig, run_name: str, faces: face_data.FaceSet, out: Path, retrain: bool = False
+    config: ExperimentConfig,
+    run_name: str,
+    faces: face_data.FaceSet,
+    out: Path,
+    retrain: bool = False,
+    strategy: Optional[tf.distribute.Strategy] = None,
 ) -> None:
     """Train `run_name` on `faces`, resuming from its latest checkpoint when there is one."""
     paths = RunPaths.for_run(out, run_name)
+    strategy = strategy or tf.distribute.get_strategy()
     with exclusive_run_lock(paths.checkpoints):
-        _train_locked(config, run_name, faces, paths, retrain)
+        _train_locked(config, run_name, faces, paths, retrain, strategy)
 
 
-def _train_locked(config, run_name, faces, paths, retrain):
+def _train_locked(config, run_name, faces, paths, retrain, strategy):
     run = config.runs[run_name]
+    replicas = strategy.num_replicas_in_sync
+    learning_rate = run.learning_rate * (replicas if config.scale_learning_rate else 1)
     state = None if retrain else read_state(paths)
     if state is not None and not paths.latest_model.is_file():
         state = None
@@ -253,13 +309,15 @@ def _train_locked(config, run_name, faces, paths, retrain):
             save_resolved_config(config, run_name, paths.resolved_config)
             train_images = faces.subset(split["train"])
             variance = float(np.var(train_images / 255.0)) if run.normalize_by_variance else None
-            model = build_model(run, faces.channels, variance, config.seed)
-            model.build((None,) + faces.images.shape[1:])
+            with strategy.scope():
+                model = build_model(run, faces.channels, variance, config.seed, learning_rate)
+                model.build((None,) + faces.images.shape[1:])
             initial_epoch = 0
         else:
             split = face_data.load_split(paths.split, faces)
             train_images = faces.subset(split["train"])
-            model = load_model(paths.latest_model)
+            with strategy.scope():
+                model = load_model(paths.latest_model)
             initial_epoch = state["epochs_done"]
             log.info("resuming run %s from epoch %d (%s)", run_name, initial_epoch, paths.latest_model)
         log.info(
@@ -277,17 +335,23 @@ def _train_locked(config, run_name, faces, paths, retrain):
         keras.mixed_precision.set_dtype_policy("float32")
 
 
-def _fit(model, run, paths, faces, split, train_images, state, initial_epoch, config):
+def _fit(model, run, paths, faces, split, train_images, state, initial_epoch, config, strategy):
     augmenter = None
     if config.data.augmentation.enabled:
         augmenter = face_data.FaceAugmenter(
             config.data.augmentation, config.data.image_size, faces.channels, config.seed
         )
-    train_ds = face_data.make_dataset(train_images, run.batch_size, augmenter, shuffle_seed=config.seed)
+    replicas = strategy.num_replicas_in_sync
+    schedule = {
+        "global_batch": run.batch_size * replicas,
+        "learning_rate": run.learning_rate * (replicas if config.scale_learning_rate else 1),
+        "chief": is_chief(),
+    }
+    train_ds = face_data.make_dataset(train_images, schedule["global_batch"], augmenter, shuffle_seed=config.seed)
     val_images = faces.subset(split["val"])
-    val_ds = face_data.make_dataset(val_images, run.batch_size) if len(val_images) else None
+    val_ds = face_data.make_dataset(val_images, schedule["global_batch"]) if len(val_images) else None
     snapshot_images = (val_images if len(val_images) else train_images)[:SNAPSHOT_FACES].astype(np.float32) / 255.0
-    if augmenter is not None and augmenter.ops:
+    if augmenter is not None and augmenter.ops and schedule["chief"]:
         originals = train_images[:SNAPSHOT_FACES].astype(np.float32) / 255.0
         variants = [augmenter(tf.constant(originals)).numpy() for _ in range(3)]
         visualize.save_image_grid(
@@ -297,7 +361,7 @@ def _fit(model, run, paths, faces, split, train_images, state, initial_epoch, co
             title="training augmentation (fresh each epoch)",
         )
     callbacks, clock, throughput, checkpoint = _callbacks(
-        model, run, paths, len(train_images), snapshot_images, state, config.seed
+        model, run, paths, len(train_images), snapshot_images, state, config.seed, schedule
     )
     model.fit(
         train_ds,
@@ -320,6 +384,8 @@ def _fit(model, run, paths, faces, split, train_images, state, initial_epoch, co
     final_state["stopped_by"] = (
         "time limit" if clock.time_limit_reached else "early stopping" if checkpoint.early_stopped else "epochs"
     )
+    if not schedule["chief"]:
+        return
     write_json_atomically(final_state, paths.state)
     log.info(
         "run finished after %d epochs (%s), %.1f min of training, best %s %.5f at epoch %s",

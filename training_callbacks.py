@@ -331,7 +331,8 @@ class TrainingCheckpoint(keras.callbacks.Callback):
                     seconds used, and whether the run finished.
     Every file is written to a temporary name and renamed, so an interrupted
     write leaves the previous good file in place. A non-finite loss stops
-    training without saving; `diverged_epoch` tells the caller.
+    training without saving; `diverged_epoch` tells the caller. With
+    `write_files=False` (non-chief workers) it keeps the counters and writes nothing.
     """
 
     def __init__(
@@ -342,9 +343,11 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         min_epoch_to_start_saving: int = 0,
         monitor: str = "val_loss",
         state: Optional[dict] = None,
+        write_files: bool = True,
     ):
         super().__init__()
         self.folder = Path(folder)
+        self.write_files = write_files
         self.clock = clock
         self.patience = patience
         self.min_epoch_to_start_saving = min_epoch_to_start_saving
@@ -389,6 +392,8 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         self._write(lambda: write_json_atomically(self.state(finished=False), self.folder / "state.json"))
 
     def _write(self, save) -> None:
+        if not self.write_files:
+            return
         try:
             save()
         except OSError as error:

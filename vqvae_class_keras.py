@@ -140,6 +140,15 @@ def _all_reduce_sum(value):
     return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
 
+def _broadcast_from_first_replica(value):
+    """Replica 0's `value` on every replica (so random draws agree across replicas)."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    is_first = tf.cast(tf.equal(context.replica_id_in_sync_group, 0), value.dtype)
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value * is_first)
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class VectorQuantizerEMA(layers.Layer):
     """Vector quantizer whose codebook is an exponential moving average of its assigned inputs.
@@ -155,8 +164,10 @@ class VectorQuantizerEMA(layers.Layer):
         N_i' = (N_i + epsilon) / (sum(N) + K * epsilon) * sum(N)   (Laplace smoothing)
         e_i  = m_i / N_i'
 
-    Under tf.distribute the per-replica n_i and sums are all-reduced first, so
-    every replica applies the same update. All arithmetic is float32.
+    Under tf.distribute the per-replica n_i and sums are all-reduced first, and
+    random samples of the inputs (data initialisation, `latent_sample`) are
+    taken from replica 0, so every replica applies the same update. All
+    arithmetic is float32.
 
     Args:
         num_embeddings: K, codebook size.
@@ -256,12 +267,14 @@ class VectorQuantizerEMA(layers.Layer):
         inputs = ops.cast(inputs, "float32")
         flat = ops.reshape(inputs, (-1, self.embedding_dim))
         if training:
-            self._initialize_from_data_once(flat)
+            sample = _broadcast_from_first_replica(self._sample_rows(flat, self.num_embeddings))
+            self._initialize_from_data_once(sample)
         flat_indices = ops.cast(ops.argmin(self.distances(flat), axis=1), "int32")
         quantized = ops.reshape(ops.take(self.embeddings, flat_indices, axis=0), ops.shape(inputs))
         counts = tf.math.unsorted_segment_sum(tf.ones_like(flat_indices, tf.float32), flat_indices, self.num_embeddings)
         if training:
             self._ema_update(flat, flat_indices, counts)
+            self.latent_sample.assign(sample)
         commitment_loss = self.commitment_cost * ops.mean(ops.square(inputs - ops.stop_gradient(quantized)))
         probabilities = counts / ops.sum(counts)
         perplexity = ops.exp(-ops.sum(probabilities * ops.log(probabilities + 1e-10)))
@@ -274,24 +287,21 @@ class VectorQuantizerEMA(layers.Layer):
             "active_fraction": active_fraction,
         }
 
-    def _initialize_from_data_once(self, flat):
-        """With codebook_init="data": on the first training call, codes := random inputs.
+    def _initialize_from_data_once(self, sample):
+        """With codebook_init="data": on the first training call, codes := `sample` (K, D) of the inputs.
 
         The EMA counts restart at 1 (as at construction), so codes the data does
-        not use fall below the revival threshold within a few dozen steps.
+        not use fall below the revival threshold within a few dozen steps. Written
+        as a blend with the `initialized` flag rather than a tf.cond, because
+        replica-synchronised assignments are not allowed inside control flow.
         """
         if self.codebook_init != "data":
             return
-
-        def initialize():
-            sample = self._sample_rows(flat, self.num_embeddings)
-            self.embeddings.assign(sample)
-            self.ema_cluster_size.assign(ops.ones((self.num_embeddings,)))
-            self.ema_embedding_sum.assign(sample)
-            self.initialized.assign(1.0)
-            return tf.constant(True)
-
-        tf.cond(self.initialized > 0.5, lambda: tf.constant(False), initialize)
+        done = self.initialized
+        self.embeddings.assign(done * self.embeddings + (1.0 - done) * sample)
+        self.ema_embedding_sum.assign(done * self.ema_embedding_sum + (1.0 - done) * sample)
+        self.ema_cluster_size.assign(done * self.ema_cluster_size + (1.0 - done))
+        self.initialized.assign(1.0)
 
     def _sample_rows(self, flat, count):
         """`count` distinct rows of `flat` when it has that many (rows repeat otherwise)."""
@@ -310,7 +320,6 @@ class VectorQuantizerEMA(layers.Layer):
         self.ema_cluster_size.assign(cluster_size)
         self.ema_embedding_sum.assign(embedding_sum)
         self.embeddings.assign(embedding_sum / smoothed[:, None])
-        self.latent_sample.assign(self._sample_rows(flat, self.num_embeddings))
 
     def reset_codes(self, code_indices, vectors):
         """Move codes `code_indices` (n,) to `vectors` (n, D) with fresh, consistent EMA state.
@@ -369,9 +378,11 @@ class ReconstructionModel(keras.Model):
         return {name: tracker.result() for name, tracker in self.trackers.items()}
 
     def train_step(self, data):
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
             values = self.compute_losses(data, training=True)
-            scaled_loss = self.optimizer.scale_loss(values["loss"])
+            # Gradients are summed over replicas, so each replica contributes loss / replicas.
+            scaled_loss = self.optimizer.scale_loss(values["loss"] / replicas)
         gradients = tape.gradient(scaled_loss, self.trainable_variables)
         self.optimizer.apply(gradients, self.trainable_variables)
         return self._record(values)

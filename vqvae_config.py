@@ -209,6 +209,8 @@ class ExperimentConfig:
 
     enable_training: bool = True
     seed: int = 1234
+    distribution: Literal["auto", "none", "mirrored", "multi_worker"] = "auto"
+    scale_learning_rate: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     runs: dict[str, RunConfig] = field(default_factory=lambda: {"vqvae": RunConfig(), "vae": RunConfig(model="vae")})
     compare: list[str] = field(default_factory=list)

@@ -94,6 +94,8 @@ def run(args) -> int:
     import trainer
     from evaluation import evaluate_run, metrics_table, test_set, trained_model_path
 
+    strategy = trainer.choose_strategy(config.distribution) if config.enable_training else None
+
     search_dirs = [SCRIPT_DIR, Path.cwd()]
     faces = face_data.load_faces(config.data, out / "checkpoints" / "data_cache", search_dirs)
     test_faces = None
@@ -107,7 +109,9 @@ def run(args) -> int:
         if not args.retrain:
             trainer.check_compatible(paths, config, run_name)
         if config.enable_training:
-            trainer.train_run(config, run_name, faces, out, retrain=args.retrain)
+            trainer.train_run(config, run_name, faces, out, retrain=args.retrain, strategy=strategy)
+            if not trainer.is_chief():
+                continue
         trained_model_path(paths, run_name)
         if test_faces is not None:
             images, names, dataset = test_faces.images, test_faces.names, test_faces.description + " (all images)"

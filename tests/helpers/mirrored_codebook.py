@@ -1,0 +1,71 @@
+"""Train a tiny VQ-VAE a few steps on one device and with MirroredStrategy over two
+logical CPUs, from the same initial weights; print the codebooks as JSON.
+
+Run as a separate process: logical devices must be configured before TensorFlow starts.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import tensorflow as tf  # noqa: E402
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vqvae_class_keras import VQVAE  # noqa: E402
+
+STEPS = 3
+CODEBOOK_INIT = sys.argv[1] if len(sys.argv) > 1 else "uniform"
+images = np.random.default_rng(0).random((STEPS * 16, 16, 16, 3)).astype("float32")
+
+
+def make_model():
+    keras.utils.set_random_seed(0)
+    model = VQVAE(
+        image_channels=3,
+        encoder_filters=[8, 16],
+        decoder_filters=[16, 8],
+        num_residual_blocks=1,
+        residual_hidden_channels=8,
+        embedding_dim=4,
+        num_embeddings=16,
+        decay=0.8,
+        codebook_init=CODEBOOK_INIT,
+        seed=0,
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.05))
+    model.build(images.shape)
+    return model
+
+
+class RecordCodebook(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.steps = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        variable = self.model.quantizer.embeddings.value
+        copies = getattr(variable, "values", (variable,))
+        self.steps.append([np.asarray(c.numpy()).tolist() for c in copies])
+
+
+single = make_model()
+initial = single.get_weights()
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    mirrored = make_model()
+mirrored.set_weights(initial)
+records = {}
+for name, model in (("single", single), ("mirrored", mirrored)):
+    recorder = RecordCodebook()
+    dataset = tf.data.Dataset.from_tensor_slices(images).batch(16)
+    model.fit(dataset, epochs=1, callbacks=[recorder], verbose=0, shuffle=False)
+    records[name] = recorder.steps
+print(json.dumps({"replicas": strategy.num_replicas_in_sync, **records}))
