@@ -195,6 +195,8 @@ class VectorQuantizerEMA(layers.Layer):
     read by `DeadCodeRevival`).
     """
 
+    CHUNK_ROWS = 512
+
     def __init__(
         self,
         num_embeddings,
@@ -246,17 +248,33 @@ class VectorQuantizerEMA(layers.Layer):
         self.initialized = state("initialized", (), "zeros")
         self.latent_sample = state("latent_sample", (k, d), "zeros")
 
-    def distances(self, flat):
-        """Squared Euclidean distances (N, K) from flat inputs (N, D) to every code, one matmul."""
+    def nearest_codes(self, flat):
+        """Index (N,) int32 of the nearest code, by squared Euclidean distance, for flat inputs (N, D).
+
+        argmin_k |z - e_k|^2 = argmin_k (|e_k|^2 - 2 z.e_k): one matmul against the
+        codebook with the code norms computed once per call. Rows are processed in
+        chunks of `CHUNK_ROWS` so each (rows, K) score block stays in the CPU cache;
+        on 2 cores this is 3-4x faster than materialising the whole (N, K) matrix
+        (see bench/RESULTS.md).
+        """
+        rows = self.CHUNK_ROWS
+        count = ops.shape(flat)[0]
+        padded = tf.pad(flat, [[0, (-count) % rows], [0, 0]])
+        chunks = ops.reshape(padded, (-1, rows, self.embedding_dim))
         code_norms = ops.sum(ops.square(self.embeddings), axis=1)
-        input_norms = ops.sum(ops.square(flat), axis=1, keepdims=True)
-        return input_norms - 2.0 * ops.matmul(flat, ops.transpose(self.embeddings)) + code_norms[None, :]
+        codebook = ops.convert_to_tensor(self.embeddings)
+
+        def nearest(chunk):
+            scores = code_norms[None, :] - 2.0 * ops.matmul(chunk, ops.transpose(codebook))
+            return tf.argmin(scores, axis=1, output_type=tf.int32)
+
+        indices = tf.map_fn(nearest, chunks, fn_output_signature=tf.int32, parallel_iterations=2)
+        return ops.reshape(indices, (-1,))[:count]
 
     def encode_indices(self, latents):
         """Nearest-code indices: (..., D) float -> (...) int32."""
         latents = ops.cast(latents, "float32")
-        flat = ops.reshape(latents, (-1, self.embedding_dim))
-        indices = ops.cast(ops.argmin(self.distances(flat), axis=1), "int32")
+        indices = self.nearest_codes(ops.reshape(latents, (-1, self.embedding_dim)))
         return ops.reshape(indices, ops.shape(latents)[:-1])
 
     def lookup(self, indices):
@@ -269,7 +287,7 @@ class VectorQuantizerEMA(layers.Layer):
         if training:
             sample = _broadcast_from_first_replica(self._sample_rows(flat, self.num_embeddings))
             self._initialize_from_data_once(sample)
-        flat_indices = ops.cast(ops.argmin(self.distances(flat), axis=1), "int32")
+        flat_indices = self.nearest_codes(flat)
         quantized = ops.reshape(ops.take(self.embeddings, flat_indices, axis=0), ops.shape(inputs))
         counts = tf.math.unsorted_segment_sum(tf.ones_like(flat_indices, tf.float32), flat_indices, self.num_embeddings)
         if training:

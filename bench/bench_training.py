@@ -17,15 +17,15 @@ from trainer import build_model  # noqa: E402
 from vqvae_config import RunConfig  # noqa: E402
 
 
-def train_rate(policy: str, images, batch_size: int, steps: int) -> tuple[float, float]:
-    """(images/s, final loss) for `steps` train steps of the default VQ-VAE under `policy`."""
+def train_rate(policy: str, images, batch_size: int, steps: int, jit: bool = False) -> tuple[float, float]:
+    """(images/s, final loss) for `steps` train steps of the default VQ-VAE under `policy` (XLA if `jit`)."""
     keras.mixed_precision.set_dtype_policy(policy)
     keras.utils.set_random_seed(0)
     try:
         model = build_model(RunConfig(), images.shape[-1], None, seed=0)
         model.build((None,) + images.shape[1:])
         batch = tf.constant(images[:batch_size].astype("float32") / 255.0)
-        step = tf.function(model.train_step)
+        step = tf.function(model.train_step, jit_compile=jit)
         for _ in range(3):
             step(batch)
         losses = []
