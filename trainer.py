@@ -187,7 +187,7 @@ def build_model(
         )
     else:
         model = VAE(latent_dim=run.latent_dim, kl_beta=run.kl_beta, **trunk)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate or run.learning_rate))
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate or run.learning_rate), jit_compile=run.jit_compile)
     return model
 
 
@@ -321,7 +321,8 @@ def _train_locked(config, run_name, faces, paths, retrain, strategy):
             initial_epoch = state["epochs_done"]
             log.info("resuming run %s from epoch %d (%s)", run_name, initial_epoch, paths.latest_model)
         log.info(
-            "run %s: %s, %s, %d train / %d val / %d test images (identity-disjoint), %d parameters",
+            "run %s: %s, %s, %d train / %d val / %d test images (identity-disjoint), %d parameters, "
+            "global batch %d (%d replica(s) x %d)",
             run_name,
             run.model,
             policy,
@@ -329,8 +330,11 @@ def _train_locked(config, run_name, faces, paths, retrain, strategy):
             len(split["val"]),
             len(split["test"]),
             model.count_params(),
+            run.batch_size * replicas,
+            replicas,
+            run.batch_size,
         )
-        _fit(model, run, paths, faces, split, train_images, state, initial_epoch, config)
+        _fit(model, run, paths, faces, split, train_images, state, initial_epoch, config, strategy)
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
 

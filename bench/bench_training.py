@@ -54,6 +54,17 @@ def eval_rates(images, batch_size: int) -> dict:
     }
 
 
+def _row(batch_size, policy, xla, rate, baseline, loss) -> dict:
+    return {
+        "batch": batch_size,
+        "policy": policy,
+        "xla": xla,
+        "train_images_per_s": rate,
+        "ratio_to_float32": rate / baseline,
+        "loss_after_steps": loss,
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 128])
@@ -67,15 +78,9 @@ def main():
         for policy in args.policies:
             rate, loss = train_rate(policy, images, batch_size, args.steps)
             baseline = baseline or rate
-            rows.append(
-                {
-                    "batch": batch_size,
-                    "policy": policy,
-                    "train_images_per_s": rate,
-                    "ratio_to_float32": rate / baseline,
-                    "loss_after_steps": loss,
-                }
-            )
+            rows.append(_row(batch_size, policy, False, rate, baseline, loss))
+        rate, loss = train_rate("float32", images, batch_size, args.steps, jit=True)
+        rows.append(_row(batch_size, "float32", True, rate, baseline, loss))
     extra = eval_rates(images, 128)
     print(", ".join(f"{k}: {v:.0f}" for k, v in extra.items()))
     report("bench_training", rows, extra)
