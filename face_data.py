@@ -506,20 +506,28 @@ class FaceAugmenter:
 
 
 def make_dataset(
-    images: np.ndarray, batch_size: int, augmenter: Optional[FaceAugmenter] = None, shuffle_seed: Optional[int] = None
+    images: np.ndarray,
+    batch_size: int,
+    augmenter: Optional[FaceAugmenter] = None,
+    shuffle_seed: Optional[int] = None,
 ):
     """tf.data pipeline over uint8 images: (shuffle) -> batch -> scale to [0,1] -> (augment) -> prefetch.
 
-    Training passes `augmenter` and `shuffle_seed`; validation and test pass
-    neither and get the untouched images in file order.
+    The images are held once, as a uint8 tensor; only indices are shuffled and
+    each batch is gathered, so memory does not grow with augmentation or with the
+    shuffle buffer. Training passes `augmenter` and `shuffle_seed`; validation and
+    test pass neither and get the untouched images in file order.
     """
     import tensorflow as tf
 
-    dataset = tf.data.Dataset.from_tensor_slices(images)
+    pool = tf.convert_to_tensor(images, dtype=tf.uint8)
+    dataset = tf.data.Dataset.range(len(images))
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size)
-    dataset = dataset.map(lambda x: tf.cast(x, tf.float32) / 255.0, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.map(
+        lambda index: tf.cast(tf.gather(pool, index), tf.float32) / 255.0, num_parallel_calls=tf.data.AUTOTUNE
+    )
     if augmenter is not None and augmenter.ops:
         dataset = dataset.map(augmenter, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)

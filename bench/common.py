@@ -46,8 +46,12 @@ def sample_images(count: int, size: int = 64, data: str | None = None) -> np.nda
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:size, 0:size] / size
     base = np.stack([np.sin(2 * np.pi * (x * a + y * b)) for a, b in rng.uniform(0.5, 3, (3, 2))], -1)
-    noise = rng.normal(0, 0.1, (count, 1, 1, 3))
-    return np.clip(127 + 100 * (base[None] + noise), 0, 255).astype(np.uint8)
+    base = (127 + 100 * base).astype(np.float32)
+    shifts = rng.normal(0, 10, (count, 1, 1, 3)).astype(np.float32)
+    images = np.empty((count, size, size, 3), np.uint8)
+    for start in range(0, count, 256):
+        images[start : start + 256] = np.clip(base[None] + shifts[start : start + 256], 0, 255)
+    return images
 
 
 def timed(function, repeats: int = 3) -> float:
