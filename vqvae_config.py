@@ -152,7 +152,7 @@ class RunConfig:
     latent_dim: int = 16
     kl_beta: float = 1.0
     mixed_precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
-    jit_compile: bool = True
+    jit_compile: bool = False
     snapshot_every: int = 5
     annealing: AnnealingConfig = field(default_factory=AnnealingConfig)
     revival: RevivalConfig = field(default_factory=RevivalConfig)

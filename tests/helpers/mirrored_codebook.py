@@ -68,4 +68,10 @@ for name, model in (("single", single), ("mirrored", mirrored)):
     dataset = tf.data.Dataset.from_tensor_slices(images).batch(16)
     model.fit(dataset, epochs=1, callbacks=[recorder], verbose=0, shuffle=False)
     records[name] = recorder.steps
-print(json.dumps({"replicas": strategy.num_replicas_in_sync, **records}))
+checkpoint = os.path.join(sys.argv[2], "mirrored.keras") if len(sys.argv) > 2 else None
+reload_difference = None
+if checkpoint:
+    mirrored.save(checkpoint)
+    reloaded = keras.saving.load_model(checkpoint, safe_mode=True)
+    reload_difference = float(np.abs(reloaded.predict(images, verbose=0) - mirrored.predict(images, verbose=0)).max())
+print(json.dumps({"replicas": strategy.num_replicas_in_sync, "reload_difference": reload_difference, **records}))
