@@ -268,7 +268,8 @@ class VectorQuantizerEMA(layers.Layer):
             scores = code_norms[None, :] - 2.0 * ops.matmul(chunk, ops.transpose(codebook))
             return tf.argmin(scores, axis=1, output_type=tf.int32)
 
-        indices = tf.map_fn(nearest, chunks, fn_output_signature=tf.int32, parallel_iterations=2)
+        parallel = None if tf.executing_eagerly() else 2
+        indices = tf.map_fn(nearest, chunks, fn_output_signature=tf.int32, parallel_iterations=parallel)
         return ops.reshape(indices, (-1,))[:count]
 
     def encode_indices(self, latents):
@@ -370,18 +371,61 @@ class VectorQuantizerEMA(layers.Layer):
 
 
 class ReconstructionModel(keras.Model):
-    """Shared training loop for the two autoencoders.
+    """Shared trunk and training loop of the two autoencoders.
 
-    Subclasses implement `compute_losses(images, training) -> dict` whose
-    "loss" entry is minimised; every entry named in `metric_names` is tracked
-    with a `keras.metrics.Mean` and reported under that name.
+    Args:
+        latent_channels: encoder outputs per grid cell (set by the subclass).
+        image_channels: C, 1 or 3, taken from the data.
+        encoder_filters / decoder_filters: one entry per 2x down/upsampling.
+        num_residual_blocks: residual blocks at the token-grid resolution, each side.
+        residual_hidden_channels: bottleneck width inside each residual block.
+        data_variance: if set, the reconstruction loss is MSE / data_variance
+            (as in the original recipe); None keeps plain MSE.
+        seed: seed of the model's random draws.
+
+    Builds `self.encoder` (with `latent_channels` outputs per grid cell) and
+    `self.decoder` from the trunk arguments. Subclasses implement
+    `compute_losses(images, training) -> dict` whose "loss" entry is minimised;
+    every entry named in `metric_names` is tracked with a `keras.metrics.Mean`
+    and reported under that name. `get_config` returns the trunk arguments plus
+    the subclass's `model_config`.
     """
 
     metric_names: tuple[str, ...] = ("loss",)
 
-    def __init__(self, **kwargs):
+    def __init__(
+        self,
+        latent_channels,
+        image_channels=3,
+        encoder_filters=(32, 128),
+        decoder_filters=(128, 32),
+        num_residual_blocks=2,
+        residual_hidden_channels=32,
+        data_variance=None,
+        seed=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
+        self.trunk_config = dict(
+            image_channels=image_channels,
+            encoder_filters=list(encoder_filters),
+            decoder_filters=list(decoder_filters),
+            num_residual_blocks=num_residual_blocks,
+            residual_hidden_channels=residual_hidden_channels,
+            data_variance=data_variance,
+            seed=seed,
+        )
+        self.data_variance = data_variance
+        self.encoder = Encoder(
+            encoder_filters, num_residual_blocks, latent_channels, residual_hidden_channels, name="encoder"
+        )
+        self.decoder = Decoder(
+            decoder_filters, num_residual_blocks, image_channels, residual_hidden_channels, name="decoder"
+        )
         self.trackers = {name: keras.metrics.Mean(name=name) for name in self.metric_names}
+
+    def get_config(self):
+        return {**super().get_config(), **self.trunk_config, **self.model_config}
 
     @property
     def metrics(self):
@@ -424,14 +468,11 @@ class VQVAE(ReconstructionModel):
     """Encoder -> VectorQuantizerEMA -> Decoder, trained on MSE + commitment loss.
 
     Args:
-        image_channels: C, 1 or 3, taken from the data.
-        encoder_filters / decoder_filters: one entry per 2x down/upsampling.
-        num_residual_blocks: residual blocks at the token-grid resolution, each side.
-        residual_hidden_channels: bottleneck width inside each residual block.
         embedding_dim, num_embeddings, commitment_cost, decay, epsilon,
         codebook_init: see `VectorQuantizerEMA`.
-        data_variance: if set, the reconstruction loss is MSE / data_variance
-            (as in the original recipe); None keeps plain MSE.
+        **trunk: the `ReconstructionModel` trunk arguments (image_channels,
+            encoder_filters, decoder_filters, num_residual_blocks,
+            residual_hidden_channels, data_variance, seed).
 
     Input shape: (B, H, W, C) in [0, 1]. Output: reconstructions of the same shape.
     Tokens: `encode_to_tokens` gives (B, h, w) int32, `decode_tokens` inverts it.
@@ -441,46 +482,32 @@ class VQVAE(ReconstructionModel):
 
     def __init__(
         self,
-        image_channels=3,
-        encoder_filters=(64, 128),
-        decoder_filters=(128, 64),
-        num_residual_blocks=2,
-        residual_hidden_channels=32,
         embedding_dim=16,
         num_embeddings=512,
         commitment_cost=0.25,
         decay=0.99,
         epsilon=1e-5,
         codebook_init="data",
-        data_variance=None,
-        seed=None,
-        **kwargs,
+        **trunk,
     ):
-        super().__init__(**kwargs)
-        self.config_values = dict(
-            image_channels=image_channels,
-            encoder_filters=list(encoder_filters),
-            decoder_filters=list(decoder_filters),
-            num_residual_blocks=num_residual_blocks,
-            residual_hidden_channels=residual_hidden_channels,
+        super().__init__(latent_channels=embedding_dim, **trunk)
+        self.model_config = dict(
             embedding_dim=embedding_dim,
             num_embeddings=num_embeddings,
             commitment_cost=commitment_cost,
             decay=decay,
             epsilon=epsilon,
             codebook_init=codebook_init,
-            data_variance=data_variance,
-            seed=seed,
-        )
-        self.data_variance = data_variance
-        self.encoder = Encoder(
-            encoder_filters, num_residual_blocks, embedding_dim, residual_hidden_channels, name="encoder"
         )
         self.quantizer = VectorQuantizerEMA(
-            num_embeddings, embedding_dim, commitment_cost, decay, epsilon, codebook_init, seed=seed, name="quantizer"
-        )
-        self.decoder = Decoder(
-            decoder_filters, num_residual_blocks, image_channels, residual_hidden_channels, name="decoder"
+            num_embeddings,
+            embedding_dim,
+            commitment_cost,
+            decay,
+            epsilon,
+            codebook_init,
+            seed=self.trunk_config["seed"],
+            name="quantizer",
         )
 
     def call(self, images, training=False):
@@ -507,9 +534,6 @@ class VQVAE(ReconstructionModel):
         """(B, h, w) int code indices -> (B, H, W, C) reconstructions."""
         return self.decoder(self.quantizer.lookup(tokens))
 
-    def get_config(self):
-        return {**super().get_config(), **self.config_values}
-
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class VAE(ReconstructionModel):
@@ -521,46 +545,22 @@ class VAE(ReconstructionModel):
     the KL divergence to N(0, I) in nats per image, so kl_beta weighs nats per
     pixel value against squared error.
 
+    Args:
+        latent_dim: latent channels per grid cell.
+        kl_beta: weight of the KL term.
+        **trunk: the `ReconstructionModel` trunk arguments.
+
     Input shape: (B, H, W, C) in [0, 1]. Output: reconstructions of the same shape.
     """
 
     metric_names = ("loss", "reconstruction_loss", "kl_loss", "kl_bits_per_image")
 
-    def __init__(
-        self,
-        image_channels=3,
-        encoder_filters=(64, 128),
-        decoder_filters=(128, 64),
-        num_residual_blocks=2,
-        residual_hidden_channels=32,
-        latent_dim=16,
-        kl_beta=1.0,
-        data_variance=None,
-        seed=None,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.config_values = dict(
-            image_channels=image_channels,
-            encoder_filters=list(encoder_filters),
-            decoder_filters=list(decoder_filters),
-            num_residual_blocks=num_residual_blocks,
-            residual_hidden_channels=residual_hidden_channels,
-            latent_dim=latent_dim,
-            kl_beta=kl_beta,
-            data_variance=data_variance,
-            seed=seed,
-        )
+    def __init__(self, latent_dim=16, kl_beta=1.0, **trunk):
+        super().__init__(latent_channels=2 * latent_dim, **trunk)
+        self.model_config = dict(latent_dim=latent_dim, kl_beta=kl_beta)
         self.latent_dim = latent_dim
         self.kl_beta = kl_beta
-        self.data_variance = data_variance
-        self.encoder = Encoder(
-            encoder_filters, num_residual_blocks, 2 * latent_dim, residual_hidden_channels, name="encoder"
-        )
-        self.decoder = Decoder(
-            decoder_filters, num_residual_blocks, image_channels, residual_hidden_channels, name="decoder"
-        )
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.seed_generator = keras.random.SeedGenerator(self.trunk_config["seed"])
 
     def posterior(self, images):
         """Mean and log-variance, each (B, h, w, latent_dim) float32."""
@@ -589,6 +589,3 @@ class VAE(ReconstructionModel):
             "kl_loss": kl_loss,
             "kl_bits_per_image": ops.mean(kl_per_image) / np.log(2.0),
         }
-
-    def get_config(self):
-        return {**super().get_config(), **self.config_values}
