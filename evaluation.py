@@ -168,7 +168,9 @@ def _mean_kl_bits(model: VAE, images: np.ndarray, batch_size: int) -> float:
 
 
 def metrics_table(all_metrics: list[dict]) -> str:
-    """The headline numbers of each run, as aligned text."""
+    """The headline numbers of each run, as aligned text ("" when there are none)."""
+    if not all_metrics:
+        return ""
     columns = [
         "run",
         "model",

@@ -510,8 +510,12 @@ def make_dataset(
     batch_size: int,
     augmenter: Optional[FaceAugmenter] = None,
     shuffle_seed: Optional[int] = None,
+    drop_remainder: bool = False,
 ):
     """tf.data pipeline over uint8 images: (shuffle) -> batch -> scale to [0,1] -> (augment) -> prefetch.
+
+    `drop_remainder` drops a last partial batch (needed with several workers, whose
+    collectives require equal shapes).
 
     The images are held once, as a uint8 tensor; only indices are shuffled and
     each batch is gathered, so memory does not grow with augmentation or with the
@@ -524,10 +528,12 @@ def make_dataset(
     dataset = tf.data.Dataset.range(len(images))
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     dataset = dataset.map(
         lambda index: tf.cast(tf.gather(pool, index), tf.float32) / 255.0, num_parallel_calls=tf.data.AUTOTUNE
     )
     if augmenter is not None and augmenter.ops:
         dataset = dataset.map(augmenter, num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)

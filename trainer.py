@@ -148,12 +148,14 @@ def choose_strategy(setting: str) -> tf.distribute.Strategy:
         strategy = tf.distribute.MirroredStrategy(devices=[d.name for d in devices])
     else:
         strategy = tf.distribute.get_strategy()
-    log.info("distribution: %s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync)
+    log.info(
+        "distribution: %s (%s) with %d replica(s)", setting, type(strategy).__name__, strategy.num_replicas_in_sync
+    )
     return strategy
 
 
 def is_chief() -> bool:
-    """True unless TF_CONFIG makes this process a non-chief worker (they write no files)."""
+    """True unless TF_CONFIG makes this process a non-chief worker (see `vqvae_face_main.train_as_worker`)."""
     config = json.loads(os.environ.get("TF_CONFIG") or "{}")
     task = config.get("task", {})
     if not task:
@@ -221,7 +223,7 @@ def check_compatible(paths: RunPaths, config: ExperimentConfig, run_name: str) -
 
 
 def _callbacks(model, run: RunConfig, paths: RunPaths, train_count: int, snapshot_images, state, seed, schedule):
-    """The training-policy callbacks; `schedule` holds the global batch size, base rate and chief flag."""
+    """The training-policy callbacks; `schedule` holds the global batch size and base learning rate."""
     clock = TrainingClock(run.epochs, run.max_train_minutes, previous_seconds=(state or {}).get("train_seconds", 0.0))
     callbacks = [clock]
     if run.lr_schedule == "cosine":
@@ -239,21 +241,13 @@ def _callbacks(model, run: RunConfig, paths: RunPaths, train_count: int, snapsho
             CommitmentAnnealing(model.quantizer, a.target_low, a.target_high, a.factor, a.decay, a.min_cost, a.max_cost)
         )
     throughput = ThroughputMeter(schedule["global_batch"], train_count)
-    checkpoint = TrainingCheckpoint(
-        paths.checkpoints,
-        clock,
-        run.patience,
-        run.min_epoch_to_start_saving,
-        state=state,
-        write_files=schedule["chief"],
-    )
-    callbacks.append(throughput)
-    if schedule["chief"]:
-        callbacks += [
-            ReconstructionSnapshots(snapshot_images, paths.images, run.snapshot_every, visualize.save_image_grid),
-            keras.callbacks.CSVLogger(str(paths.history), append=state is not None),
-        ]
-    callbacks.append(checkpoint)
+    checkpoint = TrainingCheckpoint(paths.checkpoints, clock, run.patience, run.min_epoch_to_start_saving, state=state)
+    callbacks += [
+        throughput,
+        ReconstructionSnapshots(snapshot_images, paths.images, run.snapshot_every, visualize.save_image_grid),
+        keras.callbacks.CSVLogger(str(paths.history), append=state is not None),
+        checkpoint,
+    ]
     return callbacks, clock, throughput, checkpoint
 
 
@@ -349,13 +343,17 @@ def _fit(model, run, paths, faces, split, train_images, state, initial_epoch, co
     schedule = {
         "global_batch": run.batch_size * replicas,
         "learning_rate": run.learning_rate * (replicas if config.scale_learning_rate else 1),
-        "chief": is_chief(),
     }
-    train_ds = face_data.make_dataset(train_images, schedule["global_batch"], augmenter, shuffle_seed=config.seed)
+    whole_batches = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    train_ds = face_data.make_dataset(
+        train_images, schedule["global_batch"], augmenter, shuffle_seed=config.seed, drop_remainder=whole_batches
+    )
     val_images = faces.subset(split["val"])
-    val_ds = face_data.make_dataset(val_images, schedule["global_batch"]) if len(val_images) else None
+    val_ds = None
+    if len(val_images) >= (schedule["global_batch"] if whole_batches else 1):
+        val_ds = face_data.make_dataset(val_images, schedule["global_batch"], drop_remainder=whole_batches)
     snapshot_images = (val_images if len(val_images) else train_images)[:SNAPSHOT_FACES].astype(np.float32) / 255.0
-    if augmenter is not None and augmenter.ops and schedule["chief"]:
+    if augmenter is not None and augmenter.ops:
         originals = train_images[:SNAPSHOT_FACES].astype(np.float32) / 255.0
         variants = [augmenter(tf.constant(originals)).numpy() for _ in range(3)]
         visualize.save_image_grid(
@@ -388,8 +386,6 @@ def _fit(model, run, paths, faces, split, train_images, state, initial_epoch, co
     final_state["stopped_by"] = (
         "time limit" if clock.time_limit_reached else "early stopping" if checkpoint.early_stopped else "epochs"
     )
-    if not schedule["chief"]:
-        return
     write_json_atomically(final_state, paths.state)
     log.info(
         "run finished after %d epochs (%s), %.1f min of training, best %s %.5f at epoch %s",

@@ -277,7 +277,8 @@ class ReconstructionSnapshots(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every == 0:
-            reconstructions = self.model.predict(self.images, verbose=0)
+            # A direct call, not predict(): no cross-worker gather, so uneven splits are fine.
+            reconstructions = keras.ops.convert_to_numpy(self.model(self.images, training=False))
             self.save_grid(
                 [self.images, reconstructions],
                 ["original", "reconstruction"],
@@ -331,8 +332,7 @@ class TrainingCheckpoint(keras.callbacks.Callback):
                     seconds used, and whether the run finished.
     Every file is written to a temporary name and renamed, so an interrupted
     write leaves the previous good file in place. A non-finite loss stops
-    training without saving; `diverged_epoch` tells the caller. With
-    `write_files=False` (non-chief workers) it keeps the counters and writes nothing.
+    training without saving; `diverged_epoch` tells the caller.
     """
 
     def __init__(
@@ -343,11 +343,9 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         min_epoch_to_start_saving: int = 0,
         monitor: str = "val_loss",
         state: Optional[dict] = None,
-        write_files: bool = True,
     ):
         super().__init__()
         self.folder = Path(folder)
-        self.write_files = write_files
         self.clock = clock
         self.patience = patience
         self.min_epoch_to_start_saving = min_epoch_to_start_saving
@@ -392,8 +390,6 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         self._write(lambda: write_json_atomically(self.state(finished=False), self.folder / "state.json"))
 
     def _write(self, save) -> None:
-        if not self.write_files:
-            return
         try:
             save()
         except OSError as error:

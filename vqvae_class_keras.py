@@ -437,7 +437,12 @@ class ReconstructionModel(keras.Model):
     def _record(self, values):
         for name, tracker in self.trackers.items():
             tracker.update_state(values[name])
-        return {name: tracker.result() for name, tracker in self.trackers.items()}
+        results = {name: tracker.result() for name, tracker in self.trackers.items()}
+        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras 3 reduces multi-worker logs with reduce(MEAN, axis=0), which fails on
+            # scalars (tensorflow/tensorflow#72388): give each value one axis of length 1.
+            results = {name: ops.reshape(value, (1,)) for name, value in results.items()}
+        return results
 
     def train_step(self, data):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync

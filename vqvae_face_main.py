@@ -108,10 +108,11 @@ def run(args) -> int:
         paths = trainer.RunPaths.for_run(out, run_name)
         if not args.retrain:
             trainer.check_compatible(paths, config, run_name)
+        if config.enable_training and not trainer.is_chief():
+            train_as_worker(config, run_name, faces, out, args.retrain, strategy)
+            continue
         if config.enable_training:
             trainer.train_run(config, run_name, faces, out, retrain=args.retrain, strategy=strategy)
-            if not trainer.is_chief():
-                continue
         trained_model_path(paths, run_name)
         if test_faces is not None:
             images, names, dataset = test_faces.images, test_faces.names, test_faces.description + " (all images)"
@@ -123,10 +124,30 @@ def run(args) -> int:
         )
         results[run_name], test_names[run_name] = result, list(names)
         log.info("run %s: metrics in %s", run_name, paths.images / "metrics.json")
-    print(metrics_table([r.metrics for r in results.values()]))
+    if results:
+        print(metrics_table([r.metrics for r in results.values()]))
     if args.compare:
         compare_runs(results, test_names, images, dataset, out)
     return 0
+
+
+def train_as_worker(config, run_name, faces, out: Path, retrain: bool, strategy) -> None:
+    """A non-chief worker trains in lockstep with the chief but writes into a scratch folder.
+
+    It starts from a copy of the chief's checkpoints (so both resume from the same
+    epoch) and throws its own files away: only the chief writes checkpoints.
+    """
+    import shutil
+    import tempfile
+
+    import trainer
+
+    with tempfile.TemporaryDirectory(prefix="vqvae-worker-") as scratch:
+        chief_folder = trainer.RunPaths.for_run(out, run_name).checkpoints
+        if chief_folder.is_dir() and not retrain:
+            target = trainer.RunPaths.for_run(Path(scratch), run_name).checkpoints
+            shutil.copytree(chief_folder, target, ignore=shutil.ignore_patterns("train.lock", "data_cache"))
+        trainer.train_run(config, run_name, faces, Path(scratch), retrain=retrain, strategy=strategy)
 
 
 def compare_runs(results, test_names, images, dataset, out: Path) -> None:

@@ -1,12 +1,14 @@
 """tf.distribute: the EMA codebook stays identical across replicas and matches one device."""
 
 import json
+import os
+import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, TINY_RUN
 
 HELPER = ROOT / "tests" / "helpers" / "mirrored_codebook.py"
 
@@ -34,3 +36,45 @@ def test_mirrored_codebook_is_identical_on_every_replica(codebook_init, tmp_path
         for one, two in zip(single, mirrored):
             np.testing.assert_allclose(two[0], one[0], atol=1e-5)
         assert np.abs(single[-1][0] - single[0][0]).max() > 0, "the codebook moved"
+
+
+def free_port() -> int:
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return handle.getsockname()[1]
+
+
+def test_two_workers_write_one_checkpoint_that_a_single_process_evaluates(tmp_path):
+    cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
+    command = [sys.executable, str(ROOT / "vqvae_face_main.py"), "--out", str(tmp_path), "--run", "vqvae"]
+    command += [item for setting in TINY_RUN for item in ("--set", setting)]
+    workers = []
+    for index in range(2):
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        workers.append(
+            subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    try:
+        outputs = [worker.communicate(timeout=300) for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    for worker, (_, stderr) in zip(workers, outputs):
+        assert worker.returncode == 0, stderr[-3000:]
+    assert "distribution: multi_worker" in outputs[0][1] and "with 2 replica(s)" in outputs[0][1]
+    folder = tmp_path / "checkpoints" / "vqvae"
+    assert (folder / "best.keras").is_file() and (folder / "latest.keras").is_file()
+    assert json.loads((folder / "state.json").read_text())["epochs_done"] == 1
+    single = subprocess.run(
+        [*command, "--eval"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "TF_CONFIG"},
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    metrics = json.loads((tmp_path / "images_saved" / "vqvae" / "metrics.json").read_text())
+    assert metrics["num_test_images"] == 10 and metrics["psnr"] > 0
