@@ -130,3 +130,28 @@ def test_compare_writes_the_report(trained_out):
     assert "<script" not in page and "<link" not in page
     assert all(source.startswith("data:image/png;base64,") for source in re.findall(r'src="([^"]*)"', page))
     assert "| method |" in result.stdout
+
+
+def test_eval_on_other_people_with_test_data(trained_out, tmp_path):
+    out, _ = trained_out
+    from conftest import face_image
+    from PIL import Image
+
+    for p, person in enumerate(["Other_Person", "Someone_Else"]):
+        folder = tmp_path / "other" / person
+        folder.mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(face_image(900 + 10 * p + i)).convert("L").save(folder / f"{person}_{i + 1:04d}.jpg")
+    result = run_main(out, "--eval", "--run", "vqvae", "--test-data", str(tmp_path / "other"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "images_saved" / "vqvae" / "metrics.json").read_text())
+    assert metrics["num_test_images"] == 4 and "(all images)" in metrics["dataset"]
+    tokens = np.load(out / "checkpoints" / "vqvae" / "tokens.npz")
+    assert list(tokens["names"]) == [f"{p}/{p}_{i:04d}.jpg" for p in ("Other_Person", "Someone_Else") for i in (1, 2)]
+
+
+def test_test_data_with_other_channels_is_refused(trained_out, lfw_tree):
+    out, _ = trained_out
+    result = run_main(out, "--eval", "--run", "vqvae", "--test-data", str(lfw_tree))
+    assert result.returncode == 2
+    assert "trained on images of shape" in result.stderr and "Traceback" not in result.stderr
