@@ -222,3 +222,26 @@ def test_attributes_join_when_present(tmp_path):
     assert list(faces.attributes.columns) == ["Male", "Smiling"]
     assert faces.attributes.loc["Alan_Turing/Alan_Turing_0002.jpg", "Male"] == pytest.approx(1.2)
     assert faces.attributes.loc["Ada_Lovelace/Ada_Lovelace_0002.jpg"].isna().all()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF"])
+def test_other_formats_named_jpg_decode_by_content(fmt):
+    data = io.BytesIO()
+    Image.fromarray(np.full((250, 250, 3), 128, np.uint8)).save(data, format=fmt)
+    face = face_data.decode_face(data.getvalue(), settings(image_size=16))
+    assert isinstance(face, np.ndarray) and face.shape == (16, 16, 3)
+
+
+def test_hard_link_archive_members_are_skipped(tmp_path):
+    tree = write_lfw_tree(tmp_path / "src", people=PEOPLE[:3], per_person=1)
+    payload = (tree / PEOPLE[0] / f"{PEOPLE[0]}_0001.jpg").read_bytes()
+    with tarfile.open(tmp_path / "links.tar", "w") as handle:
+        info = tarfile.TarInfo("lfw-deepfunneled/Real/Real_0001.jpg")
+        info.size = len(payload)
+        handle.addfile(info, io.BytesIO(payload))
+        link = tarfile.TarInfo("lfw-deepfunneled/Real/Real_0002.jpg")
+        link.type, link.linkname = tarfile.LNKTYPE, "/etc/hostname"
+        handle.addfile(link)
+    faces = face_data.load_faces(settings(tmp_path / "links.tar", image_size=16), tmp_path / "cache", [])
+    assert list(faces.names) == ["Real/Real_0001.jpg"]
+    assert faces.skipped == {"unsafe archive member (link, absolute path or '..')": 1}
