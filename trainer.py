@@ -223,8 +223,14 @@ def check_compatible(paths: RunPaths, config: ExperimentConfig, run_name: str) -
 
 
 def _callbacks(model, run: RunConfig, paths: RunPaths, train_count: int, snapshot_images, state, seed, schedule):
-    """The training-policy callbacks; `schedule` holds the global batch size and base learning rate."""
-    clock = TrainingClock(run.epochs, run.max_train_minutes, previous_seconds=(state or {}).get("train_seconds", 0.0))
+    """The training-policy callbacks; `schedule` holds the global batch size, base learning rate and,
+    for multi-worker runs, the strategy whose workers must share one clock."""
+    clock = TrainingClock(
+        run.epochs,
+        run.max_train_minutes,
+        previous_seconds=(state or {}).get("train_seconds", 0.0),
+        strategy=schedule["workers_strategy"],
+    )
     callbacks = [clock]
     if run.lr_schedule == "cosine":
         callbacks.append(CosineLearningRate(schedule["learning_rate"], clock))
@@ -345,6 +351,7 @@ def _fit(model, run, paths, faces, split, train_images, state, initial_epoch, co
         "learning_rate": run.learning_rate * (replicas if config.scale_learning_rate else 1),
     }
     whole_batches = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    schedule["workers_strategy"] = strategy if whole_batches else None
     train_ds = face_data.make_dataset(
         train_images, schedule["global_batch"], augmenter, shuffle_seed=config.seed, drop_remainder=whole_batches
     )

@@ -160,14 +160,26 @@ class TrainingClock(keras.callbacks.Callback):
     `elapsed_seconds` counts this run's time plus `previous_seconds` from
     earlier sessions of the same run. `progress(epoch)` is the fraction of the
     training budget used: the larger of the epoch fraction and the time fraction.
+
+    With several workers (`strategy` given), every worker must stop at the same
+    step and use the same learning rate, so after each batch the workers'
+    clocks are averaged with one all-reduce and decisions use that shared time.
     """
 
-    def __init__(self, total_epochs: int, max_minutes: Optional[float] = None, previous_seconds: float = 0.0):
+    def __init__(
+        self,
+        total_epochs: int,
+        max_minutes: Optional[float] = None,
+        previous_seconds: float = 0.0,
+        strategy: Optional[tf.distribute.Strategy] = None,
+    ):
         super().__init__()
         self.total_epochs = total_epochs
         self.max_seconds = None if max_minutes is None else 60.0 * max_minutes
         self.previous_seconds = previous_seconds
+        self.strategy = strategy
         self.started = None
+        self.shared_seconds = previous_seconds
         self.time_limit_reached = False
 
     @property
@@ -175,17 +187,32 @@ class TrainingClock(keras.callbacks.Callback):
         running = 0.0 if self.started is None else time.monotonic() - self.started
         return self.previous_seconds + running
 
+    def _budget_seconds(self) -> float:
+        return self.elapsed_seconds if self.strategy is None else self.shared_seconds
+
     def progress(self, epoch: float) -> float:
         fraction = epoch / self.total_epochs
         if self.max_seconds:
-            fraction = max(fraction, self.elapsed_seconds / self.max_seconds)
+            fraction = max(fraction, self._budget_seconds() / self.max_seconds)
         return min(fraction, 1.0)
+
+    def _average_over_workers(self, seconds: float) -> float:
+        value = tf.constant(seconds, tf.float32)
+        context_mean = self.strategy.run(
+            lambda: tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.MEAN, value)
+        )
+        return float(self.strategy.experimental_local_results(context_mean)[0])
 
     def on_train_begin(self, logs=None):
         self.started = time.monotonic()
+        self.shared_seconds = self.previous_seconds
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.max_seconds is not None and self.elapsed_seconds >= self.max_seconds:
+        if self.max_seconds is None:
+            return
+        if self.strategy is not None:
+            self.shared_seconds = self._average_over_workers(self.elapsed_seconds)
+        if self._budget_seconds() >= self.max_seconds:
             self.time_limit_reached = True
             self.model.stop_training = True
 

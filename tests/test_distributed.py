@@ -48,6 +48,8 @@ def test_two_workers_write_one_checkpoint_that_a_single_process_evaluates(tmp_pa
     cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
     command = [sys.executable, str(ROOT / "vqvae_face_main.py"), "--out", str(tmp_path), "--run", "vqvae"]
     command += [item for setting in TINY_RUN for item in ("--set", setting)]
+    # A time budget shorter than the epochs: both workers must stop at the same step.
+    command += ["--set", "max_train_minutes=0.05", "--set", "epochs=40"]
     workers = []
     for index in range(2):
         env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
@@ -66,7 +68,8 @@ def test_two_workers_write_one_checkpoint_that_a_single_process_evaluates(tmp_pa
     assert "distribution: multi_worker" in outputs[0][1] and "with 2 replica(s)" in outputs[0][1]
     folder = tmp_path / "checkpoints" / "vqvae"
     assert (folder / "best.keras").is_file() and (folder / "latest.keras").is_file()
-    assert json.loads((folder / "state.json").read_text())["epochs_done"] == 1
+    state = json.loads((folder / "state.json").read_text())
+    assert state["stopped_by"] == "time limit" and 1 <= state["epochs_done"] < 40
     single = subprocess.run(
         [*command, "--eval"],
         cwd=tmp_path,
