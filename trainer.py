@@ -257,6 +257,20 @@ def _callbacks(model, run: RunConfig, paths: RunPaths, train_count: int, snapsho
     return callbacks, clock, throughput, checkpoint
 
 
+def budget_raised(state: dict, run: RunConfig) -> bool:
+    """Whether a finished run may continue: it ran out of epochs or time and the config now allows more.
+
+    A run stopped by early stopping stays finished.
+    """
+    more_epochs = state["epochs_done"] < run.epochs
+    if state.get("stopped_by") == "epochs":
+        return more_epochs
+    if state.get("stopped_by") == "time limit":
+        more_time = run.max_train_minutes is None or state["train_seconds"] < 60.0 * run.max_train_minutes
+        return more_epochs and more_time
+    return False
+
+
 def train_run(
     config: ExperimentConfig,
     run_name: str,
@@ -280,7 +294,7 @@ def _train_locked(config, run_name, faces, paths, retrain, strategy):
     if state is not None and not paths.latest_model.is_file():
         state = None
     if state and state.get("finished"):
-        if state.get("stopped_by") != "epochs" or state["epochs_done"] >= run.epochs:
+        if not budget_raised(state, run):
             log.info(
                 "run %s already finished (%d epochs, stopped by %s); evaluating it. Pass --retrain to train it again.",
                 run_name,
@@ -288,7 +302,7 @@ def _train_locked(config, run_name, faces, paths, retrain, strategy):
                 state.get("stopped_by"),
             )
             return
-        log.info("run %s: extending from %d to %d epochs", run_name, state["epochs_done"], run.epochs)
+        log.info("run %s: budget raised, continuing from epoch %d", run_name, state["epochs_done"])
     if state is None:
         for stale in paths.checkpoints.iterdir():
             if stale.is_dir():

@@ -75,7 +75,7 @@ def test_rerun_with_more_epochs_resumes_from_the_saved_epoch(trained_out):
     out, _ = trained_out
     result = run_main(out, "--run", "vqvae", "--set", "epochs=2")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "extending from 1 to 2 epochs" in result.stderr
+    assert "continuing from epoch 1" in result.stderr
     assert "Epoch 2/2" in result.stdout and "Epoch 1/2" not in result.stdout
     with open(out / "checkpoints" / "vqvae" / "history.csv") as handle:
         epochs = [row["epoch"] for row in csv.DictReader(handle)]
