@@ -13,7 +13,6 @@ import html
 import io
 import logging
 import lzma
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -27,6 +26,7 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import visualize  # noqa: E402
+from atomic_files import write_text_atomically  # noqa: E402
 from evaluation import EvaluationResult, image_quality  # noqa: E402
 
 log = logging.getLogger("vqvae_faces.compare")
@@ -146,7 +146,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def build_table(
-    images: np.ndarray, results: dict[str, EvaluationResult], tokens: dict[str, np.ndarray]
+    images: np.ndarray, results: dict[str, EvaluationResult]
 ) -> tuple[pd.DataFrame, dict[str, CodecResult], Optional[float]]:
     """One row per model run, its entropy-coded size, and each codec at the VQ-VAE budget."""
     rows = []
@@ -179,7 +179,7 @@ def build_table(
                 _row(
                     f"VQ-VAE ({name}) + xz",
                     "tokens compressed with LZMA",
-                    lzma_bits_per_image(tokens[name]),
+                    lzma_bits_per_image(result.tokens),
                     result.quality,
                 )
             )
@@ -256,9 +256,7 @@ def write_html(folder: Path, table: pd.DataFrame, run_images: dict[str, Path], d
         + "</body></html>"
     )
     path = folder / "report.html"
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(page, path)
     return path
 
 
@@ -266,19 +264,16 @@ def write_comparison(
     folder: Path,
     images: np.ndarray,
     results: dict[str, EvaluationResult],
-    tokens: dict[str, np.ndarray],
     run_images: dict[str, Path],
     dataset: str,
 ) -> pd.DataFrame:
     """Write comparison.csv/.md/.png, rate_distortion.png and report.html into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    table, codecs, budget = build_table(images, results, tokens)
-    tmp = folder / "comparison.csv.partial"
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, folder / "comparison.csv")
-    (folder / "comparison.md").write_text(markdown_table(table), encoding="utf-8")
+    table, codecs, budget = build_table(images, results)
+    write_text_atomically(table.to_csv(index=False), folder / "comparison.csv")
+    write_text_atomically(markdown_table(table), folder / "comparison.md")
     curves = pd.concat([rate_distortion_curve(images, codec) for codec in CODECS])
-    curves.to_csv(folder / "rate_distortion.csv", index=False)
+    write_text_atomically(curves.to_csv(index=False), folder / "rate_distortion.csv")
     plot_rate_distortion(curves, table, folder / "rate_distortion.png")
     count = min(PREVIEW_FACES, len(images))
     rows = [images[:count]] + [r.reconstructions[:count] for r in results.values()]

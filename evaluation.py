@@ -6,6 +6,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import keras
 import numpy as np
@@ -14,8 +15,8 @@ import tensorflow as tf
 
 import face_data
 import visualize
+from atomic_files import save_npz_atomically, write_json_atomically
 from trainer import RunPaths, load_model, read_state
-from training_callbacks import write_json_atomically
 from vqvae_class_keras import VAE, VQVAE
 
 log = logging.getLogger("vqvae_faces.eval")
@@ -39,9 +40,8 @@ def image_quality(originals: np.ndarray, reconstructions: np.ndarray, batch_size
     return {"psnr": np.concatenate(psnr), "ssim": np.concatenate(ssim), "mse": np.concatenate(mse)}
 
 
-def code_statistics(tokens: np.ndarray, num_embeddings: int) -> dict[str, float]:
-    """Fraction of codes used and perplexity (exp of the token entropy) over all tokens."""
-    counts = np.bincount(tokens.reshape(-1).astype(np.int64), minlength=num_embeddings)
+def code_statistics(counts: np.ndarray) -> dict[str, float]:
+    """Fraction of codes used, perplexity (exp of the token entropy) and entropy, from per-code token counts."""
     probabilities = counts / counts.sum()
     nonzero = probabilities[probabilities > 0]
     return {
@@ -85,15 +85,18 @@ def trained_model_path(paths: RunPaths, run_name: str) -> Path:
 
 @dataclass
 class EvaluationResult:
-    """What `evaluate_run` measured: summary metrics, per-image quality, reconstructions (N, H, W, C)."""
+    """What `evaluate_run` measured: summary metrics, per-image quality, reconstructions (N, H, W, C),
+    and for a VQ-VAE the saved token grids (N, h, w)."""
 
     metrics: dict
     quality: dict[str, np.ndarray]
     reconstructions: np.ndarray
+    tokens: Optional[np.ndarray] = None
 
 
 def evaluate_run(
     run_name: str,
+    model_path: Path,
     paths: RunPaths,
     images: np.ndarray,
     names: np.ndarray,
@@ -107,7 +110,7 @@ def evaluate_run(
     `checkpoints/<run>/tokens.npz`, and the reconstructions are decoded from
     those saved tokens.
     """
-    model = load_model(trained_model_path(paths, run_name))
+    model = load_model(model_path)
     expected = tuple(model.get_build_config()["input_shape"][1:]) if model.get_build_config() else None
     if expected and tuple(expected) != tuple(images.shape[1:]):
         raise EvaluationError(
@@ -116,21 +119,23 @@ def evaluate_run(
         )
     originals = images.astype(np.float32) / 255.0
     metrics: dict = {"run": run_name, "model": type(model).__name__, "dataset": dataset, "num_test_images": len(images)}
+    tokens = None
     if isinstance(model, VQVAE):
         tokens = tokenize(model, images, batch_size)
         token_file = paths.checkpoints / "tokens.npz"
-        np.savez_compressed(token_file, tokens=tokens, names=np.asarray(names))
+        save_npz_atomically(token_file, compressed=True, tokens=tokens, names=np.asarray(names))
         with np.load(token_file, allow_pickle=False) as saved:
             reconstructions = decode(model, saved["tokens"], batch_size)
         k = model.quantizer.num_embeddings
-        stats = code_statistics(tokens, k)
+        counts = np.bincount(tokens.reshape(-1).astype(np.int64), minlength=k)
+        stats = code_statistics(counts)
         metrics.update(stats)
         metrics["num_embeddings"] = k
         metrics["token_grid"] = list(tokens.shape[1:])
         metrics["bits_per_image"] = float(np.prod(tokens.shape[1:]) * math.log2(k))
         metrics["entropy_coded_bits_per_image"] = float(np.prod(tokens.shape[1:]) * stats["token_entropy_bits"])
         visualize.plot_code_usage(
-            np.bincount(tokens.reshape(-1).astype(np.int64), minlength=k),
+            counts,
             paths.images / "codebook_usage.png",
             f"{run_name}: {stats['codebook_usage']:.0%} of {k} codes used on the test faces",
         )
@@ -146,7 +151,7 @@ def evaluate_run(
     metrics["epochs_trained"] = state.get("epochs_done")
     metrics["image_size"] = image_size
     write_json_atomically(metrics, paths.images / "metrics.json")
-    np.savez_compressed(paths.checkpoints / "test_quality.npz", names=np.asarray(names), **quality)
+    save_npz_atomically(paths.checkpoints / "test_quality.npz", compressed=True, names=np.asarray(names), **quality)
     count = min(PREVIEW_FACES, len(images))
     visualize.save_image_grid(
         [originals[:count], reconstructions[:count]],
@@ -154,14 +159,13 @@ def evaluate_run(
         paths.images / "reconstructions.png",
         title=f"{run_name}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f} on {len(images)} test faces",
     )
-    return EvaluationResult(metrics, quality, reconstructions)
+    return EvaluationResult(metrics, quality, reconstructions, tokens)
 
 
 def _mean_kl_bits(model: VAE, images: np.ndarray, batch_size: int) -> float:
     total, count = 0.0, 0
     for batch in face_data.make_dataset(images, batch_size):
-        mean, log_variance = model.posterior(batch)
-        kl = 0.5 * tf.reduce_sum(tf.square(mean) + tf.exp(log_variance) - 1.0 - log_variance, axis=[1, 2, 3])
+        kl = model.kl_nats(*model.posterior(batch))
         total += float(tf.reduce_sum(kl)) / math.log(2.0)
         count += int(kl.shape[0])
     return total / max(count, 1)

@@ -32,6 +32,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import GroupShuffleSplit
 
+from atomic_files import save_npz_atomically, write_json_atomically
 from vqvae_config import AugmentationConfig, DataConfig
 
 log = logging.getLogger("vqvae_faces.data")
@@ -361,21 +362,14 @@ def _report_skipped(skipped: dict[str, int], source: Path) -> None:
 
 
 def _write_cache(path: Path, faces: FaceSet) -> None:
-    """Write the .npz atomically (temp file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as handle:
-        np.savez(
-            handle,
-            images=faces.images,
-            names=faces.names,
-            persons=faces.persons,
-            description=np.array(faces.description),
-            skipped=np.array(json.dumps(faces.skipped)),
-        )
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    save_npz_atomically(
+        path,
+        images=faces.images,
+        names=faces.names,
+        persons=faces.persons,
+        description=np.array(faces.description),
+        skipped=np.array(json.dumps(faces.skipped)),
+    )
 
 
 def _read_cache(path: Path) -> FaceSet:
@@ -420,10 +414,7 @@ def save_split(path: Path, faces: FaceSet, split: dict[str, np.ndarray]) -> None
     """Persist the file names of each split (JSON) so evaluation reuses them."""
     record = {"dataset": faces.description}
     record.update({part: faces.names[idx].tolist() for part, idx in split.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomically(record, path)
 
 
 def load_split(path: Path, faces: FaceSet) -> dict[str, np.ndarray]:
@@ -514,13 +505,12 @@ def make_dataset(
 ):
     """tf.data pipeline over uint8 images: (shuffle) -> batch -> scale to [0,1] -> (augment) -> prefetch.
 
-    `drop_remainder` drops a last partial batch (needed with several workers, whose
-    collectives require equal shapes).
-
     The images are held once, as a uint8 tensor; only indices are shuffled and
     each batch is gathered, so memory does not grow with augmentation or with the
     shuffle buffer. Training passes `augmenter` and `shuffle_seed`; validation and
     test pass neither and get the untouched images in file order.
+    `drop_remainder` drops a last partial batch (needed with several workers, whose
+    collectives require equal shapes).
     """
     import tensorflow as tf
 

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 import face_data
 import visualize
+from atomic_files import write_json_atomically
 from training_callbacks import (
     CommitmentAnnealing,
     CosineLearningRate,
@@ -29,7 +30,6 @@ from training_callbacks import (
     TrainingCheckpoint,
     TrainingClock,
     TrainingError,
-    write_json_atomically,
 )
 from vqvae_class_keras import VAE, VQVAE
 from vqvae_config import ConfigError, ExperimentConfig, RunConfig, save_resolved_config
@@ -288,8 +288,7 @@ def train_run(
 
 def _train_locked(config, run_name, faces, paths, retrain, strategy):
     run = config.runs[run_name]
-    replicas = strategy.num_replicas_in_sync
-    learning_rate = run.learning_rate * (replicas if config.scale_learning_rate else 1)
+    schedule = _schedule(run, config, strategy)
     state = None if retrain else read_state(paths)
     if state is not None and not paths.latest_model.is_file():
         state = None
@@ -324,7 +323,7 @@ def _train_locked(config, run_name, faces, paths, retrain, strategy):
             train_images = faces.subset(split["train"])
             variance = float(np.var(train_images / 255.0)) if run.normalize_by_variance else None
             with strategy.scope():
-                model = build_model(run, faces.channels, variance, config.seed, learning_rate)
+                model = build_model(run, faces.channels, variance, config.seed, schedule["learning_rate"])
                 model.build((None,) + faces.images.shape[1:])
             initial_epoch = 0
         else:
@@ -344,28 +343,34 @@ def _train_locked(config, run_name, faces, paths, retrain, strategy):
             len(split["val"]),
             len(split["test"]),
             model.count_params(),
-            run.batch_size * replicas,
-            replicas,
+            schedule["global_batch"],
+            strategy.num_replicas_in_sync,
             run.batch_size,
         )
-        _fit(model, run, paths, faces, split, train_images, state, initial_epoch, config, strategy)
+        _fit(model, run, paths, faces, split, train_images, state, initial_epoch, config, schedule)
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
 
 
-def _fit(model, run, paths, faces, split, train_images, state, initial_epoch, config, strategy):
+def _schedule(run: RunConfig, config: ExperimentConfig, strategy: tf.distribute.Strategy) -> dict:
+    """Global batch size, base learning rate, and the strategy whose workers must share one
+    clock and whole batches (multi-worker runs only, else None)."""
+    replicas = strategy.num_replicas_in_sync
+    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    return {
+        "global_batch": run.batch_size * replicas,
+        "learning_rate": run.learning_rate * (replicas if config.scale_learning_rate else 1),
+        "workers_strategy": strategy if multi_worker else None,
+    }
+
+
+def _fit(model, run, paths, faces, split, train_images, state, initial_epoch, config, schedule):
     augmenter = None
     if config.data.augmentation.enabled:
         augmenter = face_data.FaceAugmenter(
             config.data.augmentation, config.data.image_size, faces.channels, config.seed
         )
-    replicas = strategy.num_replicas_in_sync
-    schedule = {
-        "global_batch": run.batch_size * replicas,
-        "learning_rate": run.learning_rate * (replicas if config.scale_learning_rate else 1),
-    }
-    whole_batches = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-    schedule["workers_strategy"] = strategy if whole_batches else None
+    whole_batches = schedule["workers_strategy"] is not None
     train_ds = face_data.make_dataset(
         train_images, schedule["global_batch"], augmenter, shuffle_seed=config.seed, drop_remainder=whole_batches
     )
@@ -398,7 +403,8 @@ def _fit(model, run, paths, faces, split, train_images, state, initial_epoch, co
         raise TrainingError(
             f"the loss became NaN or infinite in epoch {checkpoint.diverged_epoch}; training stopped and the "
             f"last good checkpoint (epoch {checkpoint.epochs_done}) is kept in {paths.checkpoints}. "
-            "Lower learning_rate (e.g. --set learning_rate=5e-4) and rerun with --retrain."
+            "Rerun with a lower learning_rate (e.g. --set learning_rate=5e-4) to resume from it, "
+            "or add --retrain to start over."
         )
     final_state = checkpoint.state(finished=True)
     final_state["train_images_per_second"] = throughput.images_per_second or (state or {}).get(

@@ -2,17 +2,15 @@
 snapshots, throughput and crash-safe checkpoints.
 
 The model owns the math (see `VectorQuantizerEMA.reset_codes`); these classes
-decide when and how much. None of them pulls tensors to Python on every step:
-per-step hooks only count batches or read the clock, statistics are read from
-layer weights or from the epoch logs.
+decide when and how much. Per-step hooks only count batches, read the clock or
+launch a compiled graph (revival); statistics are read from layer weights or
+the epoch logs. The one exception is a multi-worker run with a time budget,
+where `TrainingClock` all-reduces the clock after every batch.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -21,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-log = logging.getLogger("vqvae_faces.train")
+from atomic_files import write_atomically, write_json_atomically
 
 
 class CommitmentAnnealing(keras.callbacks.Callback):
@@ -314,33 +312,9 @@ class ReconstructionSnapshots(keras.callbacks.Callback):
             )
 
 
-def fsync_replace(tmp: Path, final: Path) -> None:
-    """Flush `tmp` to disk, then atomically rename it to `final`."""
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
-    directory = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 def save_model_atomically(model: keras.Model, path: Path) -> None:
-    """`model.save` to a temporary file beside `path`, fsync, rename: never a half-written file."""
-    tmp = path.with_name(path.stem + ".partial.keras")
-    try:
-        model.save(tmp)
-        fsync_replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomically(data: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    fsync_replace(tmp, path)
+    """`model.save` through a temporary file: never a half-written `.keras` file."""
+    write_atomically(path, model.save)
 
 
 class TrainingError(RuntimeError):

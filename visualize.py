@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -13,15 +12,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from atomic_files import write_atomically  # noqa: E402
+
 
 def save_figure(figure, path: Path) -> None:
-    """Save to a temporary file and rename, so a picture is never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".partial" + path.suffix)
-    figure.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(figure)
-    os.replace(tmp, path)
+    """Save through a temporary file, so a picture is never half-written."""
+    try:
+        write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=100, bbox_inches="tight"))
+    finally:
+        plt.close(figure)
 
 
 def save_image_grid(rows: list[np.ndarray], labels: list[str], path: Path, title: Optional[str] = None) -> None:

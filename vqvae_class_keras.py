@@ -573,6 +573,11 @@ class VAE(ReconstructionModel):
         mean, log_variance = ops.split(stats, 2, axis=-1)
         return mean, ops.clip(log_variance, -30.0, 20.0)
 
+    @staticmethod
+    def kl_nats(mean, log_variance):
+        """KL(N(mean, exp(log_variance)) || N(0, I)) in nats, one value per image: (B,)."""
+        return 0.5 * ops.sum(ops.square(mean) + ops.exp(log_variance) - 1.0 - log_variance, axis=(1, 2, 3))
+
     def call(self, images, training=False):
         mean, _ = self.posterior(images)
         return self.decoder(mean)
@@ -585,7 +590,7 @@ class VAE(ReconstructionModel):
             latents = mean + ops.exp(0.5 * log_variance) * noise
         reconstructions = self.decoder(latents, training=training)
         reconstruction_loss = _reconstruction_error(images, reconstructions, self.data_variance)
-        kl_per_image = 0.5 * ops.sum(ops.square(mean) + ops.exp(log_variance) - 1.0 - log_variance, axis=(1, 2, 3))
+        kl_per_image = self.kl_nats(mean, log_variance)
         values_per_image = float(np.prod(images.shape[1:]))
         kl_loss = ops.mean(kl_per_image) / values_per_image
         return {

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+from atomic_files import write_json_atomically
+
 
 class ConfigError(ValueError):
     """A user mistake in experiment.json or on the command line."""
@@ -390,7 +392,4 @@ def save_resolved_config(config: ExperimentConfig, run_name: str, path: Path) ->
         "run_name": run_name,
         "run": dataclasses.asdict(config.runs[run_name]),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(resolved, indent=2), encoding="utf-8")
-    tmp.replace(path)
+    write_json_atomically(resolved, path)

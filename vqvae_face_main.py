@@ -13,6 +13,7 @@ from its last completed epoch when the same command is run again.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -100,7 +101,7 @@ def run(args) -> int:
     faces = face_data.load_faces(config.data, out / "checkpoints" / "data_cache", search_dirs)
     test_faces = None
     if args.test_data:
-        test_settings = type(config.data)(**{**vars(config.data), "path": args.test_data})
+        test_settings = dataclasses.replace(config.data, path=args.test_data)
         test_faces = face_data.load_faces(test_settings, out / "checkpoints" / "data_cache", search_dirs)
 
     results, test_names = {}, {}
@@ -113,20 +114,27 @@ def run(args) -> int:
             continue
         if config.enable_training:
             trainer.train_run(config, run_name, faces, out, retrain=args.retrain, strategy=strategy)
-        trained_model_path(paths, run_name)
+        model_path = trained_model_path(paths, run_name)
         if test_faces is not None:
             images, names, dataset = test_faces.images, test_faces.names, test_faces.description + " (all images)"
         else:
             images, names = test_set(paths, faces)
             dataset = faces.description + " (identity-disjoint test split)"
         result = evaluate_run(
-            run_name, paths, images, names, dataset, config.runs[run_name].batch_size, config.data.image_size
+            run_name,
+            model_path,
+            paths,
+            images,
+            names,
+            dataset,
+            config.runs[run_name].batch_size,
+            config.data.image_size,
         )
         results[run_name], test_names[run_name] = result, list(names)
         log.info("run %s: metrics in %s", run_name, paths.images / "metrics.json")
     if results:
         print(metrics_table([r.metrics for r in results.values()]))
-    if args.compare:
+    if args.compare and results:
         compare_runs(results, test_names, images, dataset, out)
     return 0
 
@@ -152,28 +160,19 @@ def train_as_worker(config, run_name, faces, out: Path, retrain: bool, strategy)
 
 def compare_runs(results, test_names, images, dataset, out: Path) -> None:
     """Write images_saved/compare/ for runs evaluated on the same test faces."""
-    import numpy as np
-
     import compare
     import trainer
     from evaluation import EvaluationError
 
     run_names = list(results)
-    token_grids = {}
     for name in run_names:
         if test_names[name] != test_names[run_names[0]]:
             raise EvaluationError(
                 f"runs {run_names[0]!r} and {name!r} have different test faces (trained with other data or seed); "
                 "retrain one of them with --retrain so they share the split."
             )
-        if results[name].metrics["model"] == "VQVAE":
-            token_file = trainer.RunPaths.for_run(out, name).checkpoints / "tokens.npz"
-            with np.load(token_file, allow_pickle=False) as saved:
-                token_grids[name] = saved["tokens"]
     run_images = {name: trainer.RunPaths.for_run(out, name).images for name in run_names}
-    table = compare.write_comparison(
-        out / "images_saved" / "compare", images, results, token_grids, run_images, dataset
-    )
+    table = compare.write_comparison(out / "images_saved" / "compare", images, results, run_images, dataset)
     print()
     print(compare.markdown_table(table))
 

@@ -10,6 +10,7 @@ from conftest import ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import atomic_files
 import face_data
 import trainer
 import training_callbacks
@@ -103,7 +104,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_save_model_atomically_never_leaves_partial_files(tmp_path, monkeypatch):
     model = TinyModel()
     model(keras.ops.zeros((1, 2)))
-    monkeypatch.setattr(training_callbacks, "fsync_replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(atomic_files, "fsync_replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         training_callbacks.save_model_atomically(model, tmp_path / "best.keras")
     assert list(tmp_path.iterdir()) == []
