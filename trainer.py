@@ -16,11 +16,12 @@ from typing import Optional
 
 import keras
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 
 import face_data
 import visualize
-from atomic_files import write_json_atomically
+from atomic_files import write_json_atomically, write_text_atomically
 from training_callbacks import (
     CommitmentAnnealing,
     CosineLearningRate,
@@ -30,6 +31,7 @@ from training_callbacks import (
     TrainingCheckpoint,
     TrainingClock,
     TrainingError,
+    read_training_state,
 )
 from vqvae_class_keras import VAE, VQVAE
 from vqvae_config import ConfigError, ExperimentConfig, RunConfig, save_resolved_config
@@ -116,6 +118,37 @@ def read_state(paths: RunPaths) -> Optional[dict]:
     if not paths.state.is_file():
         return None
     return json.loads(paths.state.read_text(encoding="utf-8"))
+
+
+def resumable_state(paths: RunPaths) -> Optional[dict]:
+    """The state a rerun continues from, or None when there is no checkpoint to continue.
+
+    Normally `state.json`. A process killed between writing `latest.keras` and
+    `state.json` leaves `state.json` one epoch behind; the counters saved inside
+    `latest.keras` belong to its weights, so they win.
+    """
+    if not paths.latest_model.is_file():
+        return None
+    state = read_state(paths)
+    embedded = read_training_state(paths.latest_model)
+    if embedded is not None and (state is None or state.get("epochs_done") != embedded["epochs_done"]):
+        log.info("state.json does not match latest.keras (stopped between two writes); using latest.keras")
+        return embedded
+    return state
+
+
+def trim_history(path: Path, epochs_done: int) -> None:
+    """Drop rows of epochs after the checkpoint from the CSV log, so a resumed run does not repeat them."""
+    if not path.is_file() or not path.stat().st_size:
+        return
+    history = pd.read_csv(path)
+    if "epoch" in history and (history["epoch"] >= epochs_done).any():
+        write_text_atomically(history[history["epoch"] < epochs_done].to_csv(index=False), path)
+
+
+def enable_determinism() -> None:
+    """Deterministic TensorFlow ops (reproducible runs and exact resume; slower, and some GPU ops refuse)."""
+    tf.config.experimental.enable_op_determinism()
 
 
 def choose_precision(setting: str) -> str:
@@ -289,9 +322,7 @@ def train_run(
 def _train_locked(config, run_name, faces, paths, retrain, strategy):
     run = config.runs[run_name]
     schedule = _schedule(run, config, strategy)
-    state = None if retrain else read_state(paths)
-    if state is not None and not paths.latest_model.is_file():
-        state = None
+    state = None if retrain else resumable_state(paths)
     if state and state.get("finished"):
         if not budget_raised(state, run):
             log.info(
@@ -332,6 +363,7 @@ def _train_locked(config, run_name, faces, paths, retrain, strategy):
             with strategy.scope():
                 model = load_model(paths.latest_model)
             initial_epoch = state["epochs_done"]
+            trim_history(paths.history, initial_epoch)
             log.info("resuming run %s from epoch %d (%s)", run_name, initial_epoch, paths.latest_model)
         log.info(
             "run %s: %s, %s, %d train / %d val / %d test images (identity-disjoint), %d parameters, "
@@ -367,21 +399,26 @@ def _schedule(run: RunConfig, config: ExperimentConfig, strategy: tf.distribute.
 def _fit(model, run, paths, faces, split, train_images, state, initial_epoch, config, schedule):
     augmenter = None
     if config.data.augmentation.enabled:
-        augmenter = face_data.FaceAugmenter(
-            config.data.augmentation, config.data.image_size, faces.channels, config.seed
-        )
+        augmenter = face_data.FaceAugmenter(config.data.augmentation, config.data.image_size, faces.channels)
+        augmenter = augmenter if augmenter.names else None
     whole_batches = schedule["workers_strategy"] is not None
-    train_ds = face_data.make_dataset(
-        train_images, schedule["global_batch"], augmenter, shuffle_seed=config.seed, drop_remainder=whole_batches
+    train_ds = face_data.make_training_dataset(
+        train_images,
+        schedule["global_batch"],
+        config.seed,
+        initial_epoch,
+        run.epochs,
+        augmenter,
+        drop_remainder=whole_batches,
     )
     val_images = faces.subset(split["val"])
     val_ds = None
     if len(val_images) >= (schedule["global_batch"] if whole_batches else 1):
         val_ds = face_data.make_dataset(val_images, schedule["global_batch"], drop_remainder=whole_batches)
     snapshot_images = (val_images if len(val_images) else train_images)[:SNAPSHOT_FACES].astype(np.float32) / 255.0
-    if augmenter is not None and augmenter.ops:
+    if augmenter is not None:
         originals = train_images[:SNAPSHOT_FACES].astype(np.float32) / 255.0
-        variants = [augmenter(tf.constant(originals)).numpy() for _ in range(3)]
+        variants = [augmenter(tf.constant(originals), tf.constant([config.seed, i])).numpy() for i in range(3)]
         visualize.save_image_grid(
             [originals] + variants,
             ["original", "augmented", "augmented", "augmented"],
@@ -396,6 +433,7 @@ def _fit(model, run, paths, faces, split, train_images, state, initial_epoch, co
         validation_data=val_ds,
         epochs=run.epochs,
         initial_epoch=initial_epoch,
+        steps_per_epoch=face_data.steps_per_epoch(len(train_images), schedule["global_batch"], whole_batches),
         callbacks=callbacks,
         verbose=1 if sys.stdout.isatty() else 2,
     )

@@ -10,8 +10,10 @@ where `TrainingClock` all-reduces the clock after every batch.
 
 from __future__ import annotations
 
+import json
 import math
 import time
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -62,7 +64,7 @@ class CommitmentAnnealing(keras.callbacks.Callback):
         logs["commitment_cost"] = cost
 
 
-def revive_dead_codes(quantizer, threshold, max_revivals, noise, source, generator):
+def revive_dead_codes(quantizer, threshold, max_revivals, noise, source, seed):
     """Replace dead codes of `quantizer`; returns how many were replaced (int32 tensor).
 
     A code is dead when its EMA cluster size is below `threshold` times the mean
@@ -72,7 +74,8 @@ def revive_dead_codes(quantizer, threshold, max_revivals, noise, source, generat
     Gaussian noise (`noise` x the candidates' RMS): rows of the last training
     batch's encoder outputs (`source="encoder"`) or randomly chosen live codes
     (`source="codes"`). If every code is dead, the whole codebook is reset from
-    encoder outputs.
+    encoder outputs. The random choices are a pure function of `seed`, an
+    int64 tensor (2,).
     """
     num_codes = quantizer.num_embeddings
     usage = tf.convert_to_tensor(quantizer.ema_cluster_size)
@@ -80,10 +83,13 @@ def revive_dead_codes(quantizer, threshold, max_revivals, noise, source, generat
     num_dead = tf.reduce_sum(tf.cast(dead, tf.int32))
 
     def candidates(count, pool):
-        rows = generator.uniform([count], maxval=tf.shape(pool)[0], dtype=tf.int32)
+        rows = tf.random.stateless_uniform(
+            [count], tf.random.experimental.stateless_fold_in(seed, 0), maxval=tf.shape(pool)[0], dtype=tf.int32
+        )
         chosen = tf.gather(pool, rows)
         scale = tf.sqrt(tf.reduce_mean(tf.square(chosen)) + 1e-12)
-        return chosen + noise * scale * generator.normal(tf.shape(chosen))
+        jitter = tf.random.stateless_normal(tf.shape(chosen), tf.random.experimental.stateless_fold_in(seed, 1))
+        return chosen + noise * scale * jitter
 
     def reset_all():
         quantizer.reset_codes(tf.range(num_codes), candidates(num_codes, quantizer.latent_sample))
@@ -109,10 +115,11 @@ def revive_dead_codes(quantizer, threshold, max_revivals, noise, source, generat
 class DeadCodeRevival(keras.callbacks.Callback):
     """Every `every_n_batches` training batches, revive up to `max_revivals_per_batch` dead codes.
 
-    See `revive_dead_codes` for the rule. Batches are counted across epochs.
-    The revival runs as one compiled graph on the quantizer's weights; the
-    number revived is summed in a variable and reported once per epoch as
-    `revived_codes`.
+    See `revive_dead_codes` for the rule. Batches are counted by the optimizer's
+    step counter, and each revival's random draws are seeded by (`seed`, step),
+    so a resumed run revives exactly as an uninterrupted one. The revival runs
+    as one compiled graph on the quantizer's weights; the number revived is
+    summed in a variable and reported once per epoch as `revived_codes`.
     """
 
     def __init__(
@@ -130,12 +137,18 @@ class DeadCodeRevival(keras.callbacks.Callback):
             raise ValueError(f"source must be 'encoder' or 'codes', received source={source!r}")
         self.quantizer = quantizer
         self.every_n_batches = every_n_batches
-        self.generator = tf.random.Generator.from_seed(seed)
+        self.seed = tf.constant([seed, 1], tf.int64)
         self.revived = tf.Variable(0, dtype=tf.int32, trainable=False)
-        self.batches_seen = 0
         self._revive = tf.function(
-            lambda: self.revived.assign_add(
-                revive_dead_codes(quantizer, threshold, max_revivals_per_batch, noise, source, self.generator)
+            lambda step: self.revived.assign_add(
+                revive_dead_codes(
+                    quantizer,
+                    threshold,
+                    max_revivals_per_batch,
+                    noise,
+                    source,
+                    tf.random.experimental.stateless_fold_in(self.seed, step),
+                )
             )
         )
 
@@ -143,9 +156,9 @@ class DeadCodeRevival(keras.callbacks.Callback):
         self.revived.assign(0)
 
     def on_train_batch_end(self, batch, logs=None):
-        self.batches_seen += 1
-        if self.batches_seen % self.every_n_batches == 0:
-            self._revive()
+        step = int(self.model.optimizer.iterations.numpy())
+        if step % self.every_n_batches == 0:
+            self._revive(tf.constant(step, tf.int64))
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
@@ -243,6 +256,9 @@ class CosineLearningRate(keras.callbacks.Callback):
         fraction = batch / self.steps_per_epoch if self.steps_per_epoch else 0.0
         self.model.optimizer.learning_rate.assign(self.rate(self.clock.progress(self.epoch + fraction)))
 
+    def on_train_begin(self, logs=None):
+        self.steps_per_epoch = (self.params or {}).get("steps")
+
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
         self._update(0)
@@ -252,7 +268,6 @@ class CosineLearningRate(keras.callbacks.Callback):
             self._update(batch)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.steps_per_epoch = self.params.get("steps") or self.steps_per_epoch
         if logs is not None:
             logs["learning_rate"] = float(self.model.optimizer.learning_rate.numpy())
 
@@ -312,9 +327,33 @@ class ReconstructionSnapshots(keras.callbacks.Callback):
             )
 
 
-def save_model_atomically(model: keras.Model, path: Path) -> None:
-    """`model.save` through a temporary file: never a half-written `.keras` file."""
-    write_atomically(path, model.save)
+TRAINING_STATE_ENTRY = "training_state.json"
+
+
+def save_model_atomically(model: keras.Model, path: Path, training_state: Optional[dict] = None) -> None:
+    """`model.save` through a temporary file: never a half-written `.keras` file.
+
+    `training_state` (counters that belong with these weights: epochs done, best
+    value, patience, seconds trained) is stored inside the same zip file, so the
+    weights and their counters are replaced by one rename and always match.
+    `keras.saving.load_model` ignores the extra entry.
+    """
+
+    def save(tmp: Path) -> None:
+        model.save(tmp)
+        if training_state is not None:
+            with zipfile.ZipFile(tmp, "a") as archive:
+                archive.writestr(TRAINING_STATE_ENTRY, json.dumps(training_state))
+
+    write_atomically(path, save)
+
+
+def read_training_state(path: Path) -> Optional[dict]:
+    """The training state saved inside a `.keras` file by `save_model_atomically`, or None."""
+    with zipfile.ZipFile(path) as archive:
+        if TRAINING_STATE_ENTRY not in archive.namelist():
+            return None
+        return json.loads(archive.read(TRAINING_STATE_ENTRY))
 
 
 class TrainingError(RuntimeError):
@@ -327,12 +366,17 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     Files in `folder`:
       best.keras    the model with the lowest `monitor` so far (from
                     `min_epoch_to_start_saving` on);
-      latest.keras  the full training state: weights, optimizer, codebook and
-                    EMA statistics, annealed commitment cost;
+      latest.keras  the full training state: weights, optimizer (with its step
+                    counter, which seeds revival), codebook and EMA statistics,
+                    annealed commitment cost, and inside it the counters of
+                    `state.json` for exactly these weights;
       state.json    epoch counter, best value, patience counter, training
                     seconds used, and whether the run finished.
     Every file is written to a temporary name and renamed, so an interrupted
-    write leaves the previous good file in place. A non-finite loss stops
+    write leaves the previous good file in place. Shuffling and augmentation
+    are functions of (seed, epoch, batch), so resuming from latest.keras
+    repeats an uninterrupted run exactly (given deterministic ops and no time
+    budget, whose learning-rate schedule follows the wall clock). A non-finite loss stops
     training without saving; `diverged_epoch` tells the caller.
     """
 
@@ -387,8 +431,9 @@ class TrainingCheckpoint(keras.callbacks.Callback):
                 if self.wait >= self.patience:
                     self.early_stopped = True
                     self.model.stop_training = True
-        self._write(lambda: save_model_atomically(self.model, self.folder / "latest.keras"))
-        self._write(lambda: write_json_atomically(self.state(finished=False), self.folder / "state.json"))
+        state = self.state(finished=False)
+        self._write(lambda: save_model_atomically(self.model, self.folder / "latest.keras", state))
+        self._write(lambda: write_json_atomically(state, self.folder / "state.json"))
 
     def _write(self, save) -> None:
         try:

@@ -132,6 +132,44 @@ class Decoder(layers.Layer):
         }
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class RandomStream(layers.Layer):
+    """Seeds for stateless random ops, from a position that is saved with the model.
+
+    Keras does not store a `SeedGenerator`'s state in `.keras` files, so a resumed
+    run would replay its random draws from the start. This layer keeps
+    (seed, draws so far) in a non-trainable int64 weight of shape (2,), which
+    checkpoints save and restore like any other weight.
+
+    Args:
+        seed: int, or None for a random one.
+    """
+
+    def __init__(self, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+
+    def build(self, input_shape=None):
+        start = [self.seed if self.seed is not None else int(np.random.randint(2**31)), 0]
+        self.position = self.add_weight(
+            name="position",
+            shape=(2,),
+            dtype="int64",
+            initializer=lambda shape, dtype: ops.convert_to_tensor(start, dtype),
+            trainable=False,
+            aggregation="only_first_replica",
+        )
+
+    def next(self):
+        """The current seed, an int64 tensor (2,); advances the stream by one draw."""
+        current = ops.convert_to_tensor(self.position)
+        self.position.assign(current + ops.convert_to_tensor([0, 1], "int64"))
+        return current
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}
+
+
 def _all_reduce_sum(value):
     """Sum over replicas inside a tf.distribute replica context; identity otherwise."""
     context = tf.distribute.get_replica_context()
@@ -223,7 +261,7 @@ class VectorQuantizerEMA(layers.Layer):
         self.epsilon = epsilon
         self.codebook_init = codebook_init
         self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.random_stream = RandomStream(seed, name="random_stream")
 
     def build(self, input_shape):
         if input_shape[-1] != self.embedding_dim:
@@ -247,6 +285,7 @@ class VectorQuantizerEMA(layers.Layer):
         self.commitment_cost = state("commitment_cost", (), keras.initializers.Constant(self.initial_commitment_cost))
         self.initialized = state("initialized", (), "zeros")
         self.latent_sample = state("latent_sample", (k, d), "zeros")
+        self.random_stream.build()
 
     def nearest_codes(self, flat):
         """Index (N,) int32 of the nearest code, by squared Euclidean distance, for flat inputs (N, D).
@@ -325,7 +364,7 @@ class VectorQuantizerEMA(layers.Layer):
     def _sample_rows(self, flat, count):
         """`count` distinct rows of `flat` when it has that many (rows repeat otherwise)."""
         rows = ops.shape(flat)[0]
-        order = keras.random.shuffle(ops.arange(rows), seed=self.seed_generator)
+        order = tf.random.experimental.stateless_shuffle(tf.range(rows), seed=self.random_stream.next())
         return ops.take(flat, ops.take(order, ops.arange(count) % rows), axis=0)
 
     def _ema_update(self, flat, flat_indices, counts):
@@ -565,7 +604,11 @@ class VAE(ReconstructionModel):
         self.model_config = dict(latent_dim=latent_dim, kl_beta=kl_beta)
         self.latent_dim = latent_dim
         self.kl_beta = kl_beta
-        self.seed_generator = keras.random.SeedGenerator(self.trunk_config["seed"])
+        self.noise_seeds = RandomStream(self.trunk_config["seed"], name="noise_seeds")
+
+    def build(self, input_shape):
+        self.noise_seeds.build()
+        super().build(input_shape)
 
     def posterior(self, images):
         """Mean and log-variance, each (B, h, w, latent_dim) float32."""
@@ -586,7 +629,9 @@ class VAE(ReconstructionModel):
         mean, log_variance = self.posterior(images)
         latents = mean
         if training:
-            noise = keras.random.normal(ops.shape(mean), seed=self.seed_generator)
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            seed = tf.random.experimental.stateless_fold_in(self.noise_seeds.next(), replica)
+            noise = tf.random.stateless_normal(ops.shape(mean), seed=seed)
             latents = mean + ops.exp(0.5 * log_variance) * noise
         reconstructions = self.decoder(latents, training=training)
         reconstruction_loss = _reconstruction_error(images, reconstructions, self.data_variance)

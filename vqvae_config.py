@@ -214,6 +214,7 @@ class ExperimentConfig:
     seed: int = 1234
     distribution: Literal["auto", "none", "mirrored", "multi_worker"] = "auto"
     scale_learning_rate: bool = False
+    deterministic: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     runs: dict[str, RunConfig] = field(default_factory=lambda: {"vqvae": RunConfig(), "vae": RunConfig(model="vae")})
     compare: list[str] = field(default_factory=list)

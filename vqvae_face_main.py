@@ -95,6 +95,8 @@ def run(args) -> int:
     import trainer
     from evaluation import evaluate_run, metrics_table, test_set, trained_model_path
 
+    if config.deterministic:
+        trainer.enable_determinism()
     strategy = trainer.choose_strategy(config.distribution) if config.enable_training else None
 
     search_dirs = [SCRIPT_DIR, Path.cwd()]

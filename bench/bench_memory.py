@@ -29,8 +29,8 @@ def child(count: int) -> None:
     images = sample_images(count, 64)
     model = build_model(RunConfig(), 3, None, seed=0)
     model.build((None, 64, 64, 3))
-    augmenter = face_data.FaceAugmenter(AugmentationConfig(), 64, 3, seed=0)
-    dataset = face_data.make_dataset(images, 64, augmenter, shuffle_seed=0)
+    augmenter = face_data.FaceAugmenter(AugmentationConfig(), 64, 3)
+    dataset = face_data.make_training_dataset(images, 64, 0, 0, STEPS, augmenter)
     model.fit(dataset, epochs=1, steps_per_epoch=STEPS, verbose=0)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"images": count, "dataset_mib": images.nbytes / 2**20, "peak_rss_mib": peak_kib / 1024}))

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import IMAGES_PER_PERSON, PEOPLE, write_lfw_tree
 from PIL import Image
 
@@ -119,23 +120,57 @@ def test_cache_contains_no_pickled_objects(lfw_tree, tmp_path):
         assert all(data[key].dtype != object for key in data.files)
 
 
+def gradient_faces(count=16, channels=3, size=32):
+    ramp = np.tile(np.arange(size, dtype=np.uint8)[:, None, None] * 8, (1, size, channels))
+    return np.stack([np.roll(ramp, i, 0) for i in range(count)])
+
+
 def augmented_batches(channels=3, probability=0.5):
-    images = np.stack(
-        [np.roll(np.tile(np.arange(32, dtype=np.uint8)[:, None, None] * 8, (1, 32, channels)), i, 0) for i in range(16)]
-    )
-    augmenter = face_data.FaceAugmenter(AugmentationConfig(probability=probability), 32, channels, seed=3)
-    dataset = face_data.make_dataset(images, 16, augmenter, shuffle_seed=None)
-    return images, [next(iter(dataset)).numpy() for _ in range(2)]
+    """The same faces augmented with two different batch seeds."""
+    images = gradient_faces(channels=channels)
+    augmenter = face_data.FaceAugmenter(AugmentationConfig(probability=probability), 32, channels)
+    batch = tf.constant(images / np.float32(255.0))
+    return images, [augmenter(batch, tf.constant([3, seed])).numpy() for seed in (0, 1)]
 
 
-def test_augmentation_keeps_shape_range_and_changes_images_each_epoch():
+def test_augmentation_keeps_shape_range_and_changes_images_with_the_seed():
     images, (first, second) = augmented_batches()
     assert first.shape == images.shape and first.dtype == np.float32
     assert first.min() >= 0.0 and first.max() <= 1.0
     original = images.astype(np.float32) / 255.0
     changed = np.abs(first - original).reshape(16, -1).max(axis=1) > 1e-3
     assert changed.sum() >= 12, "with 10 ops at p=0.5 nearly every image changes"
-    assert np.abs(first - second).max() > 1e-3, "each pass draws fresh augmentations"
+    assert np.abs(first - second).max() > 1e-3, "another batch seed draws other augmentations"
+    _, (again, _) = augmented_batches()
+    np.testing.assert_array_equal(first, again)
+
+
+def training_batches(images, first_epoch, epochs, augmenter=None, seed=5):
+    dataset = face_data.make_training_dataset(images, 6, seed, first_epoch, epochs, augmenter)
+    return [batch.numpy() for batch in dataset]
+
+
+def test_training_epochs_are_fresh_permutations_and_a_resumed_run_sees_the_same_batches():
+    images = gradient_faces()
+    assert face_data.steps_per_epoch(16, 6, drop_remainder=False) == 3
+    assert face_data.steps_per_epoch(16, 6, drop_remainder=True) == 2
+    batches = training_batches(images, 0, 2)
+    assert [len(b) for b in batches] == [6, 6, 4] * 2
+    original = images / np.float32(255.0)
+    epochs = [np.concatenate(batches[:3]), np.concatenate(batches[3:])]
+    for epoch in epochs:
+        order = [int(np.flatnonzero((original == face).all(axis=(1, 2, 3)))[0]) for face in epoch]
+        assert sorted(order) == list(range(16)), "each epoch visits every face once"
+    assert not np.array_equal(epochs[0], epochs[1]), "each epoch is shuffled anew"
+    other_seed = np.concatenate(training_batches(images, 0, 1, seed=6))
+    assert not np.array_equal(epochs[0], other_seed), "the order follows the seed"
+
+    augmenter = face_data.FaceAugmenter(AugmentationConfig(probability=0.5), 32, 3)
+    uninterrupted = training_batches(images, 0, 3, augmenter)
+    resumed = training_batches(images, 2, 3, augmenter)
+    assert len(resumed) == 3
+    for expected, batch in zip(uninterrupted[6:], resumed):
+        np.testing.assert_array_equal(expected, batch)
 
 
 def test_augmentation_probability_zero_leaves_images_alone():
@@ -144,9 +179,9 @@ def test_augmentation_probability_zero_leaves_images_alone():
 
 
 def test_grayscale_augmentation_skips_saturation():
-    augmenter = face_data.FaceAugmenter(AugmentationConfig(), 32, channels=1, seed=0)
-    assert len(augmenter.ops) == 9
-    assert all("saturation" not in op.name for op in augmenter.ops)
+    augmenter = face_data.FaceAugmenter(AugmentationConfig(), 32, channels=1)
+    assert len(augmenter.names) == 9
+    assert not any("saturation" in name for name in augmenter.names)
     images, (first, _) = augmented_batches(channels=1)
     assert first.shape[-1] == 1
 

@@ -1,0 +1,85 @@
+"""Exact resume: a run killed with SIGKILL after its first checkpoint and then rerun with the
+same command ends with the same weights, optimizer state, codebook and history as a run
+that was never interrupted."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pandas as pd
+from conftest import ROOT, TINY_RUN
+
+# Several batches per epoch, augmentation and revival on, deterministic ops, no time budget
+# (a time budget makes the learning rate follow the wall clock).
+EPOCHS = 8
+SETTINGS = TINY_RUN + [
+    f"epochs={EPOCHS}",
+    "batch_size=4",
+    "deterministic=true",
+    "data.augmentation.probability=0.5",
+    "snapshot_every=100",
+]
+
+
+def command(lfw_tree, out):
+    overrides = [arg for setting in SETTINGS for arg in ("--set", setting)]
+    return [sys.executable, str(ROOT / "vqvae_face_main.py"), "--run", "vqvae", "--data", str(lfw_tree)] + [
+        "--out",
+        str(out),
+        *overrides,
+    ]
+
+
+def weights(path):
+    """Every array in a .keras file's weights (model and optimizer), by name."""
+    import h5py
+
+    arrays = {}
+    with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as handle, h5py.File(handle) as store:
+        store.visititems(lambda name, item: arrays.update({name: item[()]}) if isinstance(item, h5py.Dataset) else None)
+    return arrays
+
+
+def kill_after_first_checkpoint(lfw_tree, out):
+    """Start a run, SIGKILL it as soon as its first latest.keras exists; return how far it got."""
+    latest = out / "checkpoints" / "vqvae" / "latest.keras"
+    log = open(out.parent / "killed.log", "w")
+    process = subprocess.Popen(command(lfw_tree, out), stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not latest.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    log.close()
+    assert latest.exists(), (out.parent / "killed.log").read_text()[-3000:]
+    return pd.read_csv(out / "checkpoints" / "vqvae" / "history.csv")
+
+
+def test_sigkill_then_rerun_matches_an_uninterrupted_run(lfw_tree, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir(), killed.mkdir()
+    reference = subprocess.run(command(lfw_tree, whole), capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    partial_history = kill_after_first_checkpoint(lfw_tree, killed)
+    assert len(partial_history) < EPOCHS, "the kill must land before the run ends"
+
+    resumed = subprocess.run(command(lfw_tree, killed), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming run vqvae from epoch" in resumed.stderr
+
+    expected = weights(whole / "checkpoints" / "vqvae" / "latest.keras")
+    actual = weights(killed / "checkpoints" / "vqvae" / "latest.keras")
+    assert expected.keys() == actual.keys()
+    assert any("vector_quantizer_ema" in name for name in expected) and any("optimizer" in name for name in expected)
+    for name in expected:
+        np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+    history = {out.name: pd.read_csv(out / "checkpoints" / "vqvae" / "history.csv") for out in (whole, killed)}
+    assert list(history["killed"]["epoch"]) == list(range(EPOCHS)), "no epoch logged twice or lost"
+    for column in ("loss", "val_loss", "perplexity", "revived_codes", "commitment_cost", "learning_rate"):
+        np.testing.assert_allclose(history["killed"][column], history["whole"][column], rtol=1e-5, err_msg=column)
