@@ -26,6 +26,7 @@ from training_callbacks import (
     CommitmentAnnealing,
     CosineLearningRate,
     DeadCodeRevival,
+    LossDiverged,
     ReconstructionSnapshots,
     ThroughputMeter,
     TrainingCheckpoint,
@@ -316,7 +317,25 @@ def train_run(
     paths = RunPaths.for_run(out, run_name)
     strategy = strategy or tf.distribute.get_strategy()
     with exclusive_run_lock(paths.checkpoints):
-        _train_locked(config, run_name, faces, paths, retrain, strategy)
+        for retry in range(config.runs[run_name].nan_retries + 1):
+            try:
+                _train_locked(config, run_name, faces, paths, retrain and retry == 0, strategy)
+                return
+            except LossDiverged as diverged:
+                run = config.runs[run_name]
+                if retry == run.nan_retries:
+                    raise
+                lower = run.learning_rate * run.nan_retry_lr_factor
+                log.warning(
+                    "%s Retry %d of %d: resuming from it with learning_rate %g instead of %g.",
+                    diverged,
+                    retry + 1,
+                    run.nan_retries,
+                    lower,
+                    run.learning_rate,
+                )
+                runs = {**config.runs, run_name: dataclasses.replace(run, learning_rate=lower)}
+                config = dataclasses.replace(config, runs=runs)
 
 
 def _train_locked(config, run_name, faces, paths, retrain, strategy):
@@ -362,6 +381,7 @@ def _train_locked(config, run_name, faces, paths, retrain, strategy):
             train_images = faces.subset(split["train"])
             with strategy.scope():
                 model = load_model(paths.latest_model)
+            model.optimizer.learning_rate.assign(schedule["learning_rate"])
             initial_epoch = state["epochs_done"]
             trim_history(paths.history, initial_epoch)
             log.info("resuming run %s from epoch %d (%s)", run_name, initial_epoch, paths.latest_model)
@@ -435,14 +455,16 @@ def _fit(model, run, paths, faces, split, train_images, state, initial_epoch, co
         initial_epoch=initial_epoch,
         steps_per_epoch=face_data.steps_per_epoch(len(train_images), schedule["global_batch"], whole_batches),
         callbacks=callbacks,
+        shuffle=False,
         verbose=1 if sys.stdout.isatty() else 2,
     )
     if checkpoint.diverged_epoch is not None:
-        raise TrainingError(
-            f"the loss became NaN or infinite in epoch {checkpoint.diverged_epoch}; training stopped and the "
-            f"last good checkpoint (epoch {checkpoint.epochs_done}) is kept in {paths.checkpoints}. "
-            "Rerun with a lower learning_rate (e.g. --set learning_rate=5e-4) to resume from it, "
-            "or add --retrain to start over."
+        kept = f"epoch {checkpoint.epochs_done}" if checkpoint.epochs_done else "none yet: the run starts over"
+        raise LossDiverged(
+            f"the loss became NaN or infinite in epoch {checkpoint.diverged_epoch} at learning_rate "
+            f"{run.learning_rate:g}; training stopped and the last good checkpoint ({kept}) is kept in "
+            f"{paths.checkpoints}. Rerun with a lower learning_rate (e.g. --set learning_rate="
+            f"{run.learning_rate / 4:g}) to resume from it, or add --retrain to start over."
         )
     final_state = checkpoint.state(finished=True)
     final_state["train_images_per_second"] = throughput.images_per_second or (state or {}).get(

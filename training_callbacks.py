@@ -360,6 +360,10 @@ class TrainingError(RuntimeError):
     """Training could not go on (NaN loss, checkpoint not writable, ...); the message says what to do."""
 
 
+class LossDiverged(TrainingError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
 class TrainingCheckpoint(keras.callbacks.Callback):
     """Best-by-validation model, resumable latest state, early stopping, NaN guard.
 

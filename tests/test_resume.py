@@ -2,6 +2,8 @@
 same command ends with the same weights, optimizer state, codebook and history as a run
 that was never interrupted."""
 
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +13,13 @@ import zipfile
 
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import ROOT, TINY_RUN
+
+import face_data
+import trainer
+from training_callbacks import LossDiverged, TrainingError
+from vqvae_config import load_config
 
 # Several batches per epoch, augmentation and revival on, deterministic ops, no time budget
 # (a time budget makes the learning rate follow the wall clock).
@@ -83,3 +91,44 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(lfw_tree, tmp_path):
     assert list(history["killed"]["epoch"]) == list(range(EPOCHS)), "no epoch logged twice or lost"
     for column in ("loss", "val_loss", "perplexity", "revived_codes", "commitment_cost", "learning_rate"):
         np.testing.assert_allclose(history["killed"][column], history["whole"][column], rtol=1e-5, err_msg=column)
+
+
+def tiny_config(lfw_tree, *overrides):
+    return load_config(None, [f"data.path={json.dumps(str(lfw_tree))}", *TINY_RUN, *overrides], ["vqvae"])
+
+
+def test_nan_loss_retries_from_the_checkpoint_with_a_lower_learning_rate(lfw_tree, tmp_path, monkeypatch, caplog):
+    """The first attempt diverges after writing its first checkpoint; the retry resumes at half the rate."""
+    config = tiny_config(lfw_tree, "epochs=3", "nan_retries=1", "nan_retry_lr_factor=0.5")
+    faces = face_data.load_faces(config.data, tmp_path / "cache", [])
+    real_fit, rates = trainer._fit, []
+
+    def diverge_once(model, run, paths, *args):
+        rates.append((run.learning_rate, float(model.optimizer.learning_rate.numpy())))
+        if len(rates) == 1:
+            real_fit(model, dataclasses.replace(run, epochs=1), paths, *args)
+            raise LossDiverged("the loss became NaN or infinite in epoch 2 (simulated).")
+        return real_fit(model, run, paths, *args)
+
+    monkeypatch.setattr(trainer, "_fit", diverge_once)
+    trainer.train_run(config, "vqvae", faces, tmp_path)
+    assert [rate for rate, _ in rates] == [2e-3, 1e-3]
+    assert rates[1][1] == pytest.approx(1e-3), "the resumed optimizer uses the lowered rate"
+    assert "Retry 1 of 1: resuming from it with learning_rate 0.001" in caplog.text
+    state = json.loads((tmp_path / "checkpoints" / "vqvae" / "state.json").read_text())
+    assert state["finished"] and state["epochs_done"] == 3
+
+
+def test_nan_loss_after_the_last_retry_is_a_clear_error(lfw_tree, tmp_path, monkeypatch):
+    config = tiny_config(lfw_tree, "nan_retries=2", "nan_retry_lr_factor=0.1")
+    faces = face_data.load_faces(config.data, tmp_path / "cache", [])
+    rates = []
+
+    def always_diverge(model, run, *args):
+        rates.append(run.learning_rate)
+        raise LossDiverged("the loss became NaN or infinite in epoch 1 (simulated).")
+
+    monkeypatch.setattr(trainer, "_fit", always_diverge)
+    with pytest.raises(TrainingError, match="NaN or infinite"):
+        trainer.train_run(config, "vqvae", faces, tmp_path)
+    np.testing.assert_allclose(rates, [2e-3, 2e-4, 2e-5])
