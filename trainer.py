@@ -358,6 +358,9 @@ def _train_locked(config, run_name, faces, paths, retrain, strategy):
                 shutil.rmtree(stale)
             elif stale.name != "train.lock":
                 stale.unlink()
+    for unfinished in paths.checkpoints.glob("*.partial.*"):
+        log.info("removing %s, left by a write that was interrupted", unfinished.name)
+        unfinished.unlink()
     paths.images.mkdir(parents=True, exist_ok=True)
 
     keras.utils.set_random_seed(config.seed)

@@ -31,7 +31,7 @@ class AugmentationConfig:
     `probability`; an amount of 0 (or `flip: false`) disables it.
     """
 
-    enabled: bool = True
+    enabled: bool = False
     probability: float = 0.25
     flip: bool = True
     brightness: float = 0.2
@@ -135,7 +135,7 @@ class RunConfig:
     model: Literal["vqvae", "vae"] = "vqvae"
     epochs: int = 30
     max_train_minutes: Optional[float] = None
-    batch_size: int = 64
+    batch_size: int = 8
     learning_rate: float = 2e-3
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     patience: int = 10

@@ -32,6 +32,7 @@ TINY_RUN = [
     "epochs=1",
     "max_train_minutes=null",
     "snapshot_every=1",
+    "data.augmentation.enabled=true",
 ]
 
 
