@@ -86,12 +86,14 @@ def trained_model_path(paths: RunPaths, run_name: str) -> Path:
 @dataclass
 class EvaluationResult:
     """What `evaluate_run` measured: summary metrics, per-image quality, reconstructions (N, H, W, C),
-    and for a VQ-VAE the saved token grids (N, h, w)."""
+    and for a VQ-VAE the saved token grids (N, h, w); for a VAE the per-image quality of
+    reconstructions from posterior samples."""
 
     metrics: dict
     quality: dict[str, np.ndarray]
     reconstructions: np.ndarray
     tokens: Optional[np.ndarray] = None
+    sampled_quality: Optional[dict[str, np.ndarray]] = None
 
 
 def evaluate_run(
@@ -119,7 +121,7 @@ def evaluate_run(
         )
     originals = images.astype(np.float32) / 255.0
     metrics: dict = {"run": run_name, "model": type(model).__name__, "dataset": dataset, "num_test_images": len(images)}
-    tokens = None
+    tokens, sampled_quality = None, None
     if isinstance(model, VQVAE):
         tokens = tokenize(model, images, batch_size)
         token_file = paths.checkpoints / "tokens.npz"
@@ -143,6 +145,8 @@ def evaluate_run(
         reconstructions = reconstruct(model, images, batch_size)
         metrics["kl_bits_per_image"] = float(_mean_kl_bits(model, images, batch_size))
         metrics["bits_per_image"] = metrics["kl_bits_per_image"]
+        sampled_quality = image_quality(originals, _posterior_samples(model, images, batch_size))
+        metrics.update({f"{name}_posterior_sample": float(v.mean()) for name, v in sampled_quality.items()})
     quality = image_quality(originals, reconstructions)
     metrics.update({name: float(values.mean()) for name, values in quality.items()})
     state = read_state(paths) or {}
@@ -159,7 +163,16 @@ def evaluate_run(
         paths.images / "reconstructions.png",
         title=f"{run_name}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f} on {len(images)} test faces",
     )
-    return EvaluationResult(metrics, quality, reconstructions, tokens)
+    return EvaluationResult(metrics, quality, reconstructions, tokens, sampled_quality)
+
+
+def _posterior_samples(model: VAE, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Reconstructions from one posterior sample per image, seeded by the batch number (repeatable)."""
+    decode_sample = tf.function(model.decode_posterior_sample)
+    batches = face_data.make_dataset(images, batch_size)
+    return np.concatenate(
+        [decode_sample(batch, tf.constant([0, number], tf.int64)).numpy() for number, batch in enumerate(batches)]
+    ).astype(np.float32)
 
 
 def _mean_kl_bits(model: VAE, images: np.ndarray, batch_size: int) -> float:

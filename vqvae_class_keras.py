@@ -625,6 +625,17 @@ class VAE(ReconstructionModel):
         mean, _ = self.posterior(images)
         return self.decoder(mean)
 
+    def decode_posterior_sample(self, images, seed):
+        """Reconstruct from z ~ q(z|x) instead of the mean: (B, H, W, C) -> (B, H, W, C).
+
+        A code of about KL bits can carry a posterior sample (relative-entropy
+        coding), not the exact mean, so this is the VAE's honest point at its KL
+        rate. `seed` is a stateless seed, int tensor (2,).
+        """
+        mean, log_variance = self.posterior(images)
+        noise = tf.random.stateless_normal(ops.shape(mean), seed=seed)
+        return self.decoder(mean + ops.exp(0.5 * log_variance) * noise)
+
     def compute_losses(self, images, training):
         mean, log_variance = self.posterior(images)
         latents = mean

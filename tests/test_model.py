@@ -103,3 +103,18 @@ def test_vae_kl_matches_closed_form():
     np.testing.assert_allclose(float(values["loss"]), expected_loss, rtol=1e-4)
     # Inference decodes the posterior mean: no sampling noise.
     np.testing.assert_array_equal(model(x).numpy(), model(x).numpy())
+
+
+def test_vae_posterior_sample_is_mean_plus_scaled_noise():
+    x = images(n=4)
+    model = VAE(image_channels=3, latent_dim=4, seed=0, **TINY)
+    model.build(x.shape)
+    seed = tf.constant([0, 7], tf.int64)
+    mean, log_variance = model.posterior(x)
+    noise = tf.random.stateless_normal(mean.shape, seed=seed)
+    expected = model.decoder(mean + tf.exp(0.5 * log_variance) * noise).numpy()
+    sample = model.decode_posterior_sample(tf.constant(x), seed).numpy()
+    np.testing.assert_allclose(sample, expected, atol=1e-6)
+    other = model.decode_posterior_sample(tf.constant(x), tf.constant([0, 8], tf.int64)).numpy()
+    assert np.abs(sample - other).max() > 1e-4, "another seed draws another sample"
+    assert np.abs(sample - model(x).numpy()).max() > 1e-4, "differs from decoding the mean"
