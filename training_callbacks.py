@@ -139,26 +139,31 @@ class DeadCodeRevival(keras.callbacks.Callback):
         self.every_n_batches = every_n_batches
         self.seed = tf.constant([seed, 1], tf.int64)
         self.revived = tf.Variable(0, dtype=tf.int32, trainable=False)
+        self.steps_done = 0
         self._revive = tf.function(
-            lambda step: self.revived.assign_add(
+            lambda: self.revived.assign_add(
                 revive_dead_codes(
                     quantizer,
                     threshold,
                     max_revivals_per_batch,
                     noise,
                     source,
-                    tf.random.experimental.stateless_fold_in(self.seed, step),
+                    tf.random.experimental.stateless_fold_in(self.seed, self.model.optimizer.iterations),
                 )
             )
         )
+
+    def on_train_begin(self, logs=None):
+        # Read the step counter once; per batch it is only counted in Python and read inside the graph.
+        self.steps_done = int(self.model.optimizer.iterations.numpy())
 
     def on_epoch_begin(self, epoch, logs=None):
         self.revived.assign(0)
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        if step % self.every_n_batches == 0:
-            self._revive(tf.constant(step, tf.int64))
+        self.steps_done += 1
+        if self.steps_done % self.every_n_batches == 0:
+            self._revive()
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:

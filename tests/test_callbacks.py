@@ -112,6 +112,7 @@ def test_revival_callback_runs_every_n_batches_and_reports():
     callback = DeadCodeRevival(quantizer, threshold=0.5, max_revivals_per_batch=1, every_n_batches=2, noise=0.0)
     model = FakeModel()
     callback.set_model(model)
+    callback.on_train_begin()
     reports = []
     for epoch in range(2):
         callback.on_epoch_begin(epoch)
