@@ -82,12 +82,14 @@ def smooth_images(n, size=16):
 
 
 def test_training_reduces_the_loss_and_uses_codes():
+    # 30 epochs: over seeds 0-5 the loss falls to 10-25% of its start (15 epochs gave 47-74%, too close to call).
+    keras.utils.set_random_seed(0)
     x = np.repeat(smooth_images(4), 8, axis=0)
     model = VQVAE(image_channels=3, embedding_dim=4, num_embeddings=16, seed=0, **TINY)
     model.compile(optimizer=keras.optimizers.Adam(3e-3))
     model.build(x.shape)
-    history = model.fit(x, epochs=15, batch_size=8, verbose=0).history
-    assert history["reconstruction_loss"][-1] < 0.7 * history["reconstruction_loss"][0]
+    history = model.fit(x, epochs=30, batch_size=8, verbose=0).history
+    assert history["reconstruction_loss"][-1] < 0.5 * history["reconstruction_loss"][0]
     assert history["active_code_fraction"][-1] > 0.1
 
 
