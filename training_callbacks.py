@@ -25,13 +25,18 @@ from atomic_files import write_atomically, write_json_atomically
 
 
 class CommitmentAnnealing(keras.callbacks.Callback):
-    """Steer the quantizer's `commitment_cost` by the fraction of active codes, once per epoch.
+    """Steer the quantizer's `commitment_cost` by how evenly the codebook is used, once per epoch.
 
-    Below `[target_low, target_high]` the cost is divided by `factor` (weaker
-    commitment lets encoder outputs move and reach unused codes); above it the
-    cost is multiplied by `factor`; inside it the cost decays by `decay`. The
-    result is clamped to `[min_cost, max_cost]`. The cost lives in a layer
-    weight, so checkpoints keep the annealed value.
+    The statistic is `quantizer.codebook_evenness()`: the perplexity of the EMA
+    code counts over K (1 = every code equally used). It does not depend on the
+    batch size, unlike the fraction of codes hit in one batch (at batch 8 a
+    batch has 2,048 tokens for 512 codes, so that fraction stays near 0.86 even
+    when every code is in use). Below `[target_low, target_high]` the cost is
+    divided by `factor` (weaker commitment lets encoder outputs move and reach
+    rarely used codes); above it the cost is multiplied by `factor`; inside it
+    the cost decays by `decay`. The result is clamped to `[min_cost, max_cost]`.
+    The cost lives in a layer weight, so checkpoints keep the annealed value.
+    Logs `codebook_evenness` and `commitment_cost`.
     """
 
     def __init__(self, quantizer, target_low, target_high, factor, decay, min_cost, max_cost):
@@ -45,11 +50,11 @@ class CommitmentAnnealing(keras.callbacks.Callback):
         self.factor, self.decay = factor, decay
         self.min_cost, self.max_cost = min_cost, max_cost
 
-    def next_cost(self, cost: float, active_fraction: float) -> float:
-        """The annealing rule: the new commitment cost for this epoch's active-code fraction."""
-        if active_fraction < self.target_low:
+    def next_cost(self, cost: float, evenness: float) -> float:
+        """The annealing rule: the new commitment cost for this epoch's codebook evenness."""
+        if evenness < self.target_low:
             cost = cost / self.factor
-        elif active_fraction > self.target_high:
+        elif evenness > self.target_high:
             cost = cost * self.factor
         else:
             cost = cost * self.decay
@@ -57,10 +62,10 @@ class CommitmentAnnealing(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
-        if "active_code_fraction" not in logs:
-            return
-        cost = self.next_cost(float(self.quantizer.commitment_cost.numpy()), float(logs["active_code_fraction"]))
+        evenness = float(self.quantizer.codebook_evenness())
+        cost = self.next_cost(float(self.quantizer.commitment_cost.numpy()), evenness)
         self.quantizer.commitment_cost.assign(cost)
+        logs["codebook_evenness"] = evenness
         logs["commitment_cost"] = cost
 
 

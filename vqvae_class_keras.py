@@ -334,8 +334,7 @@ class VectorQuantizerEMA(layers.Layer):
             self._ema_update(flat, flat_indices, counts)
             self.latent_sample.assign(sample)
         commitment_loss = self.commitment_cost * ops.mean(ops.square(inputs - ops.stop_gradient(quantized)))
-        probabilities = counts / ops.sum(counts)
-        perplexity = ops.exp(-ops.sum(probabilities * ops.log(probabilities + 1e-10)))
+        perplexity = _perplexity(counts)
         active_fraction = ops.mean(ops.cast(counts > 0, "float32"))
         return {
             "quantized": inputs + ops.stop_gradient(quantized - inputs),
@@ -344,6 +343,15 @@ class VectorQuantizerEMA(layers.Layer):
             "perplexity": perplexity,
             "active_fraction": active_fraction,
         }
+
+    def codebook_evenness(self):
+        """Perplexity of the EMA code counts divided by K, a scalar in (0, 1].
+
+        1 when every code is used equally often, 1/K when one code takes every
+        input. The counts average over about 1 / (1 - decay) batches, so unlike the
+        per-batch `active_fraction` this does not depend on the batch size.
+        """
+        return _perplexity(ops.convert_to_tensor(self.ema_cluster_size)) / self.num_embeddings
 
     def _initialize_from_data_once(self, sample):
         """With codebook_init="data": on the first training call, codes := `sample` (K, D) of the inputs.
@@ -407,6 +415,12 @@ class VectorQuantizerEMA(layers.Layer):
             "codebook_init": self.codebook_init,
             "seed": self.seed,
         }
+
+
+def _perplexity(counts):
+    """exp(entropy) of the distribution proportional to non-negative `counts` (K,)."""
+    probabilities = counts / ops.sum(counts)
+    return ops.exp(-ops.sum(probabilities * ops.log(probabilities + 1e-10)))
 
 
 class ReconstructionModel(keras.Model):

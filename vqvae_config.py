@@ -86,11 +86,11 @@ class DataConfig:
 
 @dataclass
 class AnnealingConfig:
-    """`CommitmentAnnealing`: steer commitment_cost by the active-code fraction."""
+    """`CommitmentAnnealing`: steer commitment_cost by the codebook evenness (EMA perplexity / K)."""
 
     enabled: bool = True
-    target_low: float = 0.9
-    target_high: float = 0.98
+    target_low: float = 0.75
+    target_high: float = 0.9
     factor: float = 1.1
     decay: float = 0.995
     min_cost: float = 0.05

@@ -26,23 +26,32 @@ def annealer(quantizer=None):
 
 def test_annealing_direction_and_clamps():
     rule = annealer()
-    assert rule.next_cost(0.4, active_fraction=0.5) == pytest.approx(0.2)  # below band: decrease
-    assert rule.next_cost(0.4, active_fraction=0.95) == pytest.approx(0.8)  # above band: increase
-    assert rule.next_cost(0.4, active_fraction=0.85) == pytest.approx(0.2)  # inside: decay
-    assert rule.next_cost(0.15, active_fraction=0.5) == pytest.approx(0.1)  # clamped at min
-    assert rule.next_cost(0.7, active_fraction=0.99) == pytest.approx(1.0)  # clamped at max
+    assert rule.next_cost(0.4, evenness=0.5) == pytest.approx(0.2)  # below band: decrease
+    assert rule.next_cost(0.4, evenness=0.95) == pytest.approx(0.8)  # above band: increase
+    assert rule.next_cost(0.4, evenness=0.85) == pytest.approx(0.2)  # inside: decay
+    assert rule.next_cost(0.15, evenness=0.5) == pytest.approx(0.1)  # clamped at min
+    assert rule.next_cost(0.7, evenness=0.99) == pytest.approx(1.0)  # clamped at max
     with pytest.raises(ValueError):
         CommitmentAnnealing(None, 0.9, 0.8, 2.0, 0.5, 0.1, 1.0)
 
 
-def test_annealing_writes_the_layer_weight_and_logs():
+@pytest.mark.parametrize(
+    "counts, evenness, cost",
+    [
+        ([2.0, 2.0, 0.0, 0.0], 0.5, 0.2),  # two codes share the inputs: perplexity 2 of K=4, below the band
+        ([1.0, 1.0, 1.0, 1.0], 1.0, 0.8),  # all four equally used: above the band
+        ([0.7, 0.1, 0.1, 0.1], 0.6403, 0.2),  # exp(-(.7 ln .7 + 3 x .1 ln .1)) / 4 = 2.5611 / 4
+    ],
+)
+def test_annealing_reads_the_evenness_of_the_ema_counts(counts, evenness, cost):
     quantizer = VectorQuantizerEMA(4, 2, commitment_cost=0.4)
     quantizer.build((None, 2))
-    callback = annealer(quantizer)
-    logs = {"active_code_fraction": 0.95}
-    callback.on_epoch_end(0, logs)
-    assert quantizer.commitment_cost.numpy() == pytest.approx(0.8)
-    assert logs["commitment_cost"] == pytest.approx(0.8)
+    quantizer.ema_cluster_size.assign(np.array(counts, np.float32))
+    logs = {"active_code_fraction": 0.95}  # a per-batch statistic the rule must not read
+    annealer(quantizer).on_epoch_end(0, logs)
+    assert logs["codebook_evenness"] == pytest.approx(evenness, abs=1e-4)
+    assert quantizer.commitment_cost.numpy() == pytest.approx(cost)
+    assert logs["commitment_cost"] == pytest.approx(cost)
 
 
 def quantizer_with_usage(usage, dim=2):
