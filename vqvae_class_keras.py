@@ -646,9 +646,13 @@ class VAE(ReconstructionModel):
         coding), not the exact mean, so this is the VAE's honest point at its KL
         rate. `seed` is a stateless seed, int tensor (2,).
         """
-        mean, log_variance = self.posterior(images)
+        return self.decoder(self.sample_latents(*self.posterior(images), seed))
+
+    @staticmethod
+    def sample_latents(mean, log_variance, seed):
+        """z = mean + exp(log_variance / 2) * noise, noise ~ N(0, I) drawn from the stateless `seed` (2,)."""
         noise = tf.random.stateless_normal(ops.shape(mean), seed=seed)
-        return self.decoder(mean + ops.exp(0.5 * log_variance) * noise)
+        return mean + ops.exp(0.5 * log_variance) * noise
 
     def compute_losses(self, images, training):
         mean, log_variance = self.posterior(images)
@@ -656,8 +660,7 @@ class VAE(ReconstructionModel):
         if training:
             replica = tf.distribute.get_replica_context().replica_id_in_sync_group
             seed = tf.random.experimental.stateless_fold_in(self.noise_seeds.next(), replica)
-            noise = tf.random.stateless_normal(ops.shape(mean), seed=seed)
-            latents = mean + ops.exp(0.5 * log_variance) * noise
+            latents = self.sample_latents(mean, log_variance, seed)
         reconstructions = self.decoder(latents, training=training)
         reconstruction_loss = _reconstruction_error(images, reconstructions, self.data_variance)
         kl_per_image = self.kl_nats(mean, log_variance)
