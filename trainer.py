@@ -44,7 +44,9 @@ ARCHITECTURE_KEYS = (
     "encoder_filters",
     "decoder_filters",
     "num_residual_blocks",
+    "decoder_residual_blocks",
     "residual_hidden_channels",
+    "activation",
     "embedding_dim",
     "num_embeddings",
     "latent_dim",
@@ -208,6 +210,9 @@ def build_model(
         decoder_filters=run.decoder_filters,
         num_residual_blocks=run.num_residual_blocks,
         residual_hidden_channels=run.residual_hidden_channels,
+        decoder_residual_blocks=run.decoder_residual_blocks,
+        activation=run.activation,
+        reconstruction_loss=run.reconstruction_loss,
         data_variance=data_variance,
         seed=seed,
     )
@@ -239,10 +244,12 @@ def check_compatible(paths: RunPaths, config: ExperimentConfig, run_name: str) -
     saved = json.loads(paths.resolved_config.read_text(encoding="utf-8"))
     current_run = dataclasses.asdict(config.runs[run_name])
     current_data = dataclasses.asdict(config.data)
+    # Keys added after a checkpoint was written take their default there.
+    saved_run = {**dataclasses.asdict(RunConfig(model=current_run["model"])), **saved["run"]}
     mismatches = [
-        f"{key}: checkpoint {saved['run'].get(key)!r}, config {current_run[key]!r}"
+        f"{key}: checkpoint {saved_run[key]!r}, config {current_run[key]!r}"
         for key in ARCHITECTURE_KEYS
-        if saved["run"].get(key) != current_run[key]
+        if saved_run[key] != current_run[key]
     ] + [
         f"data.{key}: checkpoint {saved['data'].get(key)!r}, config {current_data[key]!r}"
         for key in DATA_KEYS

@@ -21,15 +21,17 @@ PACKAGE = "vqvae_faces"
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class ResidualBlock(layers.Layer):
-    """ReLU -> 3x3 conv -> ReLU -> 1x1 conv, added to the input (van den Oord et al. 2017).
+    """act -> 3x3 conv -> act -> 1x1 conv, added to the input (van den Oord et al. 2017, with ReLU).
 
     Input/Output shape: (B, h, w, channels).
     """
 
-    def __init__(self, channels, hidden_channels=None, **kwargs):
+    def __init__(self, channels, hidden_channels=None, activation="relu", **kwargs):
         super().__init__(**kwargs)
         self.channels = channels
         self.hidden_channels = hidden_channels or channels
+        self.activation = activation
+        self.act = keras.activations.get(activation)
         self.conv_3x3 = layers.Conv2D(self.hidden_channels, 3, padding="same")
         self.conv_1x1 = layers.Conv2D(channels, 1)
 
@@ -42,11 +44,16 @@ class ResidualBlock(layers.Layer):
         self.conv_1x1.build(tuple(input_shape[:-1]) + (self.hidden_channels,))
 
     def call(self, x):
-        h = self.conv_3x3(ops.relu(x))
-        return x + self.conv_1x1(ops.relu(h))
+        h = self.conv_3x3(self.act(x))
+        return x + self.conv_1x1(self.act(h))
 
     def get_config(self):
-        return {**super().get_config(), "channels": self.channels, "hidden_channels": self.hidden_channels}
+        return {
+            **super().get_config(),
+            "channels": self.channels,
+            "hidden_channels": self.hidden_channels,
+            "activation": self.activation,
+        }
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -57,15 +64,25 @@ class Encoder(layers.Layer):
     """
 
     def __init__(
-        self, filters=(64, 128), num_residual_blocks=2, output_channels=16, residual_hidden_channels=32, **kwargs
+        self,
+        filters=(64, 128),
+        num_residual_blocks=2,
+        output_channels=16,
+        residual_hidden_channels=32,
+        activation="relu",
+        **kwargs,
     ):
         super().__init__(**kwargs)
         self.filters = list(filters)
         self.num_residual_blocks = num_residual_blocks
         self.output_channels = output_channels
         self.residual_hidden_channels = residual_hidden_channels
-        self.downsamplers = [layers.Conv2D(f, 4, strides=2, padding="same", activation="relu") for f in self.filters]
-        self.blocks = [ResidualBlock(self.filters[-1], residual_hidden_channels) for _ in range(num_residual_blocks)]
+        self.activation = activation
+        self.act = keras.activations.get(activation)
+        self.downsamplers = [layers.Conv2D(f, 4, strides=2, padding="same", activation=activation) for f in self.filters]
+        self.blocks = [
+            ResidualBlock(self.filters[-1], residual_hidden_channels, activation) for _ in range(num_residual_blocks)
+        ]
         self.project = layers.Conv2D(output_channels, 1)
 
     def call(self, images):
@@ -74,7 +91,7 @@ class Encoder(layers.Layer):
             x = layer(x)
         for block in self.blocks:
             x = block(x)
-        return self.project(ops.relu(x))
+        return self.project(self.act(x))
 
     def get_config(self):
         return {
@@ -83,6 +100,7 @@ class Encoder(layers.Layer):
             "num_residual_blocks": self.num_residual_blocks,
             "output_channels": self.output_channels,
             "residual_hidden_channels": self.residual_hidden_channels,
+            "activation": self.activation,
         }
 
 
@@ -97,17 +115,27 @@ class Decoder(layers.Layer):
     """
 
     def __init__(
-        self, filters=(128, 64), num_residual_blocks=2, image_channels=3, residual_hidden_channels=32, **kwargs
+        self,
+        filters=(128, 64),
+        num_residual_blocks=2,
+        image_channels=3,
+        residual_hidden_channels=32,
+        activation="relu",
+        **kwargs,
     ):
         super().__init__(**kwargs)
         self.filters = list(filters)
         self.num_residual_blocks = num_residual_blocks
         self.image_channels = image_channels
         self.residual_hidden_channels = residual_hidden_channels
+        self.activation = activation
+        self.act = keras.activations.get(activation)
         self.mix = layers.Conv2D(self.filters[0], 3, padding="same")
-        self.blocks = [ResidualBlock(self.filters[0], residual_hidden_channels) for _ in range(num_residual_blocks)]
+        self.blocks = [
+            ResidualBlock(self.filters[0], residual_hidden_channels, activation) for _ in range(num_residual_blocks)
+        ]
         self.upsamplers = [
-            layers.Conv2DTranspose(f, 4, strides=2, padding="same", activation="relu") for f in self.filters[1:]
+            layers.Conv2DTranspose(f, 4, strides=2, padding="same", activation=activation) for f in self.filters[1:]
         ]
         self.to_image = layers.Conv2DTranspose(
             image_channels, 4, strides=2, padding="same", activation="sigmoid", dtype="float32"
@@ -117,7 +145,7 @@ class Decoder(layers.Layer):
         x = self.mix(latents)
         for block in self.blocks:
             x = block(x)
-        x = ops.relu(x)
+        x = self.act(x)
         for layer in self.upsamplers:
             x = layer(x)
         return self.to_image(x)
@@ -129,6 +157,7 @@ class Decoder(layers.Layer):
             "num_residual_blocks": self.num_residual_blocks,
             "image_channels": self.image_channels,
             "residual_hidden_channels": self.residual_hidden_channels,
+            "activation": self.activation,
         }
 
 
@@ -432,8 +461,14 @@ class ReconstructionModel(keras.Model):
         encoder_filters / decoder_filters: one entry per 2x down/upsampling.
         num_residual_blocks: residual blocks at the token-grid resolution, each side.
         residual_hidden_channels: bottleneck width inside each residual block.
-        data_variance: if set, the reconstruction loss is MSE / data_variance
-            (as in the original recipe); None keeps plain MSE.
+        decoder_residual_blocks: residual blocks of the decoder; None: as many
+            as the encoder (`num_residual_blocks`).
+        activation: nonlinearity of the trunk ("relu", "silu", "gelu", ...).
+        reconstruction_loss: "mse", or "psnr": the per-image squared errors
+            weighted so the gradient is that of the mean per-image log MSE, the
+            quantity mean PSNR measures (see `_reconstruction_error`).
+        data_variance: if set, the reconstruction loss is divided by
+            data_variance (as in the original recipe); None keeps plain MSE.
         seed: seed of the model's random draws.
 
     Builds `self.encoder` (with `latent_channels` outputs per grid cell) and
@@ -454,26 +489,39 @@ class ReconstructionModel(keras.Model):
         decoder_filters=(128, 32),
         num_residual_blocks=2,
         residual_hidden_channels=32,
+        decoder_residual_blocks=None,
+        activation="relu",
+        reconstruction_loss="mse",
         data_variance=None,
         seed=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if reconstruction_loss not in RECONSTRUCTION_LOSSES:
+            raise ValueError(
+                f"reconstruction_loss must be one of {RECONSTRUCTION_LOSSES}, "
+                f"received reconstruction_loss={reconstruction_loss!r}"
+            )
         self.trunk_config = dict(
             image_channels=image_channels,
             encoder_filters=list(encoder_filters),
             decoder_filters=list(decoder_filters),
             num_residual_blocks=num_residual_blocks,
             residual_hidden_channels=residual_hidden_channels,
+            decoder_residual_blocks=decoder_residual_blocks,
+            activation=activation,
+            reconstruction_loss=reconstruction_loss,
             data_variance=data_variance,
             seed=seed,
         )
+        self.reconstruction_loss = reconstruction_loss
         self.data_variance = data_variance
         self.encoder = Encoder(
-            encoder_filters, num_residual_blocks, latent_channels, residual_hidden_channels, name="encoder"
+            encoder_filters, num_residual_blocks, latent_channels, residual_hidden_channels, activation, name="encoder"
         )
+        decoder_blocks = num_residual_blocks if decoder_residual_blocks is None else decoder_residual_blocks
         self.decoder = Decoder(
-            decoder_filters, num_residual_blocks, image_channels, residual_hidden_channels, name="decoder"
+            decoder_filters, decoder_blocks, image_channels, residual_hidden_channels, activation, name="decoder"
         )
         self.trackers = {name: keras.metrics.Mean(name=name) for name in self.metric_names}
 
@@ -516,8 +564,24 @@ class ReconstructionModel(keras.Model):
         self.built = True
 
 
-def _reconstruction_error(images, reconstructions, data_variance):
-    error = ops.mean(ops.square(ops.cast(images, "float32") - ops.cast(reconstructions, "float32")))
+RECONSTRUCTION_LOSSES = ("mse", "psnr")
+
+
+def _reconstruction_error(images, reconstructions, kind, data_variance):
+    """The reconstruction loss, a scalar, for images and reconstructions (B, H, W, C).
+
+    "mse": mean squared error. "psnr": sum_i w_i * mse_i / B with constant
+    (stop-gradient) weights w_i = mean(mse) / mse_i. Its value equals the MSE,
+    and its gradient is mean(mse) times the gradient of mean_i log(mse_i), so
+    it maximises the mean per-image PSNR (which weighs every face equally,
+    where MSE favours the hard ones) at the same loss scale as MSE, leaving the
+    balance with the commitment and KL terms unchanged.
+    """
+    per_image = ops.mean(ops.square(ops.cast(images, "float32") - ops.cast(reconstructions, "float32")), axis=(1, 2, 3))
+    error = ops.mean(per_image)
+    if kind == "psnr":
+        weights = ops.stop_gradient(error / ops.maximum(per_image, 1e-12))
+        error = ops.mean(weights * per_image)
     return error / data_variance if data_variance else error
 
 
@@ -530,7 +594,8 @@ class VQVAE(ReconstructionModel):
         codebook_init: see `VectorQuantizerEMA`.
         **trunk: the `ReconstructionModel` trunk arguments (image_channels,
             encoder_filters, decoder_filters, num_residual_blocks,
-            residual_hidden_channels, data_variance, seed).
+            residual_hidden_channels, decoder_residual_blocks, activation,
+            reconstruction_loss, data_variance, seed).
 
     Input shape: (B, H, W, C) in [0, 1]. Output: reconstructions of the same shape.
     Tokens: `encode_to_tokens` gives (B, h, w) int32, `decode_tokens` inverts it.
@@ -575,7 +640,7 @@ class VQVAE(ReconstructionModel):
     def compute_losses(self, images, training):
         vq = self.quantizer(self.encoder(images, training=training), training=training)
         reconstructions = self.decoder(vq["quantized"], training=training)
-        reconstruction_loss = _reconstruction_error(images, reconstructions, self.data_variance)
+        reconstruction_loss = _reconstruction_error(images, reconstructions, self.reconstruction_loss, self.data_variance)
         return {
             "loss": reconstruction_loss + vq["commitment_loss"],
             "reconstruction_loss": reconstruction_loss,
@@ -662,7 +727,7 @@ class VAE(ReconstructionModel):
             seed = tf.random.experimental.stateless_fold_in(self.noise_seeds.next(), replica)
             latents = self.sample_latents(mean, log_variance, seed)
         reconstructions = self.decoder(latents, training=training)
-        reconstruction_loss = _reconstruction_error(images, reconstructions, self.data_variance)
+        reconstruction_loss = _reconstruction_error(images, reconstructions, self.reconstruction_loss, self.data_variance)
         kl_per_image = self.kl_nats(mean, log_variance)
         values_per_image = float(np.prod(images.shape[1:]))
         kl_loss = ops.mean(kl_per_image) / values_per_image

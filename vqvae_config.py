@@ -145,7 +145,10 @@ class RunConfig:
     encoder_filters: list[int] = field(default_factory=lambda: [32, 128])
     decoder_filters: list[int] = field(default_factory=lambda: [128, 32])
     num_residual_blocks: int = 2
+    decoder_residual_blocks: Optional[int] = None
     residual_hidden_channels: int = 32
+    activation: Literal["relu", "silu", "gelu"] = "relu"
+    reconstruction_loss: Literal["mse", "psnr"] = "mse"
     embedding_dim: int = 16
     num_embeddings: int = 512
     commitment_cost: float = 0.25
@@ -183,6 +186,8 @@ class RunConfig:
             for value in getattr(self, key):
                 _check_range(path, key, value, 1, 4096)
         _check_range(path, "num_residual_blocks", self.num_residual_blocks, 0, 64)
+        if self.decoder_residual_blocks is not None:
+            _check_range(path, "decoder_residual_blocks", self.decoder_residual_blocks, 0, 64)
         _check_range(path, "residual_hidden_channels", self.residual_hidden_channels, 1, 4096)
         if self.min_epoch_to_start_saving > self.epochs:
             raise ConfigError(

@@ -39,6 +39,8 @@ def test_defaults_without_a_file():
         ({"data": {"image_size": 30}, "runs": {"a": {}}}, "data.image_size=30"),
         ({"runs": {"a": {"decoder_filters": [8]}}}, "runs.a.decoder_filters"),
         ({"data": {"augmentation": {"probability": 2}}}, "data.augmentation.probability"),
+        ({"runs": {"a": {"activation": "tanh"}}}, "runs.a.activation"),
+        ({"runs": {"a": {"decoder_residual_blocks": -1}}}, "runs.a.decoder_residual_blocks"),
         ({"compare": ["nope"]}, "nope"),
     ],
 )

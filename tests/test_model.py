@@ -53,8 +53,11 @@ def test_serialization_round_trip_in_safe_mode(cls, tmp_path):
     "layer",
     [
         ResidualBlock(8, 4),
+        ResidualBlock(8, 4, activation="silu"),
         Encoder([8, 16], 1, 4, 8),
+        Encoder([8, 16], 1, 4, 8, activation="gelu"),
         Decoder([16, 8], 1, 3, 8),
+        Decoder([16, 8], 3, 3, 8, activation="silu"),
         VectorQuantizerEMA(16, 4, commitment_cost=0.3, decay=0.95, epsilon=1e-4, codebook_init="uniform", seed=2),
     ],
 )
@@ -62,6 +65,19 @@ def test_layer_get_config_round_trip(layer):
     config = layer.get_config()
     clone = type(layer).from_config(config)
     assert clone.get_config() == config
+
+
+def test_trunk_options_shape_the_layers():
+    model = VQVAE(
+        image_channels=3, embedding_dim=4, num_embeddings=16, decoder_residual_blocks=3, activation="silu", **TINY
+    )
+    model.build((None, 16, 16, 3))
+    assert len(model.encoder.blocks) == 1 and len(model.decoder.blocks) == 3
+    x = np.array([-1.0, 0.5], np.float32)
+    block = model.decoder.blocks[0]
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(block.act(x)), x / (1 + np.exp(-x)), rtol=1e-6)
+    with pytest.raises(ValueError, match="received reconstruction_loss='l1'"):
+        VQVAE(image_channels=3, reconstruction_loss="l1", **TINY)
 
 
 def test_token_round_trip_equals_reconstruction():

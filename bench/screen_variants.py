@@ -1,0 +1,233 @@
+"""Screen model variants at equal CPU training time, on any device.
+
+An 8-minute CPU run of a variant does about `cpu_rate x 480 / batch` optimizer
+steps, where `cpu_rate` is its training images/s on the 2-core CPU. This script
+trains each variant for exactly that many steps (the cosine schedule spread over
+them), on whatever device TensorFlow has, and measures it on the same
+identity-disjoint test faces as `vqvae_face_main.py`. On a GPU, a dozen variants
+run side by side in the time one CPU run takes; the winners are then confirmed
+with real time-limited CPU runs (`bench/QUALITY.md`).
+
+    # 1. on the CPU: each variant's train-step images/s, relative to the default
+    python bench/screen_variants.py rates --out bench/screen_rates.json
+    # 2. anywhere: train and evaluate every variant for its CPU-equivalent steps
+    python bench/screen_variants.py train --data ../shared/data/lfw-deepfunneled-dev.tgz \\
+        --rates bench/screen_rates.json --cpu-images-per-s 129 --minutes 8 --jobs 6
+
+Variants are overrides of the "vqvae" run of experiment.json, as `--set` takes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import ROOT, report
+
+VARIANTS = {
+    "default": [],
+    "silu": ["activation=silu"],
+    "psnr loss": ["reconstruction_loss=psnr"],
+    "silu + psnr loss": ["activation=silu", "reconstruction_loss=psnr"],
+    "residual hidden 64": ["residual_hidden_channels=64"],
+    "3 residual blocks each side": ["num_residual_blocks=3"],
+    "encoder 1 / decoder 3 blocks": ["num_residual_blocks=1", "decoder_residual_blocks=3"],
+    "encoder 2 / decoder 4 blocks": ["decoder_residual_blocks=4"],
+    "D=8": ["embedding_dim=8"],
+    "D=32": ["embedding_dim=32"],
+    "encoder [64,128] / decoder [128,64]": ["encoder_filters=[64,128]", "decoder_filters=[128,64]"],
+    "learning rate 3e-3": ["learning_rate=0.003"],
+    "commitment at most 0.1": ["commitment_cost=0.1", "annealing.max_cost=0.1"],
+    "EMA decay 0.995": ["ema_decay=0.995"],
+}
+
+
+# Settings that leave the train step's arithmetic as it is (up to a few element-wise ops):
+# variants that change only these train at the default's rate.
+SAME_COST_KEYS = {"learning_rate", "lr_schedule", "commitment_cost", "ema_decay", "annealing", "revival"}
+SAME_COST_KEYS |= {"reconstruction_loss"}
+
+
+def same_cost(overrides: list[str]) -> bool:
+    return all(item.split("=")[0].split(".")[0] in SAME_COST_KEYS for item in overrides)
+
+
+def run_config(overrides: list[str]):
+    from vqvae_config import load_config
+
+    return load_config(ROOT / "experiment.json", overrides, ["vqvae"])
+
+
+def measure_rates(args) -> None:
+    """Train-step images/s of every variant on synthetic faces, interleaved rounds, median."""
+    import keras
+    import tensorflow as tf
+    from bench_trunk import images_per_second
+    from common import sample_images
+
+    from trainer import build_model
+
+    measured = {name: overrides for name, overrides in VARIANTS.items() if name == "default" or not same_cost(overrides)}
+    steps = {}
+    for name, overrides in measured.items():
+        run = run_config(overrides).runs["vqvae"]
+        images = sample_images(run.batch_size, 64)
+        keras.utils.set_random_seed(0)
+        model = build_model(run, 3, None, seed=0)
+        model.build((None,) + images.shape[1:])
+        step = tf.function(model.train_step)
+        batch = tf.constant(images.astype("float32") / 255.0)
+        for _ in range(3):
+            step(batch)
+        steps[name] = (step, batch)
+    rates = {name: [] for name in measured}
+    for _ in range(args.rounds):
+        for name, (step, batch) in steps.items():
+            rates[name].append(images_per_second(step, batch, args.steps))
+    base = statistics.median(rates["default"])
+    rows = []
+    for name, overrides in VARIANTS.items():
+        rate = statistics.median(rates[name]) if name in rates else base
+        rows.append({"variant": name, "images_per_s": rate, "ratio_to_default": rate / base, "measured": name in rates})
+    report("screen_rates", rows)
+    Path(args.out).write_text(json.dumps({row["variant"]: row["ratio_to_default"] for row in rows}, indent=2))
+
+
+def train_one(args) -> dict:
+    """Train variant `args.variant` for its CPU-equivalent steps; return its test metrics."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+
+    import face_data
+    from evaluation import code_statistics, image_quality
+    from trainer import build_model
+    from training_callbacks import CommitmentAnnealing, CosineLearningRate, DeadCodeRevival, TrainingClock
+
+    config = run_config(VARIANTS[args.variant])
+    config.data.path = args.data
+    run = config.runs["vqvae"]
+    ratio = json.loads(Path(args.rates).read_text())[args.variant]
+    steps = int(args.cpu_images_per_s * ratio * args.minutes * 60 / run.batch_size)
+
+    faces = face_data.load_faces(config.data, ROOT / "checkpoints" / "data_cache", [])
+    split = face_data.split_by_person(faces.persons, config.data.val_fraction, config.data.test_fraction, config.seed)
+    train_images, test_images = faces.subset(split["train"]), faces.subset(split["test"])
+    per_epoch = face_data.steps_per_epoch(len(train_images), run.batch_size, False)
+    epochs = steps / per_epoch
+
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(run, faces.channels, None, config.seed)
+    model.build((None,) + faces.images.shape[1:])
+    clock = TrainingClock(epochs)
+    r, a = run.revival, run.annealing
+    callbacks = [
+        clock,
+        CosineLearningRate(run.learning_rate, clock),
+        DeadCodeRevival(
+            model.quantizer, r.threshold, r.max_revivals_per_batch, r.every_n_batches, r.noise, r.source, config.seed
+        ),
+        CommitmentAnnealing(model.quantizer, a.target_low, a.target_high, a.factor, a.decay, a.min_cost, a.max_cost),
+    ]
+    done = []
+
+    def stop_at_budget(batch, logs):
+        done.append(batch)
+        model.stop_training = len(done) >= steps
+
+    callbacks.append(keras.callbacks.LambdaCallback(on_train_batch_end=stop_at_budget))
+    dataset = face_data.make_training_dataset(train_images, run.batch_size, config.seed, 0, math.ceil(epochs))
+    started = time.perf_counter()
+    model.fit(dataset, epochs=math.ceil(epochs), steps_per_epoch=per_epoch, callbacks=callbacks, verbose=0)
+    seconds = time.perf_counter() - started
+
+    originals = test_images.astype(np.float32) / 255.0
+    encode, decode = tf.function(model.encode_to_tokens), tf.function(model.decode_tokens)
+    tokens = np.concatenate([encode(b).numpy() for b in face_data.make_dataset(test_images, 128)])
+    reconstructions = np.concatenate(
+        [decode(t).numpy() for t in tf.data.Dataset.from_tensor_slices(tokens).batch(128)]
+    )
+    quality = image_quality(originals, reconstructions)
+    counts = np.bincount(tokens.reshape(-1), minlength=run.num_embeddings)
+    stats = code_statistics(counts)
+    return {
+        "variant": args.variant,
+        "cpu_ratio": ratio,
+        "steps": len(done),
+        "epochs": epochs,
+        "psnr": float(quality["psnr"].mean()),
+        "ssim": float(quality["ssim"].mean()),
+        "codebook_usage": stats["codebook_usage"],
+        "perplexity": stats["perplexity"],
+        "device_seconds": seconds,
+    }
+
+
+def train_all(args) -> None:
+    """Run every variant (or `--only`) in `--jobs` parallel processes; print the table."""
+    names = args.only or list(VARIANTS)
+    results_dir = Path(args.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    pending, running, rows = list(names), {}, []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name = pending.pop(0)
+            out = results_dir / f"{name.replace(' ', '_').replace('/', '-')}.json"
+            command = [sys.executable, __file__, "one", "--variant", name, "--result", str(out)]
+            command += ["--data", args.data, "--rates", args.rates, "--minutes", str(args.minutes)]
+            command += ["--cpu-images-per-s", str(args.cpu_images_per_s), "--threads", str(args.threads)]
+            log = open(out.with_suffix(".log"), "w")
+            running[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), out)
+        time.sleep(2)
+        for name, (process, out) in list(running.items()):
+            if process.poll() is not None:
+                del running[name]
+                if process.returncode == 0:
+                    rows.append(json.loads(out.read_text()))
+                else:
+                    print(f"variant {name!r} failed (exit {process.returncode}); see {out.with_suffix('.log')}")
+    rows.sort(key=lambda row: names.index(row["variant"]))
+    report("screen_variants", rows, {"minutes": args.minutes, "cpu_images_per_s": args.cpu_images_per_s})
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    rates = commands.add_parser("rates", help="measure each variant's CPU train-step rate")
+    rates.add_argument("--out", default=str(Path(__file__).parent / "screen_rates.json"))
+    rates.add_argument("--steps", type=int, default=20)
+    rates.add_argument("--rounds", type=int, default=7)
+    for name in ("train", "one"):
+        sub = commands.add_parser(name)
+        sub.add_argument("--data", required=True)
+        sub.add_argument("--rates", default=str(Path(__file__).parent / "screen_rates.json"))
+        sub.add_argument("--cpu-images-per-s", type=float, required=True, help="the default's rate in a real CPU run")
+        sub.add_argument("--minutes", type=float, default=8.0)
+        sub.add_argument("--threads", type=int, default=0, help="TensorFlow threads per variant (0: its default)")
+    commands.choices["train"].add_argument("--jobs", type=int, default=4)
+    commands.choices["train"].add_argument("--only", nargs="+", choices=list(VARIANTS))
+    commands.choices["train"].add_argument("--results", default=str(ROOT / "checkpoints" / "screen"))
+    commands.choices["one"].add_argument("--variant", required=True, choices=list(VARIANTS))
+    commands.choices["one"].add_argument("--result", required=True)
+    args = parser.parse_args()
+    if args.command == "rates":
+        measure_rates(args)
+    elif args.command == "train":
+        train_all(args)
+    else:
+        Path(args.result).write_text(json.dumps(train_one(args)))
+
+
+if __name__ == "__main__":
+    main()
