@@ -79,7 +79,9 @@ class Encoder(layers.Layer):
         self.residual_hidden_channels = residual_hidden_channels
         self.activation = activation
         self.act = keras.activations.get(activation)
-        self.downsamplers = [layers.Conv2D(f, 4, strides=2, padding="same", activation=activation) for f in self.filters]
+        self.downsamplers = [
+            layers.Conv2D(f, 4, strides=2, padding="same", activation=activation) for f in self.filters
+        ]
         self.blocks = [
             ResidualBlock(self.filters[-1], residual_hidden_channels, activation) for _ in range(num_residual_blocks)
         ]
@@ -640,7 +642,9 @@ class VQVAE(ReconstructionModel):
     def compute_losses(self, images, training):
         vq = self.quantizer(self.encoder(images, training=training), training=training)
         reconstructions = self.decoder(vq["quantized"], training=training)
-        reconstruction_loss = _reconstruction_error(images, reconstructions, self.reconstruction_loss, self.data_variance)
+        reconstruction_loss = _reconstruction_error(
+            images, reconstructions, self.reconstruction_loss, self.data_variance
+        )
         return {
             "loss": reconstruction_loss + vq["commitment_loss"],
             "reconstruction_loss": reconstruction_loss,
@@ -727,7 +731,9 @@ class VAE(ReconstructionModel):
             seed = tf.random.experimental.stateless_fold_in(self.noise_seeds.next(), replica)
             latents = self.sample_latents(mean, log_variance, seed)
         reconstructions = self.decoder(latents, training=training)
-        reconstruction_loss = _reconstruction_error(images, reconstructions, self.reconstruction_loss, self.data_variance)
+        reconstruction_loss = _reconstruction_error(
+            images, reconstructions, self.reconstruction_loss, self.data_variance
+        )
         kl_per_image = self.kl_nats(mean, log_variance)
         values_per_image = float(np.prod(images.shape[1:]))
         kl_loss = ops.mean(kl_per_image) / values_per_image

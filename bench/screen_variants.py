@@ -1,18 +1,21 @@
-"""Screen model variants at equal CPU training time, on any device.
+"""Screen model variants at equal CPU training time, without the timing noise.
 
-An 8-minute CPU run of a variant does about `cpu_rate x 480 / batch` optimizer
-steps, where `cpu_rate` is its training images/s on the 2-core CPU. This script
-trains each variant for exactly that many steps (the cosine schedule spread over
-them), on whatever device TensorFlow has, and measures it on the same
-identity-disjoint test faces as `vqvae_face_main.py`. On a GPU, a dozen variants
-run side by side in the time one CPU run takes; the winners are then confirmed
-with real time-limited CPU runs (`bench/QUALITY.md`).
+An 8-minute run of a variant does about `rate x 480 / batch` optimizer steps,
+where `rate` is its training images/s on this CPU. Timed runs compare variants
+through whatever else the machine was doing; this script instead trains each
+variant for exactly its CPU-equivalent number of steps (the default's measured
+rate in a real run times the variant's train-step speed ratio), with the same
+callbacks as a real run and the cosine schedule spread over those steps, and
+measures it on the same identity-disjoint test faces as `vqvae_face_main.py`.
+Two single-threaded variants side by side use the two cores better than one
+run does, and neither's result depends on the other. Winners are then confirmed
+with real time-limited runs (`bench/QUALITY.md`).
 
-    # 1. on the CPU: each variant's train-step images/s, relative to the default
+    # 1. each variant's train-step images/s, relative to the default (idle machine)
     python bench/screen_variants.py rates --out bench/screen_rates.json
-    # 2. anywhere: train and evaluate every variant for its CPU-equivalent steps
+    # 2. train and evaluate every variant for its CPU-equivalent steps
     python bench/screen_variants.py train --data ../shared/data/lfw-deepfunneled-dev.tgz \\
-        --rates bench/screen_rates.json --cpu-images-per-s 129 --minutes 8 --jobs 6
+        --rates bench/screen_rates.json --cpu-images-per-s 129 --minutes 8 --jobs 2 --threads 1
 
 Variants are overrides of the "vqvae" run of experiment.json, as `--set` takes them.
 """
@@ -22,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -74,7 +76,9 @@ def measure_rates(args) -> None:
 
     from trainer import build_model
 
-    measured = {name: overrides for name, overrides in VARIANTS.items() if name == "default" or not same_cost(overrides)}
+    measured = {
+        name: overrides for name, overrides in VARIANTS.items() if name == "default" or not same_cost(overrides)
+    }
     steps = {}
     for name, overrides in measured.items():
         run = run_config(overrides).runs["vqvae"]
@@ -155,9 +159,7 @@ def train_one(args) -> dict:
     originals = test_images.astype(np.float32) / 255.0
     encode, decode = tf.function(model.encode_to_tokens), tf.function(model.decode_tokens)
     tokens = np.concatenate([encode(b).numpy() for b in face_data.make_dataset(test_images, 128)])
-    reconstructions = np.concatenate(
-        [decode(t).numpy() for t in tf.data.Dataset.from_tensor_slices(tokens).batch(128)]
-    )
+    reconstructions = np.concatenate([decode(t).numpy() for t in tf.data.Dataset.from_tensor_slices(tokens).batch(128)])
     quality = image_quality(originals, reconstructions)
     counts = np.bincount(tokens.reshape(-1), minlength=run.num_embeddings)
     stats = code_statistics(counts)

@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from vqvae_class_keras import VAE, VQVAE, Decoder, Encoder, ResidualBlock, VectorQuantizerEMA
+from vqvae_class_keras import (
+    VAE,
+    VQVAE,
+    Decoder,
+    Encoder,
+    ResidualBlock,
+    VectorQuantizerEMA,
+    _reconstruction_error,
+)
 
 TINY = dict(encoder_filters=[8, 16], decoder_filters=[16, 8], num_residual_blocks=1, residual_hidden_channels=8)
 
@@ -78,6 +86,24 @@ def test_trunk_options_shape_the_layers():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(block.act(x)), x / (1 + np.exp(-x)), rtol=1e-6)
     with pytest.raises(ValueError, match="received reconstruction_loss='l1'"):
         VQVAE(image_channels=3, reconstruction_loss="l1", **TINY)
+
+
+@pytest.mark.parametrize("kind", ["mse", "psnr"])
+def test_reconstruction_loss_value_and_gradient(kind):
+    # Two 1x1x2 "images": squared errors 0.01 and 0.09 per value, so per-image MSE 0.01 and 0.09.
+    x = np.zeros((2, 1, 1, 2), np.float32)
+    r = tf.Variable(np.array([0.1, -0.1, 0.3, 0.3], np.float32).reshape(2, 1, 1, 2))
+    with tf.GradientTape() as tape:
+        loss = _reconstruction_error(x, r, kind, data_variance=None)
+    gradient = tape.gradient(loss, r).numpy().reshape(2, 2)
+    np.testing.assert_allclose(float(loss), 0.05, rtol=1e-6)  # the mean MSE either way
+    difference = r.numpy().reshape(2, 2)
+    if kind == "mse":
+        expected = 2 * difference / 4  # d/dr of sum(r^2) / 4 values
+    else:
+        # 0.05 * d/dr of mean_i log(mse_i): image i contributes 0.05 * 2 r / (2 values * 2 images * mse_i).
+        expected = 0.05 * 2 * difference / (2 * 2 * np.array([[0.01], [0.09]]))
+    np.testing.assert_allclose(gradient, expected, rtol=1e-5)
 
 
 def test_token_round_trip_equals_reconstruction():
