@@ -119,7 +119,7 @@ def train_one(args) -> dict:
     from trainer import build_model
     from training_callbacks import CommitmentAnnealing, CosineLearningRate, DeadCodeRevival, TrainingClock
 
-    config = run_config(VARIANTS[args.variant])
+    config = run_config(args.base + VARIANTS[args.variant])
     config.data.path = args.data
     run = config.runs["vqvae"]
     ratio = json.loads(Path(args.rates).read_text())[args.variant]
@@ -189,6 +189,7 @@ def train_all(args) -> None:
             command = [sys.executable, __file__, "one", "--variant", name, "--result", str(out)]
             command += ["--data", args.data, "--rates", args.rates, "--minutes", str(args.minutes)]
             command += ["--cpu-images-per-s", str(args.cpu_images_per_s), "--threads", str(args.threads)]
+            command += [item for setting in args.base for item in ("--base", setting)]
             log = open(out.with_suffix(".log"), "w")
             running[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), out)
         time.sleep(2)
@@ -200,7 +201,8 @@ def train_all(args) -> None:
                 else:
                     print(f"variant {name!r} failed (exit {process.returncode}); see {out.with_suffix('.log')}")
     rows.sort(key=lambda row: names.index(row["variant"]))
-    report("screen_variants", rows, {"minutes": args.minutes, "cpu_images_per_s": args.cpu_images_per_s})
+    settings = {"minutes": args.minutes, "cpu_images_per_s": args.cpu_images_per_s, "base": " ".join(args.base)}
+    report("screen_variants", rows, settings)
 
 
 def main():
@@ -217,6 +219,9 @@ def main():
         sub.add_argument("--cpu-images-per-s", type=float, required=True, help="the default's rate in a real CPU run")
         sub.add_argument("--minutes", type=float, default=8.0)
         sub.add_argument("--threads", type=int, default=0, help="TensorFlow threads per variant (0: its default)")
+        sub.add_argument(
+            "--base", action="append", default=[], metavar="KEY=VALUE", help="an override under every variant"
+        )
     commands.choices["train"].add_argument("--jobs", type=int, default=4)
     commands.choices["train"].add_argument("--only", nargs="+", choices=list(VARIANTS))
     commands.choices["train"].add_argument("--results", default=str(ROOT / "checkpoints" / "screen"))

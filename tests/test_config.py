@@ -41,6 +41,7 @@ def test_defaults_without_a_file():
         ({"data": {"augmentation": {"probability": 2}}}, "data.augmentation.probability"),
         ({"runs": {"a": {"activation": "tanh"}}}, "runs.a.activation"),
         ({"runs": {"a": {"decoder_residual_blocks": -1}}}, "runs.a.decoder_residual_blocks"),
+        ({"runs": {"a": {"reconstruction_loss": "l1"}}}, "runs.a.reconstruction_loss"),
         ({"compare": ["nope"]}, "nope"),
     ],
 )

@@ -19,7 +19,7 @@ from conftest import ROOT, TINY_RUN
 import face_data
 import trainer
 from training_callbacks import LossDiverged, TrainingError
-from vqvae_config import load_config
+from vqvae_config import ConfigError, load_config, save_resolved_config
 
 # Several batches per epoch, augmentation and revival on, deterministic ops, no time budget
 # (a time budget makes the learning rate follow the wall clock).
@@ -135,3 +135,20 @@ def test_nan_loss_after_the_last_retry_is_a_clear_error(lfw_tree, tmp_path, monk
     with pytest.raises(TrainingError, match="NaN or infinite"):
         trainer.train_run(config, "vqvae", faces, tmp_path)
     np.testing.assert_allclose(rates, [2e-3, 2e-4, 2e-5])
+
+
+def test_checkpoint_from_before_a_new_setting_still_matches(tmp_path):
+    config = load_config(None)
+    paths = trainer.RunPaths.for_run(tmp_path, "vqvae")
+    paths.checkpoints.mkdir(parents=True)
+    save_resolved_config(config, "vqvae", paths.resolved_config)
+    saved = json.loads(paths.resolved_config.read_text())
+    for key in ("activation", "decoder_residual_blocks"):
+        del saved["run"][key]  # a checkpoint written before these settings existed
+    paths.resolved_config.write_text(json.dumps(saved))
+    trainer.check_compatible(paths, config, "vqvae")
+    saved["run"]["activation"] = "gelu"
+    paths.resolved_config.write_text(json.dumps(saved))
+    current = config.runs["vqvae"].activation
+    with pytest.raises(ConfigError, match=f"activation: checkpoint 'gelu', config '{current}'"):
+        trainer.check_compatible(paths, config, "vqvae")
