@@ -39,7 +39,9 @@ from vqvae_config import ConfigError, ExperimentConfig, RunConfig, save_resolved
 
 log = logging.getLogger("vqvae_faces.train")
 
-ARCHITECTURE_KEYS = (
+# Run settings a saved model carries (its architecture and training objective): a checkpoint
+# continues or is evaluated only under the same values.
+MODEL_KEYS = (
     "model",
     "encoder_filters",
     "decoder_filters",
@@ -50,6 +52,9 @@ ARCHITECTURE_KEYS = (
     "embedding_dim",
     "num_embeddings",
     "latent_dim",
+    "reconstruction_loss",
+    "normalize_by_variance",
+    "kl_beta",
 )
 DATA_KEYS = ("image_size", "crop_border", "source_size")
 SNAPSHOT_FACES = 8
@@ -238,7 +243,7 @@ def load_model(path: Path) -> keras.Model:
 
 
 def check_compatible(paths: RunPaths, config: ExperimentConfig, run_name: str) -> None:
-    """Refuse to resume or evaluate a checkpoint built with a different architecture or data shape."""
+    """Refuse to resume or evaluate a checkpoint built with another architecture, training objective or data shape."""
     if not paths.resolved_config.is_file():
         return
     saved = json.loads(paths.resolved_config.read_text(encoding="utf-8"))
@@ -248,7 +253,7 @@ def check_compatible(paths: RunPaths, config: ExperimentConfig, run_name: str) -
     saved_run = {**dataclasses.asdict(RunConfig(model=current_run["model"])), **saved["run"]}
     mismatches = [
         f"{key}: checkpoint {saved_run[key]!r}, config {current_run[key]!r}"
-        for key in ARCHITECTURE_KEYS
+        for key in MODEL_KEYS
         if saved_run[key] != current_run[key]
     ] + [
         f"data.{key}: checkpoint {saved['data'].get(key)!r}, config {current_data[key]!r}"
