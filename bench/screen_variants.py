@@ -131,8 +131,9 @@ def train_one(args) -> dict:
     per_epoch = face_data.steps_per_epoch(len(train_images), run.batch_size, False)
     epochs = steps / per_epoch
 
-    keras.utils.set_random_seed(config.seed)
-    model = build_model(run, faces.channels, None, config.seed)
+    seed = config.seed if args.training_seed is None else args.training_seed  # the split keeps config.seed
+    keras.utils.set_random_seed(seed)
+    model = build_model(run, faces.channels, None, seed)
     model.build((None,) + faces.images.shape[1:])
     clock = TrainingClock(epochs)
     r, a = run.revival, run.annealing
@@ -140,7 +141,7 @@ def train_one(args) -> dict:
         clock,
         CosineLearningRate(run.learning_rate, clock),
         DeadCodeRevival(
-            model.quantizer, r.threshold, r.max_revivals_per_batch, r.every_n_batches, r.noise, r.source, config.seed
+            model.quantizer, r.threshold, r.max_revivals_per_batch, r.every_n_batches, r.noise, r.source, seed
         ),
         CommitmentAnnealing(model.quantizer, a.target_low, a.target_high, a.factor, a.decay, a.min_cost, a.max_cost),
     ]
@@ -151,7 +152,7 @@ def train_one(args) -> dict:
         model.stop_training = len(done) >= steps
 
     callbacks.append(keras.callbacks.LambdaCallback(on_train_batch_end=stop_at_budget))
-    dataset = face_data.make_training_dataset(train_images, run.batch_size, config.seed, 0, math.ceil(epochs))
+    dataset = face_data.make_training_dataset(train_images, run.batch_size, seed, 0, math.ceil(epochs))
     started = time.perf_counter()
     model.fit(dataset, epochs=math.ceil(epochs), steps_per_epoch=per_epoch, callbacks=callbacks, verbose=0)
     seconds = time.perf_counter() - started
@@ -165,6 +166,8 @@ def train_one(args) -> dict:
     stats = code_statistics(counts)
     return {
         "variant": args.variant,
+        "base": " ".join(args.base),
+        "training_seed": seed,
         "cpu_ratio": ratio,
         "steps": len(done),
         "epochs": epochs,
@@ -190,6 +193,8 @@ def train_all(args) -> None:
             command += ["--data", args.data, "--rates", args.rates, "--minutes", str(args.minutes)]
             command += ["--cpu-images-per-s", str(args.cpu_images_per_s), "--threads", str(args.threads)]
             command += [item for setting in args.base for item in ("--base", setting)]
+            if args.training_seed is not None:
+                command += ["--training-seed", str(args.training_seed)]
             log = open(out.with_suffix(".log"), "w")
             running[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), out)
         time.sleep(2)
@@ -219,6 +224,7 @@ def main():
         sub.add_argument("--cpu-images-per-s", type=float, required=True, help="the default's rate in a real CPU run")
         sub.add_argument("--minutes", type=float, default=8.0)
         sub.add_argument("--threads", type=int, default=0, help="TensorFlow threads per variant (0: its default)")
+        sub.add_argument("--training-seed", type=int, help="seed of the model and batches (default: config seed)")
         sub.add_argument(
             "--base", action="append", default=[], metavar="KEY=VALUE", help="an override under every variant"
         )
