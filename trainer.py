@@ -56,6 +56,8 @@ MODEL_KEYS = (
     "normalize_by_variance",
     "kl_beta",
 )
+# What checkpoints written before these settings existed were trained with.
+SETTINGS_BEFORE_THEY_EXISTED = {"decoder_residual_blocks": None, "activation": "relu", "reconstruction_loss": "mse"}
 DATA_KEYS = ("image_size", "crop_border", "source_size")
 SNAPSHOT_FACES = 8
 
@@ -249,8 +251,7 @@ def check_compatible(paths: RunPaths, config: ExperimentConfig, run_name: str) -
     saved = json.loads(paths.resolved_config.read_text(encoding="utf-8"))
     current_run = dataclasses.asdict(config.runs[run_name])
     current_data = dataclasses.asdict(config.data)
-    # Keys added after a checkpoint was written take their default there.
-    saved_run = {**dataclasses.asdict(RunConfig(model=current_run["model"])), **saved["run"]}
+    saved_run = {**SETTINGS_BEFORE_THEY_EXISTED, **saved["run"]}
     mismatches = [
         f"{key}: checkpoint {saved_run[key]!r}, config {current_run[key]!r}"
         for key in MODEL_KEYS

@@ -138,17 +138,15 @@ def test_nan_loss_after_the_last_retry_is_a_clear_error(lfw_tree, tmp_path, monk
 
 
 def test_checkpoint_from_before_a_new_setting_still_matches(tmp_path):
-    config = load_config(None)
+    config = load_config(None, ["activation=relu", "reconstruction_loss=mse"], ["vqvae"])
     paths = trainer.RunPaths.for_run(tmp_path, "vqvae")
     paths.checkpoints.mkdir(parents=True)
     save_resolved_config(config, "vqvae", paths.resolved_config)
     saved = json.loads(paths.resolved_config.read_text())
-    for key in ("activation", "decoder_residual_blocks"):
-        del saved["run"][key]  # a checkpoint written before these settings existed
+    for key in ("activation", "decoder_residual_blocks", "reconstruction_loss"):
+        del saved["run"][key]  # a checkpoint written before these settings existed: relu, mse
     paths.resolved_config.write_text(json.dumps(saved))
     trainer.check_compatible(paths, config, "vqvae")
-    saved["run"]["activation"] = "gelu"
-    paths.resolved_config.write_text(json.dumps(saved))
-    current = config.runs["vqvae"].activation
-    with pytest.raises(ConfigError, match=f"activation: checkpoint 'gelu', config '{current}'"):
-        trainer.check_compatible(paths, config, "vqvae")
+    silu = load_config(None, ["activation=silu", "reconstruction_loss=mse"], ["vqvae"])
+    with pytest.raises(ConfigError, match="activation: checkpoint 'relu', config 'silu'"):
+        trainer.check_compatible(paths, silu, "vqvae")
