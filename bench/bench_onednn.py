@@ -23,23 +23,13 @@ from common import ROOT, report
 
 def measure(steps: int) -> float:
     """Train-step images/s of the shipped "vqvae" run in this process."""
-    import keras
-    import tensorflow as tf
-    from bench_trunk import images_per_second
+    from bench_trunk import compiled_step, images_per_second
     from common import sample_images
 
-    from trainer import build_model
     from vqvae_config import load_config
 
     run = load_config(ROOT / "experiment.json", [], ["vqvae"]).runs["vqvae"]
-    images = sample_images(run.batch_size, 64)
-    keras.utils.set_random_seed(0)
-    model = build_model(run, 3, None, seed=0)
-    model.build((None,) + images.shape[1:])
-    step = tf.function(model.train_step)
-    batch = tf.constant(images.astype("float32") / 255.0)
-    for _ in range(5):
-        step(batch)
+    step, batch, _ = compiled_step(run, sample_images(run.batch_size, 64))
     return images_per_second(step, batch, steps)
 
 

@@ -35,10 +35,10 @@ VARIANTS = {
 }
 
 
-def compiled_step(overrides: dict, images):
-    """(train step function, its input batch, parameter count) for RunConfig() with `overrides`."""
+def compiled_step(run: RunConfig, images):
+    """(train step function, its input batch, parameter count) of run's model, warmed up on `images`."""
     keras.utils.set_random_seed(0)
-    model = build_model(dataclasses.replace(RunConfig(), **overrides), images.shape[-1], None, seed=0)
+    model = build_model(run, images.shape[-1], None, seed=0)
     model.build((None,) + images.shape[1:])
     step = tf.function(model.train_step)
     batch = tf.constant(images.astype("float32") / 255.0)
@@ -130,7 +130,10 @@ def main():
     rows = []
     for batch_size in args.batch:
         images = sample_images(batch_size, 64)
-        steps = {name: compiled_step(overrides, images) for name, overrides in VARIANTS.items()}
+        steps = {
+            name: compiled_step(dataclasses.replace(RunConfig(), **overrides), images)
+            for name, overrides in VARIANTS.items()
+        }
         rates = {name: [] for name in VARIANTS}
         for _ in range(args.rounds):
             for name, (step, batch, _) in steps.items():
