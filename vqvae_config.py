@@ -136,7 +136,7 @@ class RunConfig:
     epochs: int = 30
     max_train_minutes: Optional[float] = None
     batch_size: int = 8
-    learning_rate: float = 3e-3
+    learning_rate: float = 2e-3
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     patience: int = 10
     min_epoch_to_start_saving: int = 0
@@ -147,7 +147,7 @@ class RunConfig:
     num_residual_blocks: int = 2
     decoder_residual_blocks: Optional[int] = None
     residual_hidden_channels: int = 32
-    activation: Literal["relu", "silu", "gelu"] = "silu"
+    activation: Literal["relu", "silu", "gelu"] = "relu"
     reconstruction_loss: Literal["mse", "psnr"] = "psnr"
     embedding_dim: int = 16
     num_embeddings: int = 512
