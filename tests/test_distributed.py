@@ -63,8 +63,8 @@ def test_two_workers_write_one_checkpoint_that_a_single_process_evaluates(tmp_pa
             if worker.poll() is None:
                 worker.kill()
                 worker.wait()
-    for worker, (_, stderr) in zip(workers, outputs):
-        assert worker.returncode == 0, stderr[-3000:]
+    logs = "\n".join(f"--- worker {i}:\n{stderr[-3000:]}" for i, (_, stderr) in enumerate(outputs))
+    assert [worker.returncode for worker in workers] == [0, 0], logs
     assert "distribution: multi_worker" in outputs[0][1] and "with 2 replica(s)" in outputs[0][1]
     folder = tmp_path / "checkpoints" / "vqvae"
     assert (folder / "best.keras").is_file() and (folder / "latest.keras").is_file()
