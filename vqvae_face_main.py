@@ -72,7 +72,7 @@ def setup_runtime(verbose: bool) -> None:
     )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # TensorFlow leaves its oneDNN kernels off on CPUs other than recent Intel ones;
-    # on this project's 2-core AMD machine they train about 1.3x faster (bench/RESULTS.md).
+    # on this project's 2-core AMD machine they train about 1.25x faster (bench/RESULTS.md).
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
