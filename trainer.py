@@ -269,18 +269,11 @@ def check_compatible(paths: RunPaths, config: ExperimentConfig, run_name: str) -
         )
 
 
-def _callbacks(model, run: RunConfig, paths: RunPaths, train_count: int, snapshot_images, state, seed, schedule):
-    """The training-policy callbacks; `schedule` holds the global batch size, base learning rate and,
-    for multi-worker runs, the strategy whose workers must share one clock."""
-    clock = TrainingClock(
-        run.epochs,
-        run.max_train_minutes,
-        previous_seconds=(state or {}).get("train_seconds", 0.0),
-        strategy=schedule["workers_strategy"],
-    )
-    callbacks = [clock]
+def policy_callbacks(model, run: RunConfig, clock: TrainingClock, learning_rate: float, seed: int) -> list:
+    """The run's learning-rate schedule, and for a VQ-VAE its dead-code revival and commitment annealing."""
+    callbacks = []
     if run.lr_schedule == "cosine":
-        callbacks.append(CosineLearningRate(schedule["learning_rate"], clock))
+        callbacks.append(CosineLearningRate(learning_rate, clock))
     if isinstance(model, VQVAE) and run.revival.enabled:
         r = run.revival
         callbacks.append(
@@ -293,6 +286,19 @@ def _callbacks(model, run: RunConfig, paths: RunPaths, train_count: int, snapsho
         callbacks.append(
             CommitmentAnnealing(model.quantizer, a.target_low, a.target_high, a.factor, a.decay, a.min_cost, a.max_cost)
         )
+    return callbacks
+
+
+def _callbacks(model, run: RunConfig, paths: RunPaths, train_count: int, snapshot_images, state, seed, schedule):
+    """The training-policy callbacks; `schedule` holds the global batch size, base learning rate and,
+    for multi-worker runs, the strategy whose workers must share one clock."""
+    clock = TrainingClock(
+        run.epochs,
+        run.max_train_minutes,
+        previous_seconds=(state or {}).get("train_seconds", 0.0),
+        strategy=schedule["workers_strategy"],
+    )
+    callbacks = [clock] + policy_callbacks(model, run, clock, schedule["learning_rate"], seed)
     throughput = ThroughputMeter(schedule["global_batch"], train_count)
     checkpoint = TrainingCheckpoint(paths.checkpoints, clock, run.patience, run.min_epoch_to_start_saving, state=state)
     callbacks += [

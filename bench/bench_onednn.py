@@ -54,7 +54,7 @@ def main():
         {"oneDNN": name, "images_per_s": medians[flag], "ratio_to_off": medians[flag] / medians["0"]}
         for flag, name in (("0", "off"), ("1", "on"))
     ]
-    report("onednn", rows, {"rounds": {flag: values for flag, values in rates.items()}})
+    report("onednn", rows, {"rounds": rates})
 
 
 if __name__ == "__main__":

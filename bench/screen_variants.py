@@ -111,9 +111,9 @@ def train_one(args) -> dict:
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
 
     import face_data
-    from evaluation import code_statistics, image_quality
-    from trainer import build_model
-    from training_callbacks import CommitmentAnnealing, CosineLearningRate, DeadCodeRevival, TrainingClock
+    from evaluation import code_statistics, decode, image_quality, tokenize
+    from trainer import build_model, policy_callbacks
+    from training_callbacks import TrainingClock
 
     config = run_config(args.base + VARIANTS[args.variant])
     config.data.path = args.data
@@ -132,15 +132,7 @@ def train_one(args) -> dict:
     model = build_model(run, faces.channels, None, seed)
     model.build((None,) + faces.images.shape[1:])
     clock = TrainingClock(epochs)
-    r, a = run.revival, run.annealing
-    callbacks = [
-        clock,
-        CosineLearningRate(run.learning_rate, clock),
-        DeadCodeRevival(
-            model.quantizer, r.threshold, r.max_revivals_per_batch, r.every_n_batches, r.noise, r.source, seed
-        ),
-        CommitmentAnnealing(model.quantizer, a.target_low, a.target_high, a.factor, a.decay, a.min_cost, a.max_cost),
-    ]
+    callbacks = [clock] + policy_callbacks(model, run, clock, run.learning_rate, seed)
     done = []
 
     def stop_at_budget(batch, logs):
@@ -154,9 +146,8 @@ def train_one(args) -> dict:
     seconds = time.perf_counter() - started
 
     originals = test_images.astype(np.float32) / 255.0
-    encode, decode = tf.function(model.encode_to_tokens), tf.function(model.decode_tokens)
-    tokens = np.concatenate([encode(b).numpy() for b in face_data.make_dataset(test_images, 128)])
-    reconstructions = np.concatenate([decode(t).numpy() for t in tf.data.Dataset.from_tensor_slices(tokens).batch(128)])
+    tokens = tokenize(model, test_images, 128)
+    reconstructions = decode(model, tokens, 128)
     quality = image_quality(originals, reconstructions)
     counts = np.bincount(tokens.reshape(-1), minlength=run.num_embeddings)
     stats = code_statistics(counts)
