@@ -300,7 +300,14 @@ def _callbacks(model, run: RunConfig, paths: RunPaths, train_count: int, snapsho
     )
     callbacks = [clock] + policy_callbacks(model, run, clock, schedule["learning_rate"], seed)
     throughput = ThroughputMeter(schedule["global_batch"], train_count)
-    checkpoint = TrainingCheckpoint(paths.checkpoints, clock, run.patience, run.min_epoch_to_start_saving, state=state)
+    checkpoint = TrainingCheckpoint(
+        paths.checkpoints,
+        clock,
+        run.patience,
+        run.min_epoch_to_start_saving,
+        state=state,
+        divergence_ratio=run.divergence_ratio,
+    )
     callbacks += [
         throughput,
         ReconstructionSnapshots(snapshot_images, paths.images, run.snapshot_every, visualize.save_image_grid),
@@ -336,20 +343,20 @@ def train_run(
     paths = RunPaths.for_run(out, run_name)
     strategy = strategy or tf.distribute.get_strategy()
     with exclusive_run_lock(paths.checkpoints):
-        for retry in range(config.runs[run_name].nan_retries + 1):
+        for retry in range(config.runs[run_name].divergence_retries + 1):
             try:
                 _train_locked(config, run_name, faces, paths, retrain and retry == 0, strategy)
                 return
             except LossDiverged as diverged:
                 run = config.runs[run_name]
-                if retry == run.nan_retries:
+                if retry == run.divergence_retries:
                     raise
-                lower = run.learning_rate * run.nan_retry_lr_factor
+                lower = run.learning_rate * run.divergence_lr_factor
                 log.warning(
                     "%s Retry %d of %d: resuming from it with learning_rate %g instead of %g.",
                     diverged,
                     retry + 1,
-                    run.nan_retries,
+                    run.divergence_retries,
                     lower,
                     run.learning_rate,
                 )
@@ -480,10 +487,10 @@ def _fit(model, run, paths, faces, split, train_images, state, initial_epoch, co
         shuffle=False,
         verbose=1 if sys.stdout.isatty() else 2,
     )
-    if checkpoint.diverged_epoch is not None:
+    if checkpoint.divergence is not None:
         kept = f"epoch {checkpoint.epochs_done}" if checkpoint.epochs_done else "none yet: the run starts over"
         raise LossDiverged(
-            f"the loss became NaN or infinite in epoch {checkpoint.diverged_epoch} at learning_rate "
+            f"{checkpoint.divergence} at learning_rate "
             f"{run.learning_rate:g}; training stopped and the last good checkpoint ({kept}) is kept in "
             f"{paths.checkpoints}. Rerun with a lower learning_rate (e.g. --set learning_rate="
             f"{run.learning_rate / 4:g}) to resume from it, or add --retrain to start over."

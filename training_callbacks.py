@@ -371,7 +371,7 @@ class TrainingError(RuntimeError):
 
 
 class LossDiverged(TrainingError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss became NaN or infinite, or jumped far above its best; the last good checkpoint is kept."""
 
 
 class TrainingCheckpoint(keras.callbacks.Callback):
@@ -390,8 +390,14 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     write leaves the previous good file in place. Shuffling and augmentation
     are functions of (seed, epoch, batch), so resuming from latest.keras
     repeats an uninterrupted run exactly (given deterministic ops and no time
-    budget, whose learning-rate schedule follows the wall clock). A non-finite loss stops
-    training without saving; `diverged_epoch` tells the caller.
+    budget, whose learning-rate schedule follows the wall clock).
+
+    Divergence stops training without saving the epoch's weights, and
+    `divergence` says what happened: a non-finite loss, or (with
+    `divergence_ratio`) a monitored loss above `divergence_ratio` x its best so
+    far, which is how a collapsed VQ-VAE looks (no NaN, the decoder outputs the
+    mean face). `state.json` then keeps the last good epoch's counters but counts
+    the lost epoch's time, so a resumed run stays within its time budget.
     """
 
     def __init__(
@@ -402,6 +408,7 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         min_epoch_to_start_saving: int = 0,
         monitor: str = "val_loss",
         state: Optional[dict] = None,
+        divergence_ratio: Optional[float] = None,
     ):
         super().__init__()
         self.folder = Path(folder)
@@ -409,11 +416,12 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         self.patience = patience
         self.min_epoch_to_start_saving = min_epoch_to_start_saving
         self.monitor = monitor
+        self.divergence_ratio = divergence_ratio
         state = state or {}
         self.best = state.get("best", math.inf)
         self.wait = state.get("wait", 0)
         self.best_epoch = state.get("best_epoch")
-        self.diverged_epoch = None
+        self.divergence: Optional[str] = None
         self.early_stopped = False
         self.epochs_done = state.get("epochs_done", 0)
 
@@ -428,11 +436,26 @@ class TrainingCheckpoint(keras.callbacks.Callback):
             "finished": finished,
         }
 
+    def diverged(self, logs: dict) -> Optional[str]:
+        """What went wrong in an epoch with these logs, or None when it trained normally."""
+        if not all(math.isfinite(float(logs[k])) for k in ("loss", self.monitor) if k in logs):
+            return "the loss became NaN or infinite"
+        current = float(logs.get(self.monitor, logs["loss"]))
+        if self.divergence_ratio is not None and math.isfinite(self.best) and current > self.divergence_ratio * self.best:
+            return (
+                f"{self.monitor} jumped to {current:.5g}, {current / self.best:.1f}x its best ({self.best:.5g}, "
+                f"epoch {self.best_epoch}): training collapsed"
+            )
+        return None
+
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        if not all(math.isfinite(float(logs[k])) for k in ("loss", self.monitor) if k in logs):
-            self.diverged_epoch = epoch + 1
+        problem = self.diverged(logs)
+        if problem is not None:
+            self.divergence = f"{problem} in epoch {epoch + 1}"
             self.model.stop_training = True
+            if self.epochs_done:
+                self._write(lambda: write_json_atomically(self.state(finished=False), self.folder / "state.json"))
             return
         self.epochs_done = epoch + 1
         current = float(logs.get(self.monitor, logs["loss"]))

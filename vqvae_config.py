@@ -140,8 +140,9 @@ class RunConfig:
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     patience: int = 10
     min_epoch_to_start_saving: int = 0
-    nan_retries: int = 1
-    nan_retry_lr_factor: float = 0.5
+    divergence_ratio: Optional[float] = 5.0
+    divergence_retries: int = 1
+    divergence_lr_factor: float = 0.5
     encoder_filters: list[int] = field(default_factory=lambda: [32, 128])
     decoder_filters: list[int] = field(default_factory=lambda: [128, 32])
     num_residual_blocks: int = 2
@@ -172,8 +173,10 @@ class RunConfig:
         _check_range(path, "learning_rate", self.learning_rate, 1e-8, 1.0)
         _check_range(path, "patience", self.patience, 1, 10**6)
         _check_range(path, "min_epoch_to_start_saving", self.min_epoch_to_start_saving, 0, 10**6)
-        _check_range(path, "nan_retries", self.nan_retries, 0, 100)
-        _check_range(path, "nan_retry_lr_factor", self.nan_retry_lr_factor, 1e-6, 1.0)
+        if self.divergence_ratio is not None:
+            _check_range(path, "divergence_ratio", self.divergence_ratio, 1.1, 1e9)
+        _check_range(path, "divergence_retries", self.divergence_retries, 0, 100)
+        _check_range(path, "divergence_lr_factor", self.divergence_lr_factor, 1e-6, 1.0)
         if not self.encoder_filters:
             raise ConfigError(f"{path}.encoder_filters must list at least one filter count.")
         if len(self.decoder_filters) != len(self.encoder_filters):

@@ -35,10 +35,8 @@ from common import ROOT, report
 
 VARIANTS = {
     "default": [],
-    "the 2026-11-25 default": ["activation=relu", "reconstruction_loss=mse", "learning_rate=0.002"],
-    "relu": ["activation=relu"],
-    "mse loss": ["reconstruction_loss=mse"],
-    "learning rate 2e-3": ["learning_rate=0.002"],
+    "the 2026-11-25 default (mse loss)": ["reconstruction_loss=mse"],
+    "silu, learning rate 3e-3": ["activation=silu", "learning_rate=0.003"],
     "residual hidden 64": ["residual_hidden_channels=64"],
     "3 residual blocks each side": ["num_residual_blocks=3"],
     "encoder 1 / decoder 3 blocks": ["num_residual_blocks=1", "decoder_residual_blocks=3"],

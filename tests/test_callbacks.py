@@ -169,5 +169,5 @@ def test_checkpoint_refuses_to_save_a_non_finite_loss(tmp_path):
     checkpoint = TrainingCheckpoint(tmp_path, clock, patience=2)
     checkpoint.set_model(FakeModel())
     checkpoint.on_epoch_end(0, {"loss": math.nan, "val_loss": 1.0})
-    assert checkpoint.diverged_epoch == 1 and checkpoint.model.stop_training
+    assert checkpoint.divergence == "the loss became NaN or infinite in epoch 1" and checkpoint.model.stop_training
     assert list(tmp_path.iterdir()) == []

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import math
 import re
 
 import keras
@@ -99,6 +100,37 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert (tmp_path / "latest.keras").read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.keras", "latest.keras", "state.json"]
     assert json.loads((tmp_path / "state.json").read_text())["epochs_done"] == 1
+
+
+def test_a_loss_jump_counts_as_divergence_and_keeps_the_last_good_checkpoint(tmp_path):
+    """A collapsed run has no NaN: its validation loss jumps and stays up. Past `divergence_ratio` x
+    the best, the epoch is not saved, and state.json counts its time against the budget."""
+    model = TinyModel()
+    model(keras.ops.zeros((1, 2)))
+    clock = TrainingClock(total_epochs=10)
+    checkpoint = TrainingCheckpoint(tmp_path, clock, patience=5, divergence_ratio=5.0)
+    checkpoint.set_model(model)
+    checkpoint.on_epoch_end(0, {"loss": 0.02, "val_loss": 0.01})
+    clock.previous_seconds = 60.0
+    checkpoint.on_epoch_end(1, {"loss": 0.04, "val_loss": 0.045})  # 4.5x the best: a bad epoch, kept
+    assert checkpoint.divergence is None and checkpoint.wait == 1
+    good = (tmp_path / "latest.keras").read_bytes()
+    clock.previous_seconds = 95.0
+    checkpoint.on_epoch_end(2, {"loss": 0.05, "val_loss": 0.06})
+    assert checkpoint.divergence == (
+        "val_loss jumped to 0.06, 6.0x its best (0.01, epoch 1): training collapsed in epoch 3"
+    )
+    assert model.stop_training
+    assert (tmp_path / "latest.keras").read_bytes() == good
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["epochs_done"] == 2 and state["best"] == 0.01 and state["train_seconds"] == 95.0
+
+
+def test_without_a_divergence_ratio_only_non_finite_losses_diverge(tmp_path):
+    checkpoint = TrainingCheckpoint(tmp_path, TrainingClock(total_epochs=3), patience=5)
+    checkpoint.best = 0.01
+    assert checkpoint.diverged({"loss": 1.0, "val_loss": 1.0}) is None
+    assert checkpoint.diverged({"loss": 1.0, "val_loss": math.inf}) == "the loss became NaN or infinite"
 
 
 def test_save_model_atomically_never_leaves_partial_files(tmp_path, monkeypatch):
