@@ -441,7 +441,8 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         if not all(math.isfinite(float(logs[k])) for k in ("loss", self.monitor) if k in logs):
             return "the loss became NaN or infinite"
         current = float(logs.get(self.monitor, logs["loss"]))
-        if self.divergence_ratio is not None and math.isfinite(self.best) and current > self.divergence_ratio * self.best:
+        limit = math.inf if self.divergence_ratio is None else self.divergence_ratio * self.best
+        if current > limit:
             return (
                 f"{self.monitor} jumped to {current:.5g}, {current / self.best:.1f}x its best ({self.best:.5g}, "
                 f"epoch {self.best_epoch}): training collapsed"
