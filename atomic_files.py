@@ -15,9 +15,13 @@ import numpy as np
 
 
 def partial_path(path: Path) -> Path:
-    """The temporary name for `path`, keeping its suffix (`best.keras` -> `best.partial.keras`)."""
+    """The temporary name for `path`, keeping its suffix (`best.keras` -> `best.partial.<pid>.keras`).
+
+    The process id keeps two processes that write the same file at once (two runs
+    building one data cache) out of each other's temporary file; the last rename wins.
+    """
     path = Path(path)
-    return path.with_name(path.stem + ".partial" + path.suffix)
+    return path.with_name(f"{path.stem}.partial.{os.getpid()}{path.suffix}")
 
 
 def fsync_replace(tmp: Path, final: Path) -> None:

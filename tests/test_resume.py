@@ -76,7 +76,7 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(lfw_tree, tmp_path):
     partial_history = kill_after_first_checkpoint(lfw_tree, killed)
     assert len(partial_history) < EPOCHS, "the kill must land before the run ends"
 
-    leftover = killed / "checkpoints" / "vqvae" / "best.partial.keras"
+    leftover = killed / "checkpoints" / "vqvae" / "best.partial.4242.keras"
     leftover.write_bytes(b"half a zip file")  # as a kill during a save leaves it
     resumed = subprocess.run(command(lfw_tree, killed), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -4,8 +4,11 @@ import errno
 import json
 import math
 import re
+import subprocess
+import sys
 
 import keras
+import numpy as np
 import pytest
 from conftest import ROOT
 from hypothesis import HealthCheck, given, settings
@@ -140,6 +143,22 @@ def test_save_model_atomically_never_leaves_partial_files(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         training_callbacks.save_model_atomically(model, tmp_path / "best.keras")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_two_processes_writing_the_same_file_do_not_collide(tmp_path):
+    """Two runs may build the same data cache at once: each must finish, leaving one whole file."""
+    target = tmp_path / "faces.npz"
+    writer = (
+        "import numpy as np, atomic_files\n"
+        "for i in range(40):\n"
+        f"    atomic_files.save_npz_atomically({str(target)!r}, images=np.full((256, 1024), i, np.uint8))\n"
+    )
+    writers = [subprocess.Popen([sys.executable, "-c", writer], cwd=ROOT, stderr=subprocess.PIPE) for _ in range(2)]
+    errors = [process.communicate(timeout=120)[1].decode() for process in writers]
+    assert [process.returncode for process in writers] == [0, 0], errors
+    with np.load(target) as saved:
+        np.testing.assert_array_equal(saved["images"], np.full((256, 1024), 39, np.uint8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["faces.npz"]
 
 
 def test_no_pickle_anywhere_in_the_package():
