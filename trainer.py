@@ -53,11 +53,17 @@ MODEL_KEYS = (
     "num_embeddings",
     "latent_dim",
     "reconstruction_loss",
+    "ssim_weight",
     "normalize_by_variance",
     "kl_beta",
 )
 # What checkpoints written before these settings existed were trained with.
-SETTINGS_BEFORE_THEY_EXISTED = {"decoder_residual_blocks": None, "activation": "relu", "reconstruction_loss": "mse"}
+SETTINGS_BEFORE_THEY_EXISTED = {
+    "decoder_residual_blocks": None,
+    "activation": "relu",
+    "reconstruction_loss": "mse",
+    "ssim_weight": 0.0,
+}
 DATA_KEYS = ("image_size", "crop_border", "source_size")
 SNAPSHOT_FACES = 8
 
@@ -220,6 +226,7 @@ def build_model(
         decoder_residual_blocks=run.decoder_residual_blocks,
         activation=run.activation,
         reconstruction_loss=run.reconstruction_loss,
+        ssim_weight=run.ssim_weight,
         data_variance=data_variance,
         seed=seed,
     )

@@ -469,6 +469,7 @@ class ReconstructionModel(keras.Model):
         reconstruction_loss: "mse", or "psnr": the per-image squared errors
             weighted so the gradient is that of the mean per-image log MSE, the
             quantity mean PSNR measures (see `_reconstruction_error`).
+        ssim_weight: weight of (1 - mean SSIM) added to the reconstruction loss.
         data_variance: if set, the reconstruction loss is divided by
             data_variance (as in the original recipe); None keeps plain MSE.
         seed: seed of the model's random draws.
@@ -494,6 +495,7 @@ class ReconstructionModel(keras.Model):
         decoder_residual_blocks=None,
         activation="relu",
         reconstruction_loss="mse",
+        ssim_weight=0.0,
         data_variance=None,
         seed=None,
         **kwargs,
@@ -513,10 +515,12 @@ class ReconstructionModel(keras.Model):
             decoder_residual_blocks=decoder_residual_blocks,
             activation=activation,
             reconstruction_loss=reconstruction_loss,
+            ssim_weight=ssim_weight,
             data_variance=data_variance,
             seed=seed,
         )
         self.reconstruction_loss = reconstruction_loss
+        self.ssim_weight = ssim_weight
         self.data_variance = data_variance
         self.encoder = Encoder(
             encoder_filters, num_residual_blocks, latent_channels, residual_hidden_channels, activation, name="encoder"
@@ -536,6 +540,12 @@ class ReconstructionModel(keras.Model):
 
     def compute_losses(self, images, training):
         raise NotImplementedError
+
+    def reconstruction_error(self, images, reconstructions):
+        """This model's reconstruction loss (a scalar), see `_reconstruction_error`."""
+        return _reconstruction_error(
+            images, reconstructions, self.reconstruction_loss, self.data_variance, self.ssim_weight
+        )
 
     def _record(self, values):
         for name, tracker in self.trackers.items():
@@ -569,22 +579,28 @@ class ReconstructionModel(keras.Model):
 RECONSTRUCTION_LOSSES = ("mse", "psnr")
 
 
-def _reconstruction_error(images, reconstructions, kind, data_variance):
-    """The reconstruction loss, a scalar, for images and reconstructions (B, H, W, C).
+def _reconstruction_error(images, reconstructions, kind, data_variance, ssim_weight=0.0):
+    """The reconstruction loss, a scalar, for images and reconstructions (B, H, W, C) in [0, 1].
 
     "mse": mean squared error. "psnr": sum_i w_i * mse_i / B with constant
     (stop-gradient) weights w_i = mean(mse) / mse_i. Its value equals the MSE,
     and its gradient is mean(mse) times the gradient of mean_i log(mse_i), so
     it maximises the mean per-image PSNR (which weighs every face equally,
     where MSE favours the hard ones) at the same loss scale as MSE, leaving the
-    balance with the commitment and KL terms unchanged.
+    balance with the commitment and KL terms unchanged. A non-zero
+    `ssim_weight` adds ssim_weight * (1 - mean SSIM) (`tf.image.ssim`, data range
+    1), for structure that squared error weighs little (SSIM is 1 for a perfect match).
     """
     per_image = ops.mean(ops.square(ops.cast(images, "float32") - ops.cast(reconstructions, "float32")), axis=(1, 2, 3))
     error = ops.mean(per_image)
     if kind == "psnr":
         weights = ops.stop_gradient(error / ops.maximum(per_image, 1e-12))
         error = ops.mean(weights * per_image)
-    return error / data_variance if data_variance else error
+    error = error / data_variance if data_variance else error
+    if ssim_weight:
+        ssim = tf.image.ssim(ops.cast(images, "float32"), ops.cast(reconstructions, "float32"), max_val=1.0)
+        error = error + ssim_weight * (1.0 - ops.mean(ssim))
+    return error
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -642,9 +658,7 @@ class VQVAE(ReconstructionModel):
     def compute_losses(self, images, training):
         vq = self.quantizer(self.encoder(images, training=training), training=training)
         reconstructions = self.decoder(vq["quantized"], training=training)
-        reconstruction_loss = _reconstruction_error(
-            images, reconstructions, self.reconstruction_loss, self.data_variance
-        )
+        reconstruction_loss = self.reconstruction_error(images, reconstructions)
         return {
             "loss": reconstruction_loss + vq["commitment_loss"],
             "reconstruction_loss": reconstruction_loss,
@@ -731,9 +745,7 @@ class VAE(ReconstructionModel):
             seed = tf.random.experimental.stateless_fold_in(self.noise_seeds.next(), replica)
             latents = self.sample_latents(mean, log_variance, seed)
         reconstructions = self.decoder(latents, training=training)
-        reconstruction_loss = _reconstruction_error(
-            images, reconstructions, self.reconstruction_loss, self.data_variance
-        )
+        reconstruction_loss = self.reconstruction_error(images, reconstructions)
         kl_per_image = self.kl_nats(mean, log_variance)
         values_per_image = float(np.prod(images.shape[1:]))
         kl_loss = ops.mean(kl_per_image) / values_per_image

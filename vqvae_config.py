@@ -150,6 +150,7 @@ class RunConfig:
     residual_hidden_channels: int = 32
     activation: Literal["relu", "silu", "gelu"] = "relu"
     reconstruction_loss: Literal["mse", "psnr"] = "psnr"
+    ssim_weight: float = 0.0
     embedding_dim: int = 16
     num_embeddings: int = 512
     commitment_cost: float = 0.25
@@ -192,6 +193,7 @@ class RunConfig:
         if self.decoder_residual_blocks is not None:
             _check_range(path, "decoder_residual_blocks", self.decoder_residual_blocks, 0, 64)
         _check_range(path, "residual_hidden_channels", self.residual_hidden_channels, 1, 4096)
+        _check_range(path, "ssim_weight", self.ssim_weight, 0.0, 100.0)
         if self.min_epoch_to_start_saving > self.epochs:
             raise ConfigError(
                 f"{path}.min_epoch_to_start_saving={self.min_epoch_to_start_saving} is after the last epoch "

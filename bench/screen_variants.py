@@ -46,6 +46,9 @@ VARIANTS = {
     "encoder [64,128] / decoder [128,64]": ["encoder_filters=[64,128]", "decoder_filters=[128,64]"],
     "commitment at most 0.1": ["commitment_cost=0.1", "annealing.max_cost=0.1"],
     "EMA decay 0.995": ["ema_decay=0.995"],
+    "revival threshold 0.03": ["revival.threshold=0.03"],
+    "revival threshold 0.3": ["revival.threshold=0.3"],
+    "ssim weight 0.01": ["ssim_weight=0.01"],
 }
 
 
@@ -78,7 +81,9 @@ def measure_rates(args) -> None:
     from common import sample_images
 
     measured = {
-        name: overrides for name, overrides in VARIANTS.items() if name == "default" or not same_cost(overrides)
+        name: overrides
+        for name, overrides in VARIANTS.items()
+        if name == "default" or (not same_cost(overrides) and (not args.only or name in args.only))
     }
     steps = {}
     for name, overrides in measured.items():
@@ -92,10 +97,15 @@ def measure_rates(args) -> None:
     base = statistics.median(rates["default"])
     rows = []
     for name, overrides in VARIANTS.items():
+        if name not in rates and not same_cost(overrides):
+            continue
         rate = statistics.median(rates[name]) if name in rates else base
         rows.append({"variant": name, "images_per_s": rate, "ratio_to_default": rate / base, "measured": name in rates})
     report("screen_rates", rows)
-    Path(args.out).write_text(json.dumps({row["variant"]: row["ratio_to_default"] for row in rows}, indent=2))
+    out = Path(args.out)
+    ratios = json.loads(out.read_text()) if out.is_file() else {}  # --only adds to the earlier measurements
+    ratios.update({row["variant"]: row["ratio_to_default"] for row in rows})
+    out.write_text(json.dumps(ratios, indent=2))
 
 
 def train_one(args) -> dict:
@@ -202,6 +212,7 @@ def main():
     rates.add_argument("--out", default=str(Path(__file__).parent / "screen_rates.json"))
     rates.add_argument("--steps", type=int, default=20)
     rates.add_argument("--rounds", type=int, default=7)
+    rates.add_argument("--only", nargs="+", choices=list(VARIANTS), help="measure only these (and the default)")
     for name in ("train", "one"):
         sub = commands.add_parser(name)
         sub.add_argument("--data", required=True)

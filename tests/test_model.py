@@ -106,6 +106,19 @@ def test_reconstruction_loss_value_and_gradient(kind):
     np.testing.assert_allclose(gradient, expected, rtol=1e-5)
 
 
+def test_ssim_term_value_and_gradient():
+    """Uniform images a=0.5, b: SSIM = (2ab + C1) / (a^2 + b^2 + C1), C1 = 0.01^2 (no variance, so no C2 term)."""
+    x = np.full((1, 16, 16, 1), 0.5, np.float32)
+    b = tf.Variable(0.3)
+    with tf.GradientTape() as tape:
+        loss = _reconstruction_error(x, tf.fill((1, 16, 16, 1), b), "mse", data_variance=None, ssim_weight=0.5)
+    ssim = (2 * 0.5 * 0.3 + 1e-4) / (0.5**2 + 0.3**2 + 1e-4)
+    np.testing.assert_allclose(float(loss), 0.2**2 + 0.5 * (1 - ssim), rtol=1e-5)
+    # d/db of (a - b)^2 + 0.5 * (1 - SSIM(b)), by hand
+    d_ssim = (2 * 0.5 * (0.5**2 + 0.3**2 + 1e-4) - (2 * 0.5 * 0.3 + 1e-4) * 2 * 0.3) / (0.5**2 + 0.3**2 + 1e-4) ** 2
+    np.testing.assert_allclose(float(tape.gradient(loss, b)), -2 * 0.2 - 0.5 * d_ssim, rtol=1e-4)
+
+
 def test_token_round_trip_equals_reconstruction():
     x = images()
     model = trained(VQVAE(image_channels=3, embedding_dim=4, num_embeddings=16, seed=0, **TINY), x)
