@@ -51,6 +51,7 @@ MODEL_KEYS = (
     "activation",
     "embedding_dim",
     "num_embeddings",
+    "l2_normalize_codes",
     "latent_dim",
     "reconstruction_loss",
     "ssim_weight",
@@ -63,6 +64,7 @@ SETTINGS_BEFORE_THEY_EXISTED = {
     "activation": "relu",
     "reconstruction_loss": "mse",
     "ssim_weight": 0.0,
+    "l2_normalize_codes": False,
 }
 DATA_KEYS = ("image_size", "crop_border", "source_size")
 SNAPSHOT_FACES = 8
@@ -238,6 +240,7 @@ def build_model(
             decay=run.ema_decay,
             epsilon=run.ema_epsilon,
             codebook_init=run.codebook_init,
+            l2_normalize=run.l2_normalize_codes,
             **trunk,
         )
     else:

@@ -250,6 +250,10 @@ class VectorQuantizerEMA(layers.Layer):
             encoder outputs of the first training batch, so no code starts far
             from the data; "uniform" keeps the random-uniform initialisation of
             the textbook recipe (prone to codebook collapse).
+        l2_normalize: quantize unit vectors (Yu et al. 2022, "ViT-VQGAN"): inputs
+            are scaled to norm 1 before the lookup and every code is kept at norm
+            1, so the nearest code is the one of highest cosine similarity and
+            code lengths cannot drift apart.
 
     Input shape: (..., D) float. Call returns a dict:
         quantized (..., D): straight-through quantized vectors;
@@ -274,6 +278,7 @@ class VectorQuantizerEMA(layers.Layer):
         decay=0.99,
         epsilon=1e-5,
         codebook_init="data",
+        l2_normalize=False,
         seed=None,
         **kwargs,
     ):
@@ -291,6 +296,7 @@ class VectorQuantizerEMA(layers.Layer):
         self.decay = decay
         self.epsilon = epsilon
         self.codebook_init = codebook_init
+        self.l2_normalize = l2_normalize
         self.seed = seed
         self.random_stream = RandomStream(seed, name="random_stream")
 
@@ -312,6 +318,7 @@ class VectorQuantizerEMA(layers.Layer):
         self.embeddings = state("embeddings", (k, d), keras.initializers.RandomUniform(-limit, limit, seed=self.seed))
         self.ema_cluster_size = state("ema_cluster_size", (k,), "ones")
         self.ema_embedding_sum = state("ema_embedding_sum", (k, d), "zeros")
+        self.embeddings.assign(self._as_code_space(self.embeddings))
         self.ema_embedding_sum.assign(self.embeddings)
         self.commitment_cost = state("commitment_cost", (), keras.initializers.Constant(self.initial_commitment_cost))
         self.initialized = state("initialized", (), "zeros")
@@ -342,9 +349,14 @@ class VectorQuantizerEMA(layers.Layer):
         indices = tf.map_fn(nearest, chunks, fn_output_signature=tf.int32, parallel_iterations=parallel)
         return ops.reshape(indices, (-1,))[:count]
 
+    def _as_code_space(self, vectors):
+        """float32 (..., D) vectors as the codebook sees them: unit length when l2_normalize."""
+        vectors = ops.cast(vectors, "float32")
+        return ops.normalize(vectors, axis=-1, epsilon=1e-12) if self.l2_normalize else vectors
+
     def encode_indices(self, latents):
         """Nearest-code indices: (..., D) float -> (...) int32."""
-        latents = ops.cast(latents, "float32")
+        latents = self._as_code_space(latents)
         indices = self.nearest_codes(ops.reshape(latents, (-1, self.embedding_dim)))
         return ops.reshape(indices, ops.shape(latents)[:-1])
 
@@ -353,7 +365,7 @@ class VectorQuantizerEMA(layers.Layer):
         return ops.take(self.embeddings, ops.cast(indices, "int32"), axis=0)
 
     def call(self, inputs, training=False):
-        inputs = ops.cast(inputs, "float32")
+        inputs = self._as_code_space(inputs)
         flat = ops.reshape(inputs, (-1, self.embedding_dim))
         if training:
             sample = _broadcast_from_first_replica(self._sample_rows(flat, self.num_embeddings))
@@ -416,7 +428,7 @@ class VectorQuantizerEMA(layers.Layer):
         smoothed = (cluster_size + self.epsilon) / (total + self.num_embeddings * self.epsilon) * total
         self.ema_cluster_size.assign(cluster_size)
         self.ema_embedding_sum.assign(embedding_sum)
-        self.embeddings.assign(embedding_sum / smoothed[:, None])
+        self.embeddings.assign(self._as_code_space(embedding_sum / smoothed[:, None]))
 
     def reset_codes(self, code_indices, vectors):
         """Move codes `code_indices` (n,) to `vectors` (n, D) with fresh, consistent EMA state.
@@ -426,7 +438,7 @@ class VectorQuantizerEMA(layers.Layer):
         step starts from e_i = vector).
         """
         code_indices = ops.reshape(ops.cast(code_indices, "int32"), (-1, 1))
-        vectors = ops.cast(vectors, "float32")
+        vectors = self._as_code_space(vectors)
         count = ops.mean(self.ema_cluster_size)
         counts = ops.full((ops.shape(code_indices)[0],), count)
         self.embeddings.assign(tf.tensor_scatter_nd_update(self.embeddings, code_indices, vectors))
@@ -444,6 +456,7 @@ class VectorQuantizerEMA(layers.Layer):
             "decay": self.decay,
             "epsilon": self.epsilon,
             "codebook_init": self.codebook_init,
+            "l2_normalize": self.l2_normalize,
             "seed": self.seed,
         }
 
@@ -609,7 +622,7 @@ class VQVAE(ReconstructionModel):
 
     Args:
         embedding_dim, num_embeddings, commitment_cost, decay, epsilon,
-        codebook_init: see `VectorQuantizerEMA`.
+        codebook_init, l2_normalize: see `VectorQuantizerEMA`.
         **trunk: the `ReconstructionModel` trunk arguments (image_channels,
             encoder_filters, decoder_filters, num_residual_blocks,
             residual_hidden_channels, decoder_residual_blocks, activation,
@@ -629,6 +642,7 @@ class VQVAE(ReconstructionModel):
         decay=0.99,
         epsilon=1e-5,
         codebook_init="data",
+        l2_normalize=False,
         **trunk,
     ):
         super().__init__(latent_channels=embedding_dim, **trunk)
@@ -639,6 +653,7 @@ class VQVAE(ReconstructionModel):
             decay=decay,
             epsilon=epsilon,
             codebook_init=codebook_init,
+            l2_normalize=l2_normalize,
         )
         self.quantizer = VectorQuantizerEMA(
             num_embeddings,
@@ -647,6 +662,7 @@ class VQVAE(ReconstructionModel):
             decay,
             epsilon,
             codebook_init,
+            l2_normalize,
             seed=self.trunk_config["seed"],
             name="quantizer",
         )

@@ -157,6 +157,7 @@ class RunConfig:
     ema_decay: float = 0.99
     ema_epsilon: float = 1e-5
     codebook_init: Literal["data", "uniform"] = "data"
+    l2_normalize_codes: bool = False
     normalize_by_variance: bool = False
     latent_dim: int = 16
     kl_beta: float = 1.0

@@ -49,6 +49,7 @@ VARIANTS = {
     "revival threshold 0.03": ["revival.threshold=0.03"],
     "revival threshold 0.3": ["revival.threshold=0.3"],
     "ssim weight 0.01": ["ssim_weight=0.01"],
+    "l2-normalized codes": ["l2_normalize_codes=true"],
 }
 
 

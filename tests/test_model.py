@@ -66,7 +66,9 @@ def test_serialization_round_trip_in_safe_mode(cls, tmp_path):
         Encoder([8, 16], 1, 4, 8, activation="gelu"),
         Decoder([16, 8], 1, 3, 8),
         Decoder([16, 8], 3, 3, 8, activation="silu"),
-        VectorQuantizerEMA(16, 4, commitment_cost=0.3, decay=0.95, epsilon=1e-4, codebook_init="uniform", seed=2),
+        VectorQuantizerEMA(
+            16, 4, commitment_cost=0.3, decay=0.95, epsilon=1e-4, codebook_init="uniform", l2_normalize=True, seed=2
+        ),
     ],
 )
 def test_layer_get_config_round_trip(layer):

@@ -97,6 +97,30 @@ def test_single_step_ema_by_hand():
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_l2_normalized_codes_by_hand(mode):
+    """Unit codes (1, 0), (0, 1); inputs (2, 0) and (3, 4) become (1, 0) and (0.6, 0.8): codes 0 and 1.
+    decay 0.5, epsilon 0: code 1's EMA sum is 0.5 (0, 1) + 0.5 (0.6, 0.8) = (0.3, 0.9), count 1, and
+    the new code is that sum scaled to length 1."""
+    layer = VectorQuantizerEMA(
+        2, 2, commitment_cost=0.25, decay=0.5, epsilon=0.0, codebook_init="uniform", l2_normalize=True
+    )
+    layer.build((None, 2))
+    np.testing.assert_allclose(np.linalg.norm(layer.embeddings.numpy(), axis=1), 1.0, rtol=1e-6)
+    layer.embeddings.assign([[1.0, 0.0], [0.0, 1.0]])
+    layer.ema_embedding_sum.assign([[1.0, 0.0], [0.0, 1.0]])
+    out = call(layer, np.array([[2.0, 0.0], [3.0, 4.0]], np.float32), training=True, mode=mode)
+    np.testing.assert_array_equal(out["indices"], [0, 1])
+    np.testing.assert_allclose(out["quantized"], [[1.0, 0.0], [0.0, 1.0]], atol=1e-6)
+    np.testing.assert_allclose(out["commitment_loss"], 0.25 * (0.6**2 + 0.2**2) / 4, rtol=1e-5)
+    np.testing.assert_allclose(layer.ema_embedding_sum.numpy(), [[1.0, 0.0], [0.3, 0.9]], rtol=1e-6)
+    np.testing.assert_allclose(layer.embeddings.numpy()[1], np.array([0.3, 0.9]) / np.hypot(0.3, 0.9), rtol=1e-6)
+    # A long input pointing at code 1 gets code 1 itself, of length 1.
+    np.testing.assert_allclose(
+        layer.lookup(layer.encode_indices(tf.constant([[0.0, 10.0]]))).numpy(), layer.embeddings.numpy()[1:], rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_weights_frozen_in_inference(mode):
     layer = make_quantizer(CODEBOOK)
     before = [w.numpy().copy() for w in layer.weights]
