@@ -63,6 +63,7 @@ SAME_COST_KEYS = {
     "annealing",
     "revival",
     "reconstruction_loss",
+    "l2_normalize_codes",
 }
 
 
@@ -127,7 +128,13 @@ def train_one(args) -> dict:
     config = run_config(args.base + VARIANTS[args.variant])
     config.data.path = args.data
     run = config.runs["vqvae"]
-    ratio = json.loads(Path(args.rates).read_text())[args.variant]
+    ratios = json.loads(Path(args.rates).read_text())
+    if same_cost(VARIANTS[args.variant]):
+        ratio = 1.0
+    elif args.variant in ratios:
+        ratio = ratios[args.variant]
+    else:
+        sys.exit(f"no speed ratio for {args.variant!r} in {args.rates}: run `rates --only {args.variant!r}` first")
     steps = int(args.cpu_images_per_s * ratio * args.minutes * 60 / run.batch_size)
 
     faces = face_data.load_faces(config.data, ROOT / "checkpoints" / "data_cache", [])
