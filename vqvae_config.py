@@ -140,7 +140,7 @@ class RunConfig:
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     patience: int = 10
     min_epoch_to_start_saving: int = 0
-    divergence_ratio: Optional[float] = 5.0
+    divergence_ratio: Optional[float] = 3.0
     divergence_retries: int = 1
     divergence_lr_factor: float = 0.5
     encoder_filters: list[int] = field(default_factory=lambda: [32, 128])

@@ -18,7 +18,7 @@ from conftest import ROOT, TINY_RUN
 
 import face_data
 import trainer
-from training_callbacks import LossDiverged, TrainingError
+from training_callbacks import LossDiverged, TrainingCheckpoint, TrainingError
 from vqvae_config import ConfigError, load_config, save_resolved_config
 
 # Several batches per epoch, augmentation and revival on, deterministic ops, no time budget
@@ -118,6 +118,27 @@ def test_nan_loss_retries_from_the_checkpoint_with_a_lower_learning_rate(lfw_tre
     assert [rate for rate, _ in rates] == [2e-3, 1e-3]
     assert rates[1][1] == pytest.approx(1e-3), "the resumed optimizer uses the lowered rate"
     assert "Retry 1 of 1: resuming from it with learning_rate 0.001" in caplog.text
+    state = json.loads((tmp_path / "checkpoints" / "vqvae" / "state.json").read_text())
+    assert state["finished"] and state["epochs_done"] == 3
+
+
+def test_a_collapse_in_a_real_run_resumes_from_the_last_good_epoch(lfw_tree, tmp_path, monkeypatch, caplog):
+    """Epoch 2's validation loss reads 10x the best once: the run resumes from epoch 1 at half the rate."""
+    config = tiny_config(lfw_tree, "epochs=3", "divergence_ratio=3")
+    faces = face_data.load_faces(config.data, tmp_path / "cache", [])
+    real_epoch_end, seen = TrainingCheckpoint.on_epoch_end, []
+
+    def collapse_once(self, epoch, logs=None):
+        seen.append(epoch)
+        if seen == [0, 1]:
+            logs = {**logs, "val_loss": 10 * self.best}
+        return real_epoch_end(self, epoch, logs)
+
+    monkeypatch.setattr(TrainingCheckpoint, "on_epoch_end", collapse_once)
+    trainer.train_run(config, "vqvae", faces, tmp_path)
+    assert seen == [0, 1, 1, 2], "epoch 2 is trained again after the retry"
+    assert "10.0x its best" in caplog.text and "training collapsed in epoch 2" in caplog.text
+    assert "resuming from it with learning_rate 0.001" in caplog.text
     state = json.loads((tmp_path / "checkpoints" / "vqvae" / "state.json").read_text())
     assert state["finished"] and state["epochs_done"] == 3
 
