@@ -55,6 +55,7 @@ MODEL_KEYS = (
     "latent_dim",
     "reconstruction_loss",
     "ssim_weight",
+    "l1_weight",
     "normalize_by_variance",
     "kl_beta",
 )
@@ -64,6 +65,7 @@ SETTINGS_BEFORE_THEY_EXISTED = {
     "activation": "relu",
     "reconstruction_loss": "mse",
     "ssim_weight": 0.0,
+    "l1_weight": 0.0,
     "l2_normalize_codes": False,
 }
 DATA_KEYS = ("image_size", "crop_border", "source_size")
@@ -229,6 +231,7 @@ def build_model(
         activation=run.activation,
         reconstruction_loss=run.reconstruction_loss,
         ssim_weight=run.ssim_weight,
+        l1_weight=run.l1_weight,
         data_variance=data_variance,
         seed=seed,
     )

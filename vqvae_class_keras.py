@@ -483,6 +483,7 @@ class ReconstructionModel(keras.Model):
             weighted so the gradient is that of the mean per-image log MSE, the
             quantity mean PSNR measures (see `_reconstruction_error`).
         ssim_weight: weight of (1 - mean SSIM) added to the reconstruction loss.
+        l1_weight: weight of the mean absolute error added to the reconstruction loss.
         data_variance: if set, the reconstruction loss is divided by
             data_variance (as in the original recipe); None keeps plain MSE.
         seed: seed of the model's random draws.
@@ -509,6 +510,7 @@ class ReconstructionModel(keras.Model):
         activation="relu",
         reconstruction_loss="mse",
         ssim_weight=0.0,
+        l1_weight=0.0,
         data_variance=None,
         seed=None,
         **kwargs,
@@ -529,11 +531,13 @@ class ReconstructionModel(keras.Model):
             activation=activation,
             reconstruction_loss=reconstruction_loss,
             ssim_weight=ssim_weight,
+            l1_weight=l1_weight,
             data_variance=data_variance,
             seed=seed,
         )
         self.reconstruction_loss = reconstruction_loss
         self.ssim_weight = ssim_weight
+        self.l1_weight = l1_weight
         self.data_variance = data_variance
         self.encoder = Encoder(
             encoder_filters, num_residual_blocks, latent_channels, residual_hidden_channels, activation, name="encoder"
@@ -557,7 +561,7 @@ class ReconstructionModel(keras.Model):
     def reconstruction_error(self, images, reconstructions):
         """This model's reconstruction loss (a scalar), see `_reconstruction_error`."""
         return _reconstruction_error(
-            images, reconstructions, self.reconstruction_loss, self.data_variance, self.ssim_weight
+            images, reconstructions, self.reconstruction_loss, self.data_variance, self.ssim_weight, self.l1_weight
         )
 
     def _record(self, values):
@@ -592,7 +596,7 @@ class ReconstructionModel(keras.Model):
 RECONSTRUCTION_LOSSES = ("mse", "psnr")
 
 
-def _reconstruction_error(images, reconstructions, kind, data_variance, ssim_weight=0.0):
+def _reconstruction_error(images, reconstructions, kind, data_variance, ssim_weight=0.0, l1_weight=0.0):
     """The reconstruction loss, a scalar, for images and reconstructions (B, H, W, C) in [0, 1].
 
     "mse": mean squared error. "psnr": sum_i w_i * mse_i / B with constant
@@ -603,8 +607,11 @@ def _reconstruction_error(images, reconstructions, kind, data_variance, ssim_wei
     balance with the commitment and KL terms unchanged. A non-zero
     `ssim_weight` adds ssim_weight * (1 - mean SSIM) (`tf.image.ssim`, data range
     1), for structure that squared error weighs little (SSIM is 1 for a perfect match).
+    A non-zero `l1_weight` adds l1_weight * mean |images - reconstructions|, whose
+    gradient does not fade as an error gets small, unlike the squared error's.
     """
-    per_image = ops.mean(ops.square(ops.cast(images, "float32") - ops.cast(reconstructions, "float32")), axis=(1, 2, 3))
+    difference = ops.cast(images, "float32") - ops.cast(reconstructions, "float32")
+    per_image = ops.mean(ops.square(difference), axis=(1, 2, 3))
     error = ops.mean(per_image)
     if kind == "psnr":
         weights = ops.stop_gradient(error / ops.maximum(per_image, 1e-12))
@@ -613,6 +620,8 @@ def _reconstruction_error(images, reconstructions, kind, data_variance, ssim_wei
     if ssim_weight:
         ssim = tf.image.ssim(ops.cast(images, "float32"), ops.cast(reconstructions, "float32"), max_val=1.0)
         error = error + ssim_weight * (1.0 - ops.mean(ssim))
+    if l1_weight:
+        error = error + l1_weight * ops.mean(ops.abs(difference))
     return error
 
 

@@ -151,6 +151,7 @@ class RunConfig:
     activation: Literal["relu", "silu", "gelu"] = "relu"
     reconstruction_loss: Literal["mse", "psnr"] = "psnr"
     ssim_weight: float = 0.0
+    l1_weight: float = 0.0
     embedding_dim: int = 16
     num_embeddings: int = 512
     commitment_cost: float = 0.25
@@ -195,6 +196,7 @@ class RunConfig:
             _check_range(path, "decoder_residual_blocks", self.decoder_residual_blocks, 0, 64)
         _check_range(path, "residual_hidden_channels", self.residual_hidden_channels, 1, 4096)
         _check_range(path, "ssim_weight", self.ssim_weight, 0.0, 100.0)
+        _check_range(path, "l1_weight", self.l1_weight, 0.0, 100.0)
         if self.min_epoch_to_start_saving > self.epochs:
             raise ConfigError(
                 f"{path}.min_epoch_to_start_saving={self.min_epoch_to_start_saving} is after the last epoch "

@@ -44,11 +44,13 @@ VARIANTS = {
     "D=8": ["embedding_dim=8"],
     "D=32": ["embedding_dim=32"],
     "encoder [64,128] / decoder [128,64]": ["encoder_filters=[64,128]", "decoder_filters=[128,64]"],
+    "decoder [128,64]": ["decoder_filters=[128,64]"],
     "commitment at most 0.1": ["commitment_cost=0.1", "annealing.max_cost=0.1"],
     "EMA decay 0.995": ["ema_decay=0.995"],
     "revival threshold 0.03": ["revival.threshold=0.03"],
     "revival threshold 0.3": ["revival.threshold=0.3"],
     "ssim weight 0.01": ["ssim_weight=0.01"],
+    "l1 weight 0.02": ["l1_weight=0.02"],
     "l2-normalized codes": ["l2_normalize_codes=true"],
 }
 
@@ -64,6 +66,7 @@ SAME_COST_KEYS = {
     "revival",
     "reconstruction_loss",
     "l2_normalize_codes",
+    "l1_weight",
 }
 
 

@@ -121,6 +121,17 @@ def test_ssim_term_value_and_gradient():
     np.testing.assert_allclose(float(tape.gradient(loss, b)), -2 * 0.2 - 0.5 * d_ssim, rtol=1e-4)
 
 
+def test_l1_term_value_and_gradient():
+    """Errors +0.1 and -0.3 on two pixels: MSE (0.01 + 0.09) / 2, L1 (0.1 + 0.3) / 2, d|e|/dr = sign(r - x) / 2."""
+    x = np.array([0.5, 0.5], np.float32).reshape(1, 1, 2, 1)
+    r = tf.Variable(np.array([0.6, 0.2], np.float32).reshape(1, 1, 2, 1))
+    with tf.GradientTape() as tape:
+        loss = _reconstruction_error(x, r, "mse", data_variance=None, l1_weight=0.5)
+    np.testing.assert_allclose(float(loss), 0.05 + 0.5 * 0.2, rtol=1e-5)
+    expected = 2 * np.array([0.1, -0.3]) / 2 + 0.5 * np.array([1.0, -1.0]) / 2
+    np.testing.assert_allclose(tape.gradient(loss, r).numpy().reshape(2), expected, rtol=1e-5)
+
+
 def test_token_round_trip_equals_reconstruction():
     x = images()
     model = trained(VQVAE(image_channels=3, embedding_dim=4, num_embeddings=16, seed=0, **TINY), x)
