@@ -610,7 +610,8 @@ def _reconstruction_error(images, reconstructions, kind, data_variance, ssim_wei
     A non-zero `l1_weight` adds l1_weight * mean |images - reconstructions|, whose
     gradient does not fade as an error gets small, unlike the squared error's.
     """
-    difference = ops.cast(images, "float32") - ops.cast(reconstructions, "float32")
+    images, reconstructions = ops.cast(images, "float32"), ops.cast(reconstructions, "float32")
+    difference = images - reconstructions
     per_image = ops.mean(ops.square(difference), axis=(1, 2, 3))
     error = ops.mean(per_image)
     if kind == "psnr":
@@ -618,7 +619,7 @@ def _reconstruction_error(images, reconstructions, kind, data_variance, ssim_wei
         error = ops.mean(weights * per_image)
     error = error / data_variance if data_variance else error
     if ssim_weight:
-        ssim = tf.image.ssim(ops.cast(images, "float32"), ops.cast(reconstructions, "float32"), max_val=1.0)
+        ssim = tf.image.ssim(images, reconstructions, max_val=1.0)
         error = error + ssim_weight * (1.0 - ops.mean(ssim))
     if l1_weight:
         error = error + l1_weight * ops.mean(ops.abs(difference))
