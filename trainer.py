@@ -248,7 +248,8 @@ def build_model(
         )
     else:
         model = VAE(latent_dim=run.latent_dim, kl_beta=run.kl_beta, **trunk)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate or run.learning_rate), jit_compile=run.jit_compile)
+    optimizer = keras.optimizers.Adam(learning_rate or run.learning_rate, global_clipnorm=run.gradient_clipnorm)
+    model.compile(optimizer=optimizer, jit_compile=run.jit_compile)
     return model
 
 
@@ -424,6 +425,9 @@ def _train_locked(config, run_name, faces, paths, retrain, strategy):
             with strategy.scope():
                 model = load_model(paths.latest_model)
             model.optimizer.learning_rate.assign(schedule["learning_rate"])
+            # Under mixed_float16 the optimizer is a LossScaleOptimizer: clipping belongs to the Adam inside,
+            # which sees the unscaled gradients.
+            getattr(model.optimizer, "inner_optimizer", model.optimizer).global_clipnorm = run.gradient_clipnorm
             initial_epoch = state["epochs_done"]
             trim_history(paths.history, initial_epoch)
             log.info("resuming run %s from epoch %d (%s)", run_name, initial_epoch, paths.latest_model)

@@ -138,6 +138,7 @@ class RunConfig:
     batch_size: int = 8
     learning_rate: float = 2e-3
     lr_schedule: Literal["cosine", "constant"] = "cosine"
+    gradient_clipnorm: Optional[float] = None
     patience: int = 10
     min_epoch_to_start_saving: int = 0
     divergence_ratio: Optional[float] = 3.0
@@ -174,6 +175,8 @@ class RunConfig:
             _check_range(path, "max_train_minutes", self.max_train_minutes, 0.01, 10**6)
         _check_range(path, "batch_size", self.batch_size, 1, 65536)
         _check_range(path, "learning_rate", self.learning_rate, 1e-8, 1.0)
+        if self.gradient_clipnorm is not None:
+            _check_range(path, "gradient_clipnorm", self.gradient_clipnorm, 1e-8, 1e6)
         _check_range(path, "patience", self.patience, 1, 10**6)
         _check_range(path, "min_epoch_to_start_saving", self.min_epoch_to_start_saving, 0, 10**6)
         if self.divergence_ratio is not None:

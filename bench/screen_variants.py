@@ -37,6 +37,9 @@ VARIANTS = {
     "default": [],
     "the 2026-11-25 default (mse loss)": ["reconstruction_loss=mse"],
     "silu, learning rate 3e-3": ["activation=silu", "learning_rate=0.003"],
+    "silu, 3e-3, clip 0.1": ["activation=silu", "learning_rate=0.003", "gradient_clipnorm=0.1"],
+    "silu, 3e-3, clip 0.05": ["activation=silu", "learning_rate=0.003", "gradient_clipnorm=0.05"],
+    "clip 0.05": ["gradient_clipnorm=0.05"],
     "residual hidden 64": ["residual_hidden_channels=64"],
     "3 residual blocks each side": ["num_residual_blocks=3"],
     "encoder 1 / decoder 3 blocks": ["num_residual_blocks=1", "decoder_residual_blocks=3"],
@@ -60,6 +63,7 @@ VARIANTS = {
 SAME_COST_KEYS = {
     "learning_rate",
     "lr_schedule",
+    "gradient_clipnorm",
     "commitment_cost",
     "ema_decay",
     "annealing",

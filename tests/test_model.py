@@ -188,3 +188,25 @@ def test_vae_posterior_sample_is_mean_plus_scaled_noise():
     other = model.decode_posterior_sample(tf.constant(x), tf.constant([0, 8], tf.int64)).numpy()
     assert np.abs(sample - other).max() > 1e-4, "another seed draws another sample"
     assert np.abs(sample - model(x).numpy()).max() > 1e-4, "differs from decoding the mean"
+
+
+@pytest.mark.parametrize("clipnorm", [None, 0.5])
+def test_gradient_clipnorm_bounds_the_global_norm_adam_sees(clipnorm):
+    """Gradients of 3.0 everywhere (global norm 3 sqrt(n)) are scaled to norm 0.5 before
+    Adam's first moment takes 1 - beta_1 = 0.1 of them: 0.1 x 0.5 / sqrt(n) per weight."""
+    from conftest import TINY_RUN
+
+    import trainer
+    from vqvae_config import load_config
+
+    overrides = TINY_RUN + ([f"gradient_clipnorm={clipnorm}"] if clipnorm else [])
+    model = trainer.build_model(load_config(None, overrides, ["vqvae"]).runs["vqvae"], 3, None, seed=0)
+    model.build((None, 16, 16, 3))
+    variables = model.trainable_variables
+    n = sum(int(np.prod(v.shape)) for v in variables)
+    model.optimizer.apply([np.full(v.shape, 3.0, np.float32) for v in variables], variables)
+    momentums = [v.numpy() for v in model.optimizer.variables if v.path.endswith("_momentum")]
+    assert len(momentums) == len(variables)
+    expected = 0.1 * 0.5 / np.sqrt(n) if clipnorm else 0.3
+    for momentum in momentums:
+        np.testing.assert_allclose(momentum, expected, rtol=1e-5)
