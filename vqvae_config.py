@@ -136,9 +136,9 @@ class RunConfig:
     epochs: int = 30
     max_train_minutes: Optional[float] = None
     batch_size: int = 8
-    learning_rate: float = 2e-3
+    learning_rate: float = 3e-3
     lr_schedule: Literal["cosine", "constant"] = "cosine"
-    gradient_clipnorm: Optional[float] = None
+    gradient_clipnorm: Optional[float] = 0.1
     patience: int = 10
     min_epoch_to_start_saving: int = 0
     divergence_ratio: Optional[float] = 3.0
@@ -149,7 +149,7 @@ class RunConfig:
     num_residual_blocks: int = 2
     decoder_residual_blocks: Optional[int] = None
     residual_hidden_channels: int = 32
-    activation: Literal["relu", "silu", "gelu"] = "relu"
+    activation: Literal["relu", "silu", "gelu"] = "silu"
     reconstruction_loss: Literal["mse", "psnr"] = "psnr"
     ssim_weight: float = 0.0
     l1_weight: float = 0.0

@@ -199,7 +199,7 @@ def test_gradient_clipnorm_bounds_the_global_norm_adam_sees(clipnorm):
     import trainer
     from vqvae_config import load_config
 
-    overrides = TINY_RUN + ([f"gradient_clipnorm={clipnorm}"] if clipnorm else [])
+    overrides = TINY_RUN + [f"gradient_clipnorm={'null' if clipnorm is None else clipnorm}"]
     model = trainer.build_model(load_config(None, overrides, ["vqvae"]).runs["vqvae"], 3, None, seed=0)
     model.build((None, 16, 16, 3))
     variables = model.trainable_variables

@@ -102,7 +102,9 @@ def tiny_config(lfw_tree, *overrides):
 
 def test_nan_loss_retries_from_the_checkpoint_with_a_lower_learning_rate(lfw_tree, tmp_path, monkeypatch, caplog):
     """The first attempt diverges after writing its first checkpoint; the retry resumes at half the rate."""
-    config = tiny_config(lfw_tree, "epochs=3", "divergence_retries=1", "divergence_lr_factor=0.5")
+    config = tiny_config(
+        lfw_tree, "epochs=3", "learning_rate=0.002", "divergence_retries=1", "divergence_lr_factor=0.5"
+    )
     faces = face_data.load_faces(config.data, tmp_path / "cache", [])
     real_fit, rates = trainer._fit, []
 
@@ -124,7 +126,7 @@ def test_nan_loss_retries_from_the_checkpoint_with_a_lower_learning_rate(lfw_tre
 
 def test_a_collapse_in_a_real_run_resumes_from_the_last_good_epoch(lfw_tree, tmp_path, monkeypatch, caplog):
     """Epoch 2's validation loss reads 10x the best once: the run resumes from epoch 1 at half the rate."""
-    config = tiny_config(lfw_tree, "epochs=3", "divergence_ratio=3")
+    config = tiny_config(lfw_tree, "epochs=3", "learning_rate=0.002", "divergence_ratio=3")
     faces = face_data.load_faces(config.data, tmp_path / "cache", [])
     real_epoch_end, seen = TrainingCheckpoint.on_epoch_end, []
 
@@ -144,7 +146,7 @@ def test_a_collapse_in_a_real_run_resumes_from_the_last_good_epoch(lfw_tree, tmp
 
 
 def test_nan_loss_after_the_last_retry_is_a_clear_error(lfw_tree, tmp_path, monkeypatch):
-    config = tiny_config(lfw_tree, "divergence_retries=2", "divergence_lr_factor=0.1")
+    config = tiny_config(lfw_tree, "learning_rate=0.002", "divergence_retries=2", "divergence_lr_factor=0.1")
     faces = face_data.load_faces(config.data, tmp_path / "cache", [])
     rates = []
 
