@@ -4,7 +4,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import TINY_RUN
 
+import trainer
 from vqvae_class_keras import (
     VAE,
     VQVAE,
@@ -14,6 +16,7 @@ from vqvae_class_keras import (
     VectorQuantizerEMA,
     _reconstruction_error,
 )
+from vqvae_config import load_config
 
 TINY = dict(encoder_filters=[8, 16], decoder_filters=[16, 8], num_residual_blocks=1, residual_hidden_channels=8)
 
@@ -194,11 +197,6 @@ def test_vae_posterior_sample_is_mean_plus_scaled_noise():
 def test_gradient_clipnorm_bounds_the_global_norm_adam_sees(clipnorm):
     """Gradients of 3.0 everywhere (global norm 3 sqrt(n)) are scaled to norm 0.5 before
     Adam's first moment takes 1 - beta_1 = 0.1 of them: 0.1 x 0.5 / sqrt(n) per weight."""
-    from conftest import TINY_RUN
-
-    import trainer
-    from vqvae_config import load_config
-
     overrides = TINY_RUN + [f"gradient_clipnorm={'null' if clipnorm is None else clipnorm}"]
     model = trainer.build_model(load_config(None, overrides, ["vqvae"]).runs["vqvae"], 3, None, seed=0)
     model.build((None, 16, 16, 3))
@@ -207,6 +205,6 @@ def test_gradient_clipnorm_bounds_the_global_norm_adam_sees(clipnorm):
     model.optimizer.apply([np.full(v.shape, 3.0, np.float32) for v in variables], variables)
     momentums = [v.numpy() for v in model.optimizer.variables if v.path.endswith("_momentum")]
     assert len(momentums) == len(variables)
-    expected = 0.1 * 0.5 / np.sqrt(n) if clipnorm else 0.3
+    expected = 0.1 * clipnorm / np.sqrt(n) if clipnorm else 0.3
     for momentum in momentums:
         np.testing.assert_allclose(momentum, expected, rtol=1e-5)
