@@ -40,6 +40,8 @@ VARIANTS = {
     "silu, 3e-3, clip 0.1": ["activation=silu", "learning_rate=0.003", "gradient_clipnorm=0.1"],
     "silu, 3e-3, clip 0.05": ["activation=silu", "learning_rate=0.003", "gradient_clipnorm=0.05"],
     "clip 0.05": ["gradient_clipnorm=0.05"],
+    "learning rate 4e-3": ["learning_rate=0.004"],
+    "learning rate 5e-3": ["learning_rate=0.005"],
     "residual hidden 64": ["residual_hidden_channels=64"],
     "3 residual blocks each side": ["num_residual_blocks=3"],
     "encoder 1 / decoder 3 blocks": ["num_residual_blocks=1", "decoder_residual_blocks=3"],
