@@ -35,10 +35,19 @@ from common import ROOT, report
 
 VARIANTS = {
     "default": [],
-    "the 2026-11-25 default (mse loss)": ["reconstruction_loss=mse"],
-    "silu, learning rate 3e-3": ["activation=silu", "learning_rate=0.003"],
-    "silu, 3e-3, clip 0.1": ["activation=silu", "learning_rate=0.003", "gradient_clipnorm=0.1"],
-    "silu, 3e-3, clip 0.05": ["activation=silu", "learning_rate=0.003", "gradient_clipnorm=0.05"],
+    "the 2026-11-25 default (relu, 2e-3, no clipping, mse loss)": [
+        "activation=relu",
+        "learning_rate=0.002",
+        "gradient_clipnorm=null",
+        "reconstruction_loss=mse",
+    ],
+    "relu, 2e-3, no clipping (the earlier 2026-11-26 default)": [
+        "activation=relu",
+        "learning_rate=0.002",
+        "gradient_clipnorm=null",
+    ],
+    "relu, 2e-3, clip 0.05": ["activation=relu", "learning_rate=0.002", "gradient_clipnorm=0.05"],
+    "no clipping": ["gradient_clipnorm=null"],
     "clip 0.05": ["gradient_clipnorm=0.05"],
     "learning rate 4e-3": ["learning_rate=0.004"],
     "learning rate 5e-3": ["learning_rate=0.005"],
