@@ -16,7 +16,7 @@ import tensorflow as tf
 import face_data
 import visualize
 from atomic_files import save_npz_atomically, write_json_atomically
-from trainer import RunPaths, load_averaged_model, read_state
+from trainer import RunPaths, load_model, read_state
 from vqvae_class_keras import VAE, VQVAE
 
 log = logging.getLogger("vqvae_faces.eval")
@@ -112,7 +112,7 @@ def evaluate_run(
     `checkpoints/<run>/tokens.npz`, and the reconstructions are decoded from
     those saved tokens.
     """
-    model = load_averaged_model(model_path)
+    model = load_model(model_path)
     expected = tuple(model.get_build_config()["input_shape"][1:]) if model.get_build_config() else None
     if expected and tuple(expected) != tuple(images.shape[1:]):
         raise EvaluationError(

@@ -58,7 +58,6 @@ MODEL_KEYS = (
     "l1_weight",
     "normalize_by_variance",
     "kl_beta",
-    "weight_ema_momentum",
 )
 # What checkpoints written before these settings existed were trained with.
 SETTINGS_BEFORE_THEY_EXISTED = {
@@ -68,7 +67,6 @@ SETTINGS_BEFORE_THEY_EXISTED = {
     "ssim_weight": 0.0,
     "l1_weight": 0.0,
     "l2_normalize_codes": False,
-    "weight_ema_momentum": None,
 }
 DATA_KEYS = ("image_size", "crop_border", "source_size")
 SNAPSHOT_FACES = 8
@@ -250,32 +248,14 @@ def build_model(
         )
     else:
         model = VAE(latent_dim=run.latent_dim, kl_beta=run.kl_beta, **trunk)
-    optimizer = keras.optimizers.Adam(
-        learning_rate or run.learning_rate,
-        global_clipnorm=run.gradient_clipnorm,
-        use_ema=run.weight_ema_momentum is not None,
-        ema_momentum=run.weight_ema_momentum or 0.99,
-    )
+    optimizer = keras.optimizers.Adam(learning_rate or run.learning_rate, global_clipnorm=run.gradient_clipnorm)
     model.compile(optimizer=optimizer, jit_compile=run.jit_compile)
     return model
 
 
 def load_model(path: Path) -> keras.Model:
-    """Load a `.keras` file in safe mode (no arbitrary code), with the weights training left off at."""
+    """Load a `.keras` file in safe mode (no arbitrary code)."""
     return keras.saving.load_model(path, safe_mode=True)
-
-
-def load_averaged_model(path: Path) -> keras.Model:
-    """Load a `.keras` file for evaluation: with the moving average of the weights where training kept one.
-
-    With `weight_ema_momentum` set, Adam keeps an exponential moving average of every trainable
-    weight beside it; checkpoints hold both, so a resumed run goes on from the raw weights, while
-    validation and evaluation use the average.
-    """
-    model = load_model(path)
-    if model.optimizer is not None:
-        model.optimizer.finalize_variable_values(model.trainable_variables)  # no-op without an average
-    return model
 
 
 def check_compatible(paths: RunPaths, config: ExperimentConfig, run_name: str) -> None:
@@ -333,8 +313,6 @@ def _callbacks(model, run: RunConfig, paths: RunPaths, train_count: int, snapsho
         strategy=schedule["workers_strategy"],
     )
     callbacks = [clock] + policy_callbacks(model, run, clock, schedule["learning_rate"], seed)
-    if run.weight_ema_momentum is not None:
-        callbacks.append(keras.callbacks.SwapEMAWeights())  # validation measures the averaged weights
     throughput = ThroughputMeter(schedule["global_batch"], train_count)
     checkpoint = TrainingCheckpoint(
         paths.checkpoints,

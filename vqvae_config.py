@@ -139,7 +139,6 @@ class RunConfig:
     learning_rate: float = 3e-3
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     gradient_clipnorm: Optional[float] = 0.1
-    weight_ema_momentum: Optional[float] = None
     patience: int = 10
     min_epoch_to_start_saving: int = 0
     divergence_ratio: Optional[float] = 3.0
@@ -178,8 +177,6 @@ class RunConfig:
         _check_range(path, "learning_rate", self.learning_rate, 1e-8, 1.0)
         if self.gradient_clipnorm is not None:
             _check_range(path, "gradient_clipnorm", self.gradient_clipnorm, 1e-8, 1e6)
-        if self.weight_ema_momentum is not None:
-            _check_range(path, "weight_ema_momentum", self.weight_ema_momentum, 0.0, 0.999999)
         _check_range(path, "patience", self.patience, 1, 10**6)
         _check_range(path, "min_epoch_to_start_saving", self.min_epoch_to_start_saving, 0, 10**6)
         if self.divergence_ratio is not None:

@@ -66,8 +66,6 @@ VARIANTS = {
     "ssim weight 0.01": ["ssim_weight=0.01"],
     "l1 weight 0.02": ["l1_weight=0.02"],
     "l2-normalized codes": ["l2_normalize_codes=true"],
-    "weight EMA 0.999": ["weight_ema_momentum=0.999"],
-    "weight EMA 0.9995": ["weight_ema_momentum=0.9995"],
 }
 
 
@@ -77,7 +75,6 @@ SAME_COST_KEYS = {
     "learning_rate",
     "lr_schedule",
     "gradient_clipnorm",
-    "weight_ema_momentum",
     "commitment_cost",
     "ema_decay",
     "annealing",

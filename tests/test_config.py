@@ -46,7 +46,6 @@ def test_defaults_without_a_file():
         ({"runs": {"a": {"ssim_weight": -0.1}}}, "runs.a.ssim_weight=-0.1"),
         ({"runs": {"a": {"l1_weight": -1}}}, "runs.a.l1_weight=-1"),
         ({"runs": {"a": {"gradient_clipnorm": 0}}}, "runs.a.gradient_clipnorm=0"),
-        ({"runs": {"a": {"weight_ema_momentum": 1.0}}}, "runs.a.weight_ema_momentum=1.0"),
         ({"runs": {"a": {"nan_retries": 1}}}, "runs.a.nan_retries"),
         ({"compare": ["nope"]}, "nope"),
     ],

@@ -166,8 +166,8 @@ def test_checkpoint_from_before_a_new_setting_still_matches(tmp_path):
     paths.checkpoints.mkdir(parents=True)
     save_resolved_config(config, "vqvae", paths.resolved_config)
     saved = json.loads(paths.resolved_config.read_text())
-    for key in ("activation", "decoder_residual_blocks", "reconstruction_loss", "weight_ema_momentum"):
-        del saved["run"][key]  # a checkpoint written before these settings existed: relu, mse, no averaging
+    for key in ("activation", "decoder_residual_blocks", "reconstruction_loss"):
+        del saved["run"][key]  # a checkpoint written before these settings existed: relu, mse
     paths.resolved_config.write_text(json.dumps(saved))
     trainer.check_compatible(paths, config, "vqvae")
     silu = load_config(None, ["activation=silu", "reconstruction_loss=mse"], ["vqvae"])
