@@ -24,8 +24,8 @@ import visualize
 from atomic_files import write_json_atomically, write_text_atomically
 from training_callbacks import (
     CommitmentAnnealing,
-    CosineLearningRate,
     DeadCodeRevival,
+    LearningRateDecay,
     LossDiverged,
     ReconstructionSnapshots,
     ThroughputMeter,
@@ -286,8 +286,8 @@ def check_compatible(paths: RunPaths, config: ExperimentConfig, run_name: str) -
 def policy_callbacks(model, run: RunConfig, clock: TrainingClock, learning_rate: float, seed: int) -> list:
     """The run's learning-rate schedule, and for a VQ-VAE its dead-code revival and commitment annealing."""
     callbacks = []
-    if run.lr_schedule == "cosine":
-        callbacks.append(CosineLearningRate(learning_rate, clock))
+    if run.lr_schedule != "constant":
+        callbacks.append(LearningRateDecay(learning_rate, clock, run.lr_schedule, run.lr_final_fraction))
     if isinstance(model, VQVAE) and run.revival.enabled:
         r = run.revival
         callbacks.append(

@@ -242,25 +242,38 @@ class TrainingClock(keras.callbacks.Callback):
             logs["train_seconds"] = self.elapsed_seconds
 
 
-class CosineLearningRate(keras.callbacks.Callback):
-    """Cosine decay from `base_rate` to `final_fraction * base_rate` over the training budget.
+class LearningRateDecay(keras.callbacks.Callback):
+    """Decay from `base_rate` to `final_fraction * base_rate` over the training budget.
 
-    Progress comes from `TrainingClock.progress`, so a time-limited run finishes
-    its schedule when its time runs out. Updated every `update_every` batches.
+    `shape` is "cosine" (half a cosine period) or "linear". Progress comes from
+    `TrainingClock.progress`, so a time-limited run finishes its schedule when
+    its time runs out. Updated every `update_every` batches.
     """
 
-    def __init__(self, base_rate: float, clock: TrainingClock, final_fraction: float = 0.02, update_every: int = 20):
+    SHAPES = ("cosine", "linear")
+
+    def __init__(
+        self,
+        base_rate: float,
+        clock: TrainingClock,
+        shape: str = "cosine",
+        final_fraction: float = 0.02,
+        update_every: int = 20,
+    ):
         super().__init__()
+        if shape not in self.SHAPES:
+            raise ValueError(f"shape must be one of {self.SHAPES}. Received: shape={shape!r}")
         self.base_rate = base_rate
         self.clock = clock
+        self.shape = shape
         self.final_fraction = final_fraction
         self.update_every = update_every
         self.epoch = 0
         self.steps_per_epoch = None
 
     def rate(self, progress: float) -> float:
-        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return self.base_rate * (self.final_fraction + (1.0 - self.final_fraction) * cosine)
+        remaining = 0.5 * (1.0 + math.cos(math.pi * progress)) if self.shape == "cosine" else 1.0 - progress
+        return self.base_rate * (self.final_fraction + (1.0 - self.final_fraction) * remaining)
 
     def _update(self, batch):
         fraction = batch / self.steps_per_epoch if self.steps_per_epoch else 0.0

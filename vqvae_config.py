@@ -137,7 +137,8 @@ class RunConfig:
     max_train_minutes: Optional[float] = None
     batch_size: int = 8
     learning_rate: float = 3e-3
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_final_fraction: float = 0.02
     gradient_clipnorm: Optional[float] = 0.1
     patience: int = 10
     min_epoch_to_start_saving: int = 0
@@ -175,6 +176,7 @@ class RunConfig:
             _check_range(path, "max_train_minutes", self.max_train_minutes, 0.01, 10**6)
         _check_range(path, "batch_size", self.batch_size, 1, 65536)
         _check_range(path, "learning_rate", self.learning_rate, 1e-8, 1.0)
+        _check_range(path, "lr_final_fraction", self.lr_final_fraction, 0.0, 1.0)
         if self.gradient_clipnorm is not None:
             _check_range(path, "gradient_clipnorm", self.gradient_clipnorm, 1e-8, 1e6)
         _check_range(path, "patience", self.patience, 1, 10**6)

@@ -66,6 +66,9 @@ VARIANTS = {
     "ssim weight 0.01": ["ssim_weight=0.01"],
     "l1 weight 0.02": ["l1_weight=0.02"],
     "l2-normalized codes": ["l2_normalize_codes=true"],
+    "cosine to 0": ["lr_final_fraction=0"],
+    "linear to 0": ["lr_schedule=linear", "lr_final_fraction=0"],
+    "linear to 2%": ["lr_schedule=linear"],
 }
 
 
@@ -74,6 +77,7 @@ VARIANTS = {
 SAME_COST_KEYS = {
     "learning_rate",
     "lr_schedule",
+    "lr_final_fraction",
     "gradient_clipnorm",
     "commitment_cost",
     "ema_decay",

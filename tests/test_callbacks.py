@@ -9,8 +9,8 @@ import tensorflow as tf
 
 from training_callbacks import (
     CommitmentAnnealing,
-    CosineLearningRate,
     DeadCodeRevival,
+    LearningRateDecay,
     TrainingCheckpoint,
     TrainingClock,
     revive_dead_codes,
@@ -153,9 +153,16 @@ def test_time_limit_stops_training_and_progress_follows_it():
     assert clock.progress(1) == 1.0
 
 
+def test_linear_schedule_values():
+    schedule = LearningRateDecay(2.0, TrainingClock(total_epochs=10), "linear", final_fraction=0.1)
+    assert schedule.rate(0.0) == pytest.approx(2.0)
+    assert schedule.rate(0.25) == pytest.approx(2.0 * (0.1 + 0.9 * 0.75))
+    assert schedule.rate(1.0) == pytest.approx(0.2)
+
+
 def test_cosine_schedule_values():
     clock = TrainingClock(total_epochs=10)
-    schedule = CosineLearningRate(1.0, clock, final_fraction=0.0)
+    schedule = LearningRateDecay(1.0, clock, "cosine", final_fraction=0.0)
     assert schedule.rate(0.0) == pytest.approx(1.0)
     assert schedule.rate(0.5) == pytest.approx(0.5)
     assert schedule.rate(1.0) == pytest.approx(0.0, abs=1e-12)
