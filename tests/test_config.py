@@ -46,6 +46,8 @@ def test_defaults_without_a_file():
         ({"runs": {"a": {"ssim_weight": -0.1}}}, "runs.a.ssim_weight=-0.1"),
         ({"runs": {"a": {"l1_weight": -1}}}, "runs.a.l1_weight=-1"),
         ({"runs": {"a": {"gradient_clipnorm": 0}}}, "runs.a.gradient_clipnorm=0"),
+        ({"runs": {"a": {"lr_final_fraction": 1.5}}}, "runs.a.lr_final_fraction=1.5"),
+        ({"runs": {"a": {"lr_schedule": "step"}}}, "runs.a.lr_schedule"),
         ({"runs": {"a": {"nan_retries": 1}}}, "runs.a.nan_retries"),
         ({"compare": ["nope"]}, "nope"),
     ],
