@@ -69,6 +69,7 @@ VARIANTS = {
     "cosine to 0": ["lr_final_fraction=0"],
     "linear to 0": ["lr_schedule=linear", "lr_final_fraction=0"],
     "linear to 2%": ["lr_schedule=linear"],
+    "linear to 5%": ["lr_schedule=linear", "lr_final_fraction=0.05"],
 }
 
 
