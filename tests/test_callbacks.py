@@ -158,6 +158,8 @@ def test_linear_schedule_values():
     assert schedule.rate(0.0) == pytest.approx(2.0)
     assert schedule.rate(0.25) == pytest.approx(2.0 * (0.1 + 0.9 * 0.75))
     assert schedule.rate(1.0) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="Received: shape='step'"):
+        LearningRateDecay(1.0, TrainingClock(total_epochs=10), "step")
 
 
 def test_cosine_schedule_values():
