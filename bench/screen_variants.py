@@ -5,7 +5,7 @@ where `rate` is its training images/s on this CPU. Timed runs compare variants
 through whatever else the machine was doing; this script instead trains each
 variant for exactly its CPU-equivalent number of steps (the default's measured
 rate in a real run times the variant's train-step speed ratio), with the same
-callbacks as a real run and the cosine schedule spread over those steps, and
+callbacks as a real run and the learning-rate decay spread over those steps, and
 measures it on the same identity-disjoint test faces as `vqvae_face_main.py`.
 Two single-threaded variants side by side use the two cores better than one
 run does, and neither's result depends on the other. Winners are then confirmed
