@@ -49,6 +49,7 @@ MODEL_KEYS = (
     "decoder_residual_blocks",
     "residual_hidden_channels",
     "activation",
+    "output_activation",
     "embedding_dim",
     "num_embeddings",
     "l2_normalize_codes",
@@ -63,6 +64,7 @@ MODEL_KEYS = (
 SETTINGS_BEFORE_THEY_EXISTED = {
     "decoder_residual_blocks": None,
     "activation": "relu",
+    "output_activation": "sigmoid",
     "reconstruction_loss": "mse",
     "ssim_weight": 0.0,
     "l1_weight": 0.0,
@@ -229,6 +231,7 @@ def build_model(
         residual_hidden_channels=run.residual_hidden_channels,
         decoder_residual_blocks=run.decoder_residual_blocks,
         activation=run.activation,
+        output_activation=run.output_activation,
         reconstruction_loss=run.reconstruction_loss,
         ssim_weight=run.ssim_weight,
         l1_weight=run.l1_weight,

@@ -17,6 +17,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 PACKAGE = "vqvae_faces"
+OUTPUT_ACTIVATIONS = ("sigmoid", "clip")
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -112,7 +113,10 @@ class Decoder(layers.Layer):
     stride-2 4x4 transposed conv per entry of `filters`: to filters[1], filters[2], ...,
     and the last one straight to the image channels (as in van den Oord et al. 2017).
 
-    The sigmoid output layer always computes in float32 (also under mixed precision).
+    The output layer always computes in float32 (also under mixed precision). Its
+    `output_activation` is "sigmoid", or "clip": a linear output clipped to [0, 1]
+    with a straight-through gradient, so pixels near 0 or 1 (dark hair, highlights)
+    keep the full gradient a sigmoid would shrink by sigma * (1 - sigma).
     Input shape: (B, h, w, D). Output shape: (B, h * 2**len(filters), w * 2**len(filters), image_channels).
     """
 
@@ -123,12 +127,19 @@ class Decoder(layers.Layer):
         image_channels=3,
         residual_hidden_channels=32,
         activation="relu",
+        output_activation="sigmoid",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if output_activation not in OUTPUT_ACTIVATIONS:
+            raise ValueError(
+                f"output_activation must be one of {OUTPUT_ACTIVATIONS}, "
+                f"received output_activation={output_activation!r}"
+            )
         self.filters = list(filters)
         self.num_residual_blocks = num_residual_blocks
         self.image_channels = image_channels
+        self.output_activation = output_activation
         self.residual_hidden_channels = residual_hidden_channels
         self.activation = activation
         self.act = keras.activations.get(activation)
@@ -140,7 +151,12 @@ class Decoder(layers.Layer):
             layers.Conv2DTranspose(f, 4, strides=2, padding="same", activation=activation) for f in self.filters[1:]
         ]
         self.to_image = layers.Conv2DTranspose(
-            image_channels, 4, strides=2, padding="same", activation="sigmoid", dtype="float32"
+            image_channels,
+            4,
+            strides=2,
+            padding="same",
+            activation="sigmoid" if output_activation == "sigmoid" else None,
+            dtype="float32",
         )
 
     def call(self, latents):
@@ -150,7 +166,10 @@ class Decoder(layers.Layer):
         x = self.act(x)
         for layer in self.upsamplers:
             x = layer(x)
-        return self.to_image(x)
+        images = self.to_image(x)
+        if self.output_activation == "clip":
+            images = images + ops.stop_gradient(ops.clip(images, 0.0, 1.0) - images)
+        return images
 
     def get_config(self):
         return {
@@ -160,6 +179,7 @@ class Decoder(layers.Layer):
             "image_channels": self.image_channels,
             "residual_hidden_channels": self.residual_hidden_channels,
             "activation": self.activation,
+            "output_activation": self.output_activation,
         }
 
 
@@ -479,6 +499,7 @@ class ReconstructionModel(keras.Model):
         decoder_residual_blocks: residual blocks of the decoder; None: as many
             as the encoder (`num_residual_blocks`).
         activation: nonlinearity of the trunk ("relu", "silu", "gelu", ...).
+        output_activation: "sigmoid" or "clip", see `Decoder`.
         reconstruction_loss: "mse", or "psnr": the per-image squared errors
             weighted so the gradient is that of the mean per-image log MSE, the
             quantity mean PSNR measures (see `_reconstruction_error`).
@@ -508,6 +529,7 @@ class ReconstructionModel(keras.Model):
         residual_hidden_channels=32,
         decoder_residual_blocks=None,
         activation="relu",
+        output_activation="sigmoid",
         reconstruction_loss="mse",
         ssim_weight=0.0,
         l1_weight=0.0,
@@ -529,6 +551,7 @@ class ReconstructionModel(keras.Model):
             residual_hidden_channels=residual_hidden_channels,
             decoder_residual_blocks=decoder_residual_blocks,
             activation=activation,
+            output_activation=output_activation,
             reconstruction_loss=reconstruction_loss,
             ssim_weight=ssim_weight,
             l1_weight=l1_weight,
@@ -544,7 +567,13 @@ class ReconstructionModel(keras.Model):
         )
         decoder_blocks = num_residual_blocks if decoder_residual_blocks is None else decoder_residual_blocks
         self.decoder = Decoder(
-            decoder_filters, decoder_blocks, image_channels, residual_hidden_channels, activation, name="decoder"
+            decoder_filters,
+            decoder_blocks,
+            image_channels,
+            residual_hidden_channels,
+            activation,
+            output_activation,
+            name="decoder",
         )
         self.trackers = {name: keras.metrics.Mean(name=name) for name in self.metric_names}
 
@@ -635,7 +664,7 @@ class VQVAE(ReconstructionModel):
         codebook_init, l2_normalize: see `VectorQuantizerEMA`.
         **trunk: the `ReconstructionModel` trunk arguments (image_channels,
             encoder_filters, decoder_filters, num_residual_blocks,
-            residual_hidden_channels, decoder_residual_blocks, activation,
+            residual_hidden_channels, decoder_residual_blocks, activation, output_activation,
             reconstruction_loss, data_variance, seed).
 
     Input shape: (B, H, W, C) in [0, 1]. Output: reconstructions of the same shape.

@@ -151,6 +151,7 @@ class RunConfig:
     decoder_residual_blocks: Optional[int] = None
     residual_hidden_channels: int = 32
     activation: Literal["relu", "silu", "gelu"] = "silu"
+    output_activation: Literal["sigmoid", "clip"] = "sigmoid"
     reconstruction_loss: Literal["mse", "psnr"] = "psnr"
     ssim_weight: float = 0.0
     l1_weight: float = 0.0

@@ -70,6 +70,7 @@ VARIANTS = {
     "linear to 0": ["lr_schedule=linear", "lr_final_fraction=0"],
     "linear to 2%": ["lr_schedule=linear"],
     "linear to 5%": ["lr_schedule=linear", "lr_final_fraction=0.05"],
+    "clipped linear output": ["output_activation=clip"],
 }
 
 
@@ -87,6 +88,7 @@ SAME_COST_KEYS = {
     "reconstruction_loss",
     "l2_normalize_codes",
     "l1_weight",
+    "output_activation",
 }
 
 

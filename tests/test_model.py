@@ -69,6 +69,7 @@ def test_serialization_round_trip_in_safe_mode(cls, tmp_path):
         Encoder([8, 16], 1, 4, 8, activation="gelu"),
         Decoder([16, 8], 1, 3, 8),
         Decoder([16, 8], 3, 3, 8, activation="silu"),
+        Decoder([16, 8], 1, 3, 8, output_activation="clip"),
         VectorQuantizerEMA(
             16, 4, commitment_cost=0.3, decay=0.95, epsilon=1e-4, codebook_init="uniform", l2_normalize=True, seed=2
         ),
@@ -91,6 +92,38 @@ def test_trunk_options_shape_the_layers():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(block.act(x)), x / (1 + np.exp(-x)), rtol=1e-6)
     with pytest.raises(ValueError, match="received reconstruction_loss='l1'"):
         VQVAE(image_channels=3, reconstruction_loss="l1", **TINY)
+
+
+def test_clipped_output_is_clipped_forward_and_straight_through_backward():
+    decoder = Decoder([16, 8], 1, 3, 8, output_activation="clip")
+    latents = tf.constant(np.random.default_rng(0).normal(0.0, 30.0, (2, 4, 4, 4)), tf.float32)
+    weights = tf.constant(np.random.default_rng(1).random((2, 16, 16, 3)), tf.float32)
+    decoder(latents)
+    kernel = decoder.to_image.kernel
+
+    def features(latents):
+        x = latents
+        x = decoder.mix(x)
+        for block in decoder.blocks:
+            x = block(x)
+        x = decoder.act(x)
+        for layer in decoder.upsamplers:
+            x = layer(x)
+        return x
+
+    with tf.GradientTape(persistent=True) as tape:
+        clipped = decoder(latents)
+        raw = decoder.to_image(features(latents))
+        clipped_loss = tf.reduce_sum(weights * clipped)
+        raw_loss = tf.reduce_sum(weights * raw)
+    raw = raw.numpy()
+    assert raw.min() < 0.0 and raw.max() > 1.0  # the test covers pixels clipped on both sides
+    np.testing.assert_allclose(clipped.numpy(), np.clip(raw, 0.0, 1.0), atol=1e-6)
+    np.testing.assert_allclose(
+        tape.gradient(clipped_loss, kernel.value).numpy(), tape.gradient(raw_loss, kernel.value).numpy(), rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="received output_activation='tanh'"):
+        Decoder(output_activation="tanh")
 
 
 @pytest.mark.parametrize("kind", ["mse", "psnr"])
