@@ -137,7 +137,7 @@ class RunConfig:
     max_train_minutes: Optional[float] = None
     batch_size: int = 8
     learning_rate: float = 3e-3
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_schedule: Literal["cosine", "linear", "constant"] = "linear"
     lr_final_fraction: float = 0.02
     gradient_clipnorm: Optional[float] = 0.1
     patience: int = 10
