@@ -159,14 +159,18 @@ class Decoder(layers.Layer):
             dtype="float32",
         )
 
-    def call(self, latents):
+    def features(self, latents):
+        """What the output layer reads: (B, h, w, D) -> (B, H / 2, W / 2, filters[-1])."""
         x = self.mix(latents)
         for block in self.blocks:
             x = block(x)
         x = self.act(x)
         for layer in self.upsamplers:
             x = layer(x)
-        images = self.to_image(x)
+        return x
+
+    def call(self, latents):
+        images = self.to_image(self.features(latents))
         if self.output_activation == "clip":
             images = images + ops.stop_gradient(ops.clip(images, 0.0, 1.0) - images)
         return images

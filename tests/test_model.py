@@ -100,20 +100,9 @@ def test_clipped_output_is_clipped_forward_and_straight_through_backward():
     weights = tf.constant(np.random.default_rng(1).random((2, 16, 16, 3)), tf.float32)
     decoder(latents)
     kernel = decoder.to_image.kernel
-
-    def features(latents):
-        x = latents
-        x = decoder.mix(x)
-        for block in decoder.blocks:
-            x = block(x)
-        x = decoder.act(x)
-        for layer in decoder.upsamplers:
-            x = layer(x)
-        return x
-
     with tf.GradientTape(persistent=True) as tape:
         clipped = decoder(latents)
-        raw = decoder.to_image(features(latents))
+        raw = decoder.to_image(decoder.features(latents))
         clipped_loss = tf.reduce_sum(weights * clipped)
         raw_loss = tf.reduce_sum(weights * raw)
     raw = raw.numpy()
