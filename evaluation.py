@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -51,9 +52,17 @@ def code_statistics(counts: np.ndarray) -> dict[str, float]:
     }
 
 
-def tokenize(model: VQVAE, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """uint8 images (N, H, W, C) -> int16 token grids (N, h, w)."""
-    encode = tf.function(model.encode_to_tokens)
+def tokenize(model: VQVAE, images: np.ndarray, batch_size: int, search_steps: int = 0, step_size: float = 0.0):
+    """uint8 images (N, H, W, C) -> int16 token grids (N, h, w).
+
+    With `search_steps` > 0 the tokens come from `VQVAE.search_tokens` (chosen by
+    decoding, never worse per image than the nearest codes); otherwise they are
+    the encoder's nearest codes.
+    """
+    if search_steps > 0:
+        encode = tf.function(lambda batch: model.search_tokens(batch, search_steps, step_size))
+    else:
+        encode = tf.function(model.encode_to_tokens)
     grids = [encode(batch).numpy() for batch in face_data.make_dataset(images, batch_size)]
     return np.concatenate(grids).astype(np.int16)
 
@@ -105,12 +114,16 @@ def evaluate_run(
     dataset: str,
     batch_size: int,
     image_size: int,
+    token_search_steps: int = 0,
+    token_search_step_size: float = 0.0,
 ) -> EvaluationResult:
     """Evaluate a trained run on `images` (uint8, never augmented); write tokens, pictures, metrics.json.
 
-    For a VQ-VAE the test faces are encoded to tokens, saved to
-    `checkpoints/<run>/tokens.npz`, and the reconstructions are decoded from
-    those saved tokens.
+    For a VQ-VAE the test faces are encoded to tokens (searched with
+    `token_search_steps` decoder steps when > 0, see `VQVAE.search_tokens`),
+    saved to `checkpoints/<run>/tokens.npz`, and the reconstructions are decoded
+    from those saved tokens. With a search, the quality of the encoder's nearest
+    codes is reported beside it (`psnr_nearest_codes`, `ssim_nearest_codes`).
     """
     model = load_model(model_path)
     expected = tuple(model.get_build_config()["input_shape"][1:]) if model.get_build_config() else None
@@ -123,7 +136,13 @@ def evaluate_run(
     metrics: dict = {"run": run_name, "model": type(model).__name__, "dataset": dataset, "num_test_images": len(images)}
     tokens, sampled_quality = None, None
     if isinstance(model, VQVAE):
-        tokens = tokenize(model, images, batch_size)
+        started = time.perf_counter()
+        tokens = tokenize(model, images, batch_size, token_search_steps, token_search_step_size)
+        metrics["token_search_steps"] = token_search_steps
+        metrics["tokenize_images_per_second"] = len(images) / (time.perf_counter() - started)
+        if token_search_steps > 0:
+            nearest = image_quality(originals, decode(model, tokenize(model, images, batch_size), batch_size))
+            metrics.update({f"{name}_nearest_codes": float(nearest[name].mean()) for name in ("psnr", "ssim")})
         token_file = paths.checkpoints / "tokens.npz"
         save_npz_atomically(token_file, compressed=True, tokens=tokens, names=np.asarray(names))
         with np.load(token_file, allow_pickle=False) as saved:

@@ -672,7 +672,8 @@ class VQVAE(ReconstructionModel):
             reconstruction_loss, data_variance, seed).
 
     Input shape: (B, H, W, C) in [0, 1]. Output: reconstructions of the same shape.
-    Tokens: `encode_to_tokens` gives (B, h, w) int32, `decode_tokens` inverts it.
+    Tokens: `encode_to_tokens` gives (B, h, w) int32 (the nearest codes), `search_tokens`
+    picks the tokens the decoder rebuilds best, and `decode_tokens` inverts either.
     """
 
     metric_names = ("loss", "reconstruction_loss", "commitment_loss", "perplexity", "active_code_fraction")
@@ -733,6 +734,46 @@ class VQVAE(ReconstructionModel):
     def decode_tokens(self, tokens):
         """(B, h, w) int code indices -> (B, H, W, C) reconstructions."""
         return self.decoder(self.quantizer.lookup(tokens))
+
+    def search_tokens(self, images, steps, step_size):
+        """(B, H, W, C) images -> (B, h, w) int32 tokens chosen by decoding them (analysis by synthesis).
+
+        The encoder's nearest codes are a local guess; the decoder may rebuild a
+        face better from other codes. Starting from the encoder's latents z,
+        each of `steps` steps quantizes z, decodes, and moves z against the
+        gradient of each image's reconstruction MSE taken at its codes
+        (straight-through), normalised per image to an RMS of `step_size` x the
+        codebook's RMS. Each image keeps the tokens of its lowest MSE so far,
+        so the result is never worse than `encode_to_tokens` and the token
+        budget does not change: only the choice of tokens does.
+        """
+        images = ops.cast(images, "float32")
+        latents = ops.cast(self.encoder(images), "float32")
+        step = step_size * ops.sqrt(ops.mean(ops.square(self.quantizer.embeddings)))
+
+        def error_and_gradient(tokens):
+            codes = self.quantizer.lookup(tokens)
+            with tf.GradientTape() as tape:
+                tape.watch(codes)
+                errors = ops.mean(ops.square(ops.cast(self.decoder(codes), "float32") - images), axis=(1, 2, 3))
+                total = ops.sum(errors)
+            return errors, tape.gradient(total, codes)
+
+        def body(index, latents, best_tokens, best_errors):
+            tokens = self.quantizer.encode_indices(latents)
+            errors, gradient = error_and_gradient(tokens)
+            better = errors < best_errors
+            best_tokens = ops.where(better[:, None, None], tokens, best_tokens)
+            best_errors = ops.where(better, errors, best_errors)
+            scale = ops.sqrt(ops.mean(ops.square(gradient), axis=(1, 2, 3), keepdims=True)) + 1e-12
+            return index + 1, latents - step * gradient / scale, best_tokens, best_errors
+
+        start = self.quantizer.encode_indices(latents)
+        no_errors = ops.full((ops.shape(images)[0],), float("inf"))
+        _, _, tokens, _ = tf.while_loop(
+            lambda index, *_: index < steps, body, (tf.constant(0), latents, start, no_errors)
+        )
+        return tokens
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

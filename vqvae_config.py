@@ -162,6 +162,8 @@ class RunConfig:
     ema_epsilon: float = 1e-5
     codebook_init: Literal["data", "uniform"] = "data"
     l2_normalize_codes: bool = False
+    token_search_steps: int = 50
+    token_search_step_size: float = 1e-3
     normalize_by_variance: bool = False
     latent_dim: int = 16
     kl_beta: float = 1.0
@@ -213,6 +215,8 @@ class RunConfig:
         _check_range(path, "commitment_cost", self.commitment_cost, 0.0, 100.0)
         _check_range(path, "ema_decay", self.ema_decay, 0.0, 0.99999)
         _check_range(path, "ema_epsilon", self.ema_epsilon, 1e-12, 1.0)
+        _check_range(path, "token_search_steps", self.token_search_steps, 0, 100000)
+        _check_range(path, "token_search_step_size", self.token_search_step_size, 1e-9, 1.0)
         _check_range(path, "latent_dim", self.latent_dim, 1, 4096)
         _check_range(path, "kl_beta", self.kl_beta, 0.0, 1000.0)
         _check_range(path, "snapshot_every", self.snapshot_every, 1, 10**6)

@@ -49,6 +49,8 @@ def test_metrics_are_consistent_with_the_saved_tokens(trained_out):
     assert metrics["bits_per_image"] == 4 * 4 * math.log2(16)
     assert 0 < metrics["codebook_usage"] <= 1 and 1 <= metrics["perplexity"] <= 16
     assert 0 < metrics["ssim"] <= 1 and 0 < metrics["mse"] < 1
+    # the tokens are searched by decoding; each face keeps the nearest codes unless it found better ones
+    assert metrics["token_search_steps"] == 50 and metrics["psnr"] >= metrics["psnr_nearest_codes"] - 1e-6
     assert "identity-disjoint test split" in metrics["dataset"]
     quality = np.load(out / "checkpoints" / "vqvae" / "test_quality.npz")
     np.testing.assert_allclose(metrics["psnr"], np.mean(10 * np.log10(1 / quality["mse"])), rtol=1e-4)

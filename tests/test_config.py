@@ -34,6 +34,7 @@ def test_defaults_without_a_file():
         ({"runs": {"a": {"learning_rate": True}}}, "runs.a.learning_rate"),
         ({"runs": {"a": {"batch_size": -4}}}, "runs.a.batch_size"),
         ({"runs": {"a": {"num_embeddings": 1}}}, "runs.a.num_embeddings"),
+        ({"runs": {"a": {"token_search_steps": -1}}}, "runs.a.token_search_steps"),
         ({"runs": {"a": {"model": "gan"}}}, "runs.a.model"),
         ({"runs": {"a": {"encoder_filters": [8, "x"]}}}, "runs.a.encoder_filters[1]"),
         ({"data": {"image_size": 30}, "runs": {"a": {}}}, "data.image_size=30"),

@@ -165,6 +165,73 @@ def test_token_round_trip_equals_reconstruction():
     np.testing.assert_allclose(model.decode_tokens(tokens).numpy(), model(x).numpy(), atol=1e-6)
 
 
+def per_image_mse(model, x, tokens):
+    return np.mean(np.square(model.decode_tokens(tokens).numpy() - x), axis=(1, 2, 3))
+
+
+def test_token_search_with_no_steps_gives_the_nearest_codes():
+    x = images()
+    model = trained(VQVAE(image_channels=3, embedding_dim=4, num_embeddings=16, seed=0, **TINY), x)
+    np.testing.assert_array_equal(model.search_tokens(x, 0, 0.01).numpy(), model.encode_to_tokens(x).numpy())
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_token_search_never_loses_to_the_nearest_codes_and_beats_them_on_average(compiled):
+    """Each image keeps its best tokens, so its MSE is at most the nearest codes'; moving the
+    latents down the decoder's gradient finds better tokens for some images."""
+    x = images(n=16)
+    model = trained(VQVAE(image_channels=3, embedding_dim=4, num_embeddings=16, seed=0, **TINY), x)
+    search = tf.function(model.search_tokens) if compiled else model.search_tokens
+    tokens = search(tf.constant(x), 20, 0.05)
+    assert tokens.dtype == tf.int32 and tokens.shape == (16, 4, 4)
+    nearest = per_image_mse(model, x, model.encode_to_tokens(x))
+    searched = per_image_mse(model, x, tokens)
+    assert np.all(searched <= nearest * (1 + 1e-6))
+    assert searched.mean() < nearest.mean()
+
+
+def one_latent_model():
+    """A 2x2 grey image, a 1x1 grid, codes e0 = (0.2, 0) and e1 = (1, 0); the encoder always gives
+    (0.55, 0), nearer to e0, and the decoder paints every pixel with the first latent channel."""
+    model = VQVAE(
+        image_channels=1,
+        embedding_dim=2,
+        num_embeddings=2,
+        encoder_filters=[2],
+        decoder_filters=[2],
+        num_residual_blocks=0,
+        residual_hidden_channels=2,
+        activation="relu",
+        output_activation="clip",
+    )
+    model.build((1, 2, 2, 1))
+    for weight in model.encoder.weights + model.decoder.weights:
+        weight.assign(np.zeros(weight.shape, np.float32))
+    model.encoder.project.bias.assign([0.55, 0.0])
+    mix = np.zeros(model.decoder.mix.kernel.shape, np.float32)
+    mix[1, 1, 0, 0] = 1.0
+    model.decoder.mix.kernel.assign(mix)
+    paint = np.zeros(model.decoder.to_image.kernel.shape, np.float32)
+    paint[:, :, 0, 0] = 1.0
+    model.decoder.to_image.kernel.assign(paint)
+    model.quantizer.embeddings.assign([[0.2, 0.0], [1.0, 0.0]])
+    return model
+
+
+def test_token_search_steps_the_latent_across_to_the_code_the_decoder_prefers():
+    """Image 0.9 everywhere: e0 decodes to 0.2 (MSE 0.49), e1 to 1.0 (MSE 0.01). The gradient at e0 is
+    (2 (0.2 - 0.9), 0) = (-1.4, 0), RMS-normalised to (-sqrt 2, 0); the codebook's RMS is
+    sqrt(1.04 / 4) = 0.5099, so step size 0.02 moves the latent by 0.02 x 0.5099 x sqrt 2 = 0.01442 per
+    step: 0.55, 0.5644, 0.5788, 0.5933, then 0.6077, past the boundary at 0.6 on the 5th evaluation."""
+    model = one_latent_model()
+    x = np.full((1, 2, 2, 1), 0.9, np.float32)
+    decoded = model.decode_tokens(np.array([[[0]], [[1]]])).numpy().reshape(2, 4)
+    np.testing.assert_allclose(decoded, [[0.2] * 4, [1.0] * 4], rtol=1e-6)
+    assert int(model.encode_to_tokens(x)[0, 0, 0]) == 0
+    assert int(model.search_tokens(x, 4, 0.02)[0, 0, 0]) == 0
+    assert int(model.search_tokens(x, 5, 0.02)[0, 0, 0]) == 1
+
+
 def smooth_images(n, size=16):
     y, x = np.mgrid[0:size, 0:size] / size
     pictures = [
