@@ -1,6 +1,6 @@
 """Training throughput of the default model (images/s, steady state: compile and the first
 steps excluded), float32 vs mixed precision, at 64x64 and several batch sizes; plus
-evaluation throughput (encode to tokens, decode from tokens).
+evaluation throughput (encode to tokens: nearest codes, and searched by decoding; decode from tokens).
 
     python bench/bench_training.py [--batch 64 128] [--steps 10]
 """
@@ -42,16 +42,22 @@ def train_rate(policy: str, images, batch_size: int, steps: int, jit: bool = Fal
 
 
 def eval_rates(images, batch_size: int) -> dict:
-    model = build_model(RunConfig(), images.shape[-1], None, seed=0)
+    run = RunConfig()
+    model = build_model(run, images.shape[-1], None, seed=0)
     model.build((None,) + images.shape[1:])
     batch = tf.constant(images[:batch_size].astype("float32") / 255.0)
     encode = tf.function(model.encode_to_tokens)
+    search = tf.function(lambda x: model.search_tokens(x, run.token_search_steps, run.token_search_step_size))
     decode = tf.function(model.decode_tokens)
     tokens = encode(batch)
-    return {
+    rates = {
         "encode_to_tokens_images_per_s": 10 * batch_size / timed(lambda: [encode(batch).numpy() for _ in range(10)]),
+        "search_tokens_images_per_s": batch_size / timed(lambda: search(batch).numpy()),
         "decode_tokens_images_per_s": 10 * batch_size / timed(lambda: [decode(tokens).numpy() for _ in range(10)]),
     }
+    rates["search_steps"] = run.token_search_steps
+    rates["search_to_encode_ratio"] = rates["search_tokens_images_per_s"] / rates["encode_to_tokens_images_per_s"]
+    return rates
 
 
 def _row(batch_size, policy, xla, rate, baseline, loss) -> dict:
@@ -82,7 +88,7 @@ def main():
         rate, loss = train_rate("float32", images, batch_size, args.steps, jit=True)
         rows.append(_row(batch_size, "float32", True, rate, baseline, loss))
     extra = eval_rates(images, 128)
-    print(", ".join(f"{k}: {v:.0f}" for k, v in extra.items()))
+    print(", ".join(f"{k}: {v:.3g}" for k, v in extra.items()))
     report("bench_training", rows, extra)
 
 
