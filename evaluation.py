@@ -23,6 +23,7 @@ from vqvae_class_keras import VAE, VQVAE
 log = logging.getLogger("vqvae_faces.eval")
 
 PREVIEW_FACES = 10
+SEARCH_PROGRESS_REPORTS = 10  # log lines per token search
 
 
 class EvaluationError(RuntimeError):
@@ -56,14 +57,22 @@ def tokenize(model: VQVAE, images: np.ndarray, batch_size: int, search_steps: in
     """uint8 images (N, H, W, C) -> int16 token grids (N, h, w).
 
     With `search_steps` > 0 the tokens come from `VQVAE.search_tokens` (chosen by
-    decoding, never worse per image than the nearest codes); otherwise they are
-    the encoder's nearest codes.
+    decoding, never worse per image than the nearest codes; progress is logged,
+    since this takes minutes for a few thousand faces on a CPU); otherwise they
+    are the encoder's nearest codes.
     """
-    if search_steps > 0:
-        encode = tf.function(lambda batch: model.search_tokens(batch, search_steps, step_size))
-    else:
-        encode = tf.function(model.encode_to_tokens)
-    grids = [encode(batch).numpy() for batch in face_data.make_dataset(images, batch_size)]
+
+    def search(batch):
+        return model.search_tokens(batch, search_steps, step_size)
+
+    encode = tf.function(search if search_steps > 0 else model.encode_to_tokens)
+    grids, done, next_report = [], 0, len(images) / SEARCH_PROGRESS_REPORTS
+    for batch in face_data.make_dataset(images, batch_size):
+        grids.append(encode(batch).numpy())
+        done += len(grids[-1])
+        if search_steps > 0 and done >= next_report and done < len(images):
+            log.info("token search: %d of %d faces", done, len(images))
+            next_report += len(images) / SEARCH_PROGRESS_REPORTS
     return np.concatenate(grids).astype(np.int16)
 
 
