@@ -437,9 +437,13 @@ class VectorQuantizerEMA(layers.Layer):
         self.initialized.assign(1.0)
 
     def _sample_rows(self, flat, count):
-        """`count` distinct rows of `flat` when it has that many (rows repeat otherwise)."""
+        """`count` distinct rows of `flat` when it has that many (rows repeat otherwise).
+
+        The permutation is the argsort of uniform draws: `stateless_shuffle` has no
+        XLA kernel, and this runs inside the train step, which `jit_compile` compiles.
+        """
         rows = ops.shape(flat)[0]
-        order = tf.random.experimental.stateless_shuffle(tf.range(rows), seed=self.random_stream.next())
+        order = tf.argsort(tf.random.stateless_uniform([rows], seed=self.random_stream.next()))
         return ops.take(flat, ops.take(order, ops.arange(count) % rows), axis=0)
 
     def _ema_update(self, flat, flat_indices, counts):

@@ -46,6 +46,7 @@ def eval_rates(images, batch_size: int) -> dict:
     model = build_model(run, images.shape[-1], None, seed=0)
     model.build((None,) + images.shape[1:])
     batch = tf.constant(images[:batch_size].astype("float32") / 255.0)
+    batch_size = int(batch.shape[0])  # fewer when fewer images were sampled
     encode = tf.function(model.encode_to_tokens)
     search = tf.function(lambda x: model.search_tokens(x, run.token_search_steps, run.token_search_step_size))
     decode = tf.function(model.decode_tokens)

@@ -165,6 +165,16 @@ def test_token_round_trip_equals_reconstruction():
     np.testing.assert_allclose(model.decode_tokens(tokens).numpy(), model(x).numpy(), atol=1e-6)
 
 
+def test_the_train_step_compiles_with_xla():
+    """`jit_compile: true` compiles the whole train step, the quantizer's data sample included."""
+    x = images()
+    model = VQVAE(image_channels=3, embedding_dim=4, num_embeddings=16, seed=0, **TINY)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True)
+    model.build(x.shape)
+    history = model.fit(x, epochs=1, batch_size=4, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
 def per_image_mse(model, x, tokens):
     return np.mean(np.square(model.decode_tokens(tokens).numpy() - x), axis=(1, 2, 3))
 
