@@ -145,6 +145,13 @@ def evaluate_run(
     metrics: dict = {"run": run_name, "model": type(model).__name__, "dataset": dataset, "num_test_images": len(images)}
     tokens, sampled_quality = None, None
     if isinstance(model, VQVAE):
+        if token_search_steps > 0:
+            log.info(
+                "run %s: choosing the tokens of %d faces by decoding (%d steps each)",
+                run_name,
+                len(images),
+                token_search_steps,
+            )
         started = time.perf_counter()
         tokens = tokenize(model, images, batch_size, token_search_steps, token_search_step_size)
         metrics["token_search_steps"] = token_search_steps

@@ -126,12 +126,7 @@ def run(args) -> int:
         else:
             images, names = test_set(paths, faces)
             dataset = faces.description + " (identity-disjoint test split)"
-        run = config.runs[run_name]
-        if run.model == "vqvae" and run.token_search_steps > 0:
-            steps = run.token_search_steps
-            log.info(
-                "run %s: choosing the tokens of %d faces by decoding (%d steps each)", run_name, len(images), steps
-            )
+        settings = config.runs[run_name]
         result = evaluate_run(
             run_name,
             model_path,
@@ -139,10 +134,10 @@ def run(args) -> int:
             images,
             names,
             dataset,
-            run.batch_size,
+            settings.batch_size,
             config.data.image_size,
-            run.token_search_steps,
-            run.token_search_step_size,
+            settings.token_search_steps,
+            settings.token_search_step_size,
         )
         results[run_name], test_names[run_name] = result, list(names)
         log.info("run %s: metrics in %s", run_name, paths.images / "metrics.json")
