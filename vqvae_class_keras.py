@@ -747,9 +747,11 @@ class VQVAE(ReconstructionModel):
         each of `steps` steps quantizes z, decodes, and moves z against the
         gradient of each image's reconstruction MSE taken at its codes
         (straight-through), normalised per image to an RMS of `step_size` x the
-        codebook's RMS. Each image keeps the tokens of its lowest MSE so far,
-        so the result is never worse than `encode_to_tokens` and the token
-        budget does not change: only the choice of tokens does.
+        codebook's RMS x (1 - step / steps): the step shrinks linearly to zero,
+        so the search ranges widely first and refines near its end. Each image
+        keeps the tokens of its lowest MSE so far, so the result is never worse
+        than `encode_to_tokens` and the token budget does not change: only the
+        choice of tokens does.
         """
         images = ops.cast(images, "float32")
         latents = ops.cast(self.encoder(images), "float32")
@@ -770,7 +772,8 @@ class VQVAE(ReconstructionModel):
             best_tokens = ops.where(better[:, None, None], tokens, best_tokens)
             best_errors = ops.where(better, errors, best_errors)
             scale = ops.sqrt(ops.mean(ops.square(gradient), axis=(1, 2, 3), keepdims=True)) + 1e-12
-            return index + 1, latents - step * gradient / scale, best_tokens, best_errors
+            remaining = 1.0 - ops.cast(index, "float32") / ops.cast(steps, "float32")
+            return index + 1, latents - step * remaining * gradient / scale, best_tokens, best_errors
 
         start = self.quantizer.encode_indices(latents)
         no_errors = ops.full((ops.shape(images)[0],), float("inf"))

@@ -163,7 +163,7 @@ class RunConfig:
     codebook_init: Literal["data", "uniform"] = "data"
     l2_normalize_codes: bool = False
     token_search_steps: int = 50
-    token_search_step_size: float = 1e-3
+    token_search_step_size: float = 1.5e-3
     normalize_by_variance: bool = False
     latent_dim: int = 16
     kl_beta: float = 1.0

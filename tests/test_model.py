@@ -231,15 +231,19 @@ def one_latent_model():
 def test_token_search_steps_the_latent_across_to_the_code_the_decoder_prefers():
     """Image 0.9 everywhere: e0 decodes to 0.2 (MSE 0.49), e1 to 1.0 (MSE 0.01). The gradient at e0 is
     (2 (0.2 - 0.9), 0) = (-1.4, 0), RMS-normalised to (-sqrt 2, 0); the codebook's RMS is
-    sqrt(1.04 / 4) = 0.5099, so step size 0.02 moves the latent by 0.02 x 0.5099 x sqrt 2 = 0.01442 per
-    step: 0.55, 0.5644, 0.5788, 0.5933, then 0.6077, past the boundary at 0.6 on the 5th evaluation."""
+    sqrt(1.04 / 4) = 0.5099, so step size 0.02 gives a full step of 0.02 x 0.5099 x sqrt 2 = 0.014422,
+    and step i of N moves the latent by 0.014422 x (1 - i / N). Its last evaluation, after N - 1 moves,
+    sees 0.55 + 0.014422 x (N - 1 - (N - 1)(N - 2) / 2N): for N = 6, 0.55 + 0.014422 x 3.3333 = 0.5981,
+    short of the boundary at 0.6; for N = 7, 0.55 + 0.014422 x 3.8571 = 0.6056, past it. (A step that
+    did not shrink would cross with N = 5: 0.55 + 4 x 0.014422 = 0.6077.)"""
     model = one_latent_model()
     x = np.full((1, 2, 2, 1), 0.9, np.float32)
     decoded = model.decode_tokens(np.array([[[0]], [[1]]])).numpy().reshape(2, 4)
     np.testing.assert_allclose(decoded, [[0.2] * 4, [1.0] * 4], rtol=1e-6)
     assert int(model.encode_to_tokens(x)[0, 0, 0]) == 0
-    assert int(model.search_tokens(x, 4, 0.02)[0, 0, 0]) == 0
-    assert int(model.search_tokens(x, 5, 0.02)[0, 0, 0]) == 1
+    assert int(model.search_tokens(x, 5, 0.02)[0, 0, 0]) == 0
+    assert int(model.search_tokens(x, 6, 0.02)[0, 0, 0]) == 0
+    assert int(model.search_tokens(x, 7, 0.02)[0, 0, 0]) == 1
 
 
 def smooth_images(n, size=16):
