@@ -7,6 +7,9 @@ variant for exactly its CPU-equivalent number of steps (the default's measured
 rate in a real run times the variant's train-step speed ratio), with the same
 callbacks as a real run and the learning-rate decay spread over those steps, and
 measures it on the same identity-disjoint test faces as `vqvae_face_main.py`.
+Each variant's JSON keeps its training loss per epoch, and the table its
+`loss_rise` (the largest ratio of an epoch's loss to the lowest so far; about 1
+for a run that never broke down, like the collapses in `bench/QUALITY.md`).
 Two single-threaded variants side by side use the two cores better than one
 run does, and neither's result depends on the other. Winners are then confirmed
 with real time-limited runs (`bench/QUALITY.md`).
@@ -190,8 +193,9 @@ def train_one(args) -> dict:
     callbacks.append(keras.callbacks.LambdaCallback(on_train_batch_end=stop_at_budget))
     dataset = face_data.make_training_dataset(train_images, run.batch_size, seed, 0, math.ceil(epochs))
     started = time.perf_counter()
-    model.fit(dataset, epochs=math.ceil(epochs), steps_per_epoch=per_epoch, callbacks=callbacks, verbose=0)
+    history = model.fit(dataset, epochs=math.ceil(epochs), steps_per_epoch=per_epoch, callbacks=callbacks, verbose=0)
     seconds = time.perf_counter() - started
+    losses = [float(value) for value in history.history["loss"]]
 
     originals = test_images.astype(np.float32) / 255.0
     tokens = tokenize(model, test_images, 128)
@@ -211,6 +215,8 @@ def train_one(args) -> dict:
         "codebook_usage": stats["codebook_usage"],
         "perplexity": stats["perplexity"],
         "device_seconds": seconds,
+        "loss_rise": max(loss / min(losses[: index + 1]) for index, loss in enumerate(losses)),
+        "loss_per_epoch": losses,
     }
 
 
@@ -237,7 +243,8 @@ def train_all(args) -> None:
             if process.poll() is not None:
                 del running[name]
                 if process.returncode == 0:
-                    rows.append(json.loads(out.read_text()))
+                    result = json.loads(out.read_text())
+                    rows.append({key: value for key, value in result.items() if key != "loss_per_epoch"})
                 else:
                     print(f"variant {name!r} failed (exit {process.returncode}); see {out.with_suffix('.log')}")
     rows.sort(key=lambda row: names.index(row["variant"]))
