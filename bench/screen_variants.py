@@ -8,8 +8,8 @@ rate in a real run times the variant's train-step speed ratio), with the same
 callbacks as a real run and the learning-rate decay spread over those steps, and
 measures it on the same identity-disjoint test faces as `vqvae_face_main.py`.
 Each variant's JSON keeps its training loss per epoch, and the table its
-`loss_rise` (the largest ratio of an epoch's loss to the lowest so far; about 1
-for a run that never broke down, like the collapses in `bench/QUALITY.md`).
+`loss_rise`: the largest ratio of an epoch's loss to the lowest so far, about 1
+for a run that never broke down (the complete collapse in `bench/QUALITY.md` rose 27x).
 Two single-threaded variants side by side use the two cores better than one
 run does, and neither's result depends on the other. Winners are then confirmed
 with real time-limited runs (`bench/QUALITY.md`).
@@ -26,6 +26,7 @@ Variants are overrides of the "vqvae" run of experiment.json, as `--set` takes t
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -215,7 +216,7 @@ def train_one(args) -> dict:
         "codebook_usage": stats["codebook_usage"],
         "perplexity": stats["perplexity"],
         "device_seconds": seconds,
-        "loss_rise": max(loss / min(losses[: index + 1]) for index, loss in enumerate(losses)),
+        "loss_rise": max(loss / lowest for loss, lowest in zip(losses, itertools.accumulate(losses, min))),
         "loss_per_epoch": losses,
     }
 
