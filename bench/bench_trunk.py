@@ -35,10 +35,11 @@ VARIANTS = {
 }
 
 
-def compiled_step(run: RunConfig, images):
-    """(train step function, its input batch, parameter count) of run's model, warmed up on `images`."""
+def compiled_step(run: RunConfig, images, build=build_model):
+    """(train step function, its input batch, parameter count) of run's model, made by `build`
+    (`trainer.build_model`'s signature), warmed up on `images`."""
     keras.utils.set_random_seed(0)
-    model = build_model(run, images.shape[-1], None, seed=0)
+    model = build(run, images.shape[-1], None, seed=0)
     model.build((None,) + images.shape[1:])
     step = tf.function(model.train_step)
     batch = tf.constant(images.astype("float32") / 255.0)

@@ -20,12 +20,14 @@ with real time-limited runs (`bench/QUALITY.md`).
     python bench/screen_variants.py train --data ../shared/data/lfw-deepfunneled-dev.tgz \\
         --rates bench/screen_rates.json --cpu-images-per-s 129 --minutes 8 --jobs 2 --threads 1
 
-Variants are overrides of the "vqvae" run of experiment.json, as `--set` takes them.
+Variants are overrides of the "vqvae" run of experiment.json, as `--set` takes them; the
+"residual VQ" ones also swap in the residual quantizer of `bench/residual_vq.py`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -37,6 +39,7 @@ from pathlib import Path
 
 from common import ROOT, report
 
+EIGHT_BY_EIGHT = ["encoder_filters=[32,128,128]", "decoder_filters=[128,128,32]"]  # 3 down/upsamplings
 VARIANTS = {
     "default": [],
     "the 2026-11-25 default (relu, 2e-3, no clipping, mse loss)": [
@@ -83,6 +86,17 @@ VARIANTS = {
     "linear to 2%": ["lr_schedule=linear"],
     "linear to 5%": ["lr_schedule=linear", "lr_final_fraction=0.05"],
     "clipped linear output": ["output_activation=clip"],
+    "residual VQ: 8x8 grid, 4 stages, D=64": EIGHT_BY_EIGHT + ["embedding_dim=64"],
+    "residual VQ: 8x8 grid, 4 stages, D=32": EIGHT_BY_EIGHT + ["embedding_dim=32"],
+    "residual VQ: 8x8 grid, 4 stages, D=32, unit latents": EIGHT_BY_EIGHT + ["embedding_dim=32"],
+}
+
+# Variants with a residual quantizer (bench/residual_vq.py): name -> its ResidualVQVAE arguments.
+# 4 stages of 512 codes on an 8x8 grid are 8 x 8 x 4 x 9 = 2,304 bits, the default's budget.
+RESIDUAL_VARIANTS = {
+    name: dict(stages=4, normalize_latents=name.endswith("unit latents"))
+    for name in VARIANTS
+    if name.startswith("residual VQ")
 }
 
 
@@ -114,6 +128,28 @@ def run_config(overrides: list[str]):
     return load_config(ROOT / "experiment.json", overrides, ["vqvae"])
 
 
+def builder(name: str):
+    """`trainer.build_model`, or for a residual-quantizer variant a function with its signature."""
+    from trainer import build_model
+
+    if name not in RESIDUAL_VARIANTS:
+        return build_model
+    from residual_vq import build_residual_model
+
+    return functools.partial(build_residual_model, **RESIDUAL_VARIANTS[name])
+
+
+def token_statistics(tokens, num_embeddings: int) -> dict:
+    """Code usage and perplexity of token grids (N, h, w) or (N, h, w, stages): the worst stage's."""
+    import numpy as np
+
+    from evaluation import code_statistics
+
+    stages = tokens.reshape(-1, 1) if tokens.ndim == 3 else tokens.reshape(-1, tokens.shape[-1])
+    stats = [code_statistics(np.bincount(column, minlength=num_embeddings)) for column in stages.T]
+    return {key: min(stat[key] for stat in stats) for key in ("codebook_usage", "perplexity")}
+
+
 def measure_rates(args) -> None:
     """Train-step images/s of every variant on synthetic faces, interleaved rounds, median."""
     from bench_trunk import compiled_step, images_per_second
@@ -127,7 +163,7 @@ def measure_rates(args) -> None:
     steps = {}
     for name, overrides in measured.items():
         run = run_config(overrides).runs["vqvae"]
-        step, batch, _ = compiled_step(run, sample_images(run.batch_size, 64))
+        step, batch, _ = compiled_step(run, sample_images(run.batch_size, 64), builder(name))
         steps[name] = (step, batch)
     rates = {name: [] for name in measured}
     for _ in range(args.rounds):
@@ -157,9 +193,11 @@ def train_one(args) -> dict:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
 
+    from residual_vq import later_stage_revivals
+
     import face_data
-    from evaluation import code_statistics, decode, image_quality, tokenize
-    from trainer import build_model, policy_callbacks
+    from evaluation import decode, image_quality, tokenize
+    from trainer import policy_callbacks
     from training_callbacks import TrainingClock
 
     config = run_config(args.base + VARIANTS[args.variant])
@@ -181,10 +219,11 @@ def train_one(args) -> dict:
 
     seed = config.seed if args.training_seed is None else args.training_seed  # the split keeps config.seed
     keras.utils.set_random_seed(seed)
-    model = build_model(run, faces.channels, None, seed)
+    model = builder(args.variant)(run, faces.channels, None, seed)
     model.build((None,) + faces.images.shape[1:])
     clock = TrainingClock(epochs)
     callbacks = [clock] + policy_callbacks(model, run, clock, run.learning_rate, seed)
+    callbacks += later_stage_revivals(model, run, seed)
     done = []
 
     def stop_at_budget(batch, logs):
@@ -202,8 +241,7 @@ def train_one(args) -> dict:
     tokens = tokenize(model, test_images, 128)
     reconstructions = decode(model, tokens, 128)
     quality = image_quality(originals, reconstructions)
-    counts = np.bincount(tokens.reshape(-1), minlength=run.num_embeddings)
-    stats = code_statistics(counts)
+    stats = token_statistics(tokens.astype(np.int64), run.num_embeddings)
     return {
         "variant": args.variant,
         "base": " ".join(args.base),

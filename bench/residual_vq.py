@@ -1,0 +1,129 @@
+"""A residual vector quantizer on a coarser grid, for screening against the default (bench only).
+
+The default spends its 2,304 bits as one 9-bit token per cell of a 16x16 grid. A
+residual quantizer (Juang and Gray 1982; SoundStream, Zeghidour et al. 2021)
+spends the same bits as `stages` 9-bit tokens per cell of an 8x8 grid: stage s
+quantizes what the stages before it left over, so a cell can take any of
+512**stages code sums, which no single codebook could hold. This module holds
+the model; `bench/screen_variants.py` trains and measures it at equal CPU time.
+It is not part of the package until a screen shows it pays.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from trainer import build_model
+from training_callbacks import DeadCodeRevival
+from vqvae_class_keras import VQVAE, VectorQuantizerEMA
+
+
+@keras.saving.register_keras_serializable(package="vqvae_faces_bench")
+class ResidualVQVAE(VQVAE):
+    """`VQVAE` whose latent vectors are quantized in `stages` residual steps, one EMA codebook each.
+
+    With r_0 = z (the encoder output of a cell), stage s picks c_s, the code of
+    codebook s nearest to r_s, and leaves r_{s+1} = r_s - c_s; the decoder gets
+    sum_s c_s, with the gradient passed straight through to z. Each stage's
+    codebook is an EMA of the residuals assigned to it, initialised from and
+    revived with its own residuals (`quantizers[s].latent_sample`). The
+    commitment loss is on the sum: cost_0 x mean((z - sg[sum_s c_s])^2), with
+    the first stage's (annealed) cost. Metrics report the first stage.
+
+    Args:
+        stages: codebooks per cell; a token grid is (B, h, w, stages),
+            stages x log2(num_embeddings) bits per cell.
+        normalize_latents: scale each encoder output vector to unit length before
+            the first stage, so the latents cannot drift in scale (the later
+            stages quantize the residuals as they are).
+        **kwargs: as `VQVAE`.
+    """
+
+    def __init__(self, stages=4, normalize_latents=False, **kwargs):
+        super().__init__(**kwargs)
+        if stages < 1:
+            raise ValueError(f"stages must be >= 1, received stages={stages}")
+        self.model_config = {**self.model_config, "stages": stages, "normalize_latents": normalize_latents}
+        self.stages = stages
+        self.normalize_latents = normalize_latents
+        config = self.model_config
+        seed = self.trunk_config["seed"]
+        self.quantizers = [self.quantizer] + [
+            VectorQuantizerEMA(
+                config["num_embeddings"],
+                config["embedding_dim"],
+                config["commitment_cost"],
+                config["decay"],
+                config["epsilon"],
+                config["codebook_init"],
+                config["l2_normalize"],
+                seed=None if seed is None else seed + stage,
+                name=f"quantizer_{stage}",
+            )
+            for stage in range(1, stages)
+        ]
+
+    def quantize_latents(self, latents, training=False):
+        """(B, h, w, D) latents -> (straight-through sum of the codes (B, h, w, D), indices (B, h, w, stages),
+        commitment loss, the first stage's outputs)."""
+        latents = ops.cast(latents, "float32")
+        if self.normalize_latents:
+            latents = ops.normalize(latents, axis=-1, epsilon=1e-12)
+        residual, total, indices, first = latents, ops.zeros_like(latents), [], None
+        for quantizer in self.quantizers:
+            out = quantizer(residual, training=training)
+            first = first or out
+            codes = ops.stop_gradient(out["quantized"])
+            total, residual = total + codes, residual - codes
+            indices.append(out["indices"])
+        commitment = self.quantizer.commitment_cost * ops.mean(ops.square(latents - ops.stop_gradient(total)))
+        return latents + ops.stop_gradient(total - latents), ops.stack(indices, axis=-1), commitment, first
+
+    def call(self, images, training=False):
+        return self.decoder(self.quantize_latents(self.encoder(images), training)[0])
+
+    def compute_losses(self, images, training):
+        quantized, _, commitment, first = self.quantize_latents(self.encoder(images, training=training), training)
+        reconstructions = self.decoder(quantized, training=training)
+        reconstruction_loss = self.reconstruction_error(images, reconstructions)
+        return {
+            "loss": reconstruction_loss + commitment,
+            "reconstruction_loss": reconstruction_loss,
+            "commitment_loss": commitment,
+            "perplexity": first["perplexity"],
+            "active_code_fraction": first["active_fraction"],
+        }
+
+    def encode_to_tokens(self, images):
+        """(B, H, W, C) images -> (B, h, w, stages) int32 code indices, stage by stage."""
+        return self.quantize_latents(self.encoder(images))[1]
+
+    def decode_tokens(self, tokens):
+        """(B, h, w, stages) int code indices -> (B, H, W, C) reconstructions."""
+        codes = [quantizer.lookup(tokens[..., stage]) for stage, quantizer in enumerate(self.quantizers)]
+        return self.decoder(ops.sum(ops.stack(codes), axis=0))
+
+
+def build_residual_model(run, channels, data_variance, seed, **residual):
+    """`trainer.build_model`'s compiled model for `run`, with a residual quantizer:
+    `residual` holds `ResidualVQVAE`'s own arguments (stages, normalize_latents)."""
+    default = build_model(run, channels, data_variance, seed)
+    model = ResidualVQVAE(**residual, **default.trunk_config, **default.model_config)
+    optimizer = keras.optimizers.deserialize(keras.optimizers.serialize(default.optimizer))
+    model.compile(optimizer=optimizer, jit_compile=run.jit_compile)
+    return model
+
+
+def later_stage_revivals(model, run, seed):
+    """`DeadCodeRevival` for stages 1.. of `model` with the run's revival settings (stage 0's comes from
+    `trainer.policy_callbacks`); each revives from its own stage's residuals."""
+    if not isinstance(model, ResidualVQVAE) or not run.revival.enabled:
+        return []
+    r = run.revival
+    return [
+        DeadCodeRevival(
+            quantizer, r.threshold, r.max_revivals_per_batch, r.every_n_batches, r.noise, r.source, seed + stage
+        )
+        for stage, quantizer in enumerate(model.quantizers[1:], start=1)
+    ]
