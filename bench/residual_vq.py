@@ -12,6 +12,7 @@ It is not part of the package until a screen shows it pays.
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from trainer import build_model
@@ -34,40 +35,48 @@ class ResidualVQVAE(VQVAE):
     Args:
         stages: codebooks per cell; a token grid is (B, h, w, stages),
             stages x log2(num_embeddings) bits per cell.
-        normalize_latents: scale each encoder output vector to unit length before
-            the first stage, so the latents cannot drift in scale (the later
-            stages quantize the residuals as they are).
+        normalize_latents: scale each vector to unit length before the first
+            stage, so the latents cannot drift in scale (the later stages
+            quantize the residuals as they are).
+        block: quantize each `block` x `block` group of the encoder's grid as one
+            vector of block^2 x embedding_dim values (space-to-depth), so the
+            token grid is (B, h / block, w / block, stages).
         **kwargs: as `VQVAE`.
     """
 
-    def __init__(self, stages=4, normalize_latents=False, **kwargs):
+    def __init__(self, stages=4, normalize_latents=False, block=1, **kwargs):
         super().__init__(**kwargs)
-        if stages < 1:
-            raise ValueError(f"stages must be >= 1, received stages={stages}")
-        self.model_config = {**self.model_config, "stages": stages, "normalize_latents": normalize_latents}
-        self.stages = stages
-        self.normalize_latents = normalize_latents
+        if stages < 1 or block < 1:
+            raise ValueError(f"stages and block must be >= 1, received stages={stages}, block={block}")
+        self.model_config = {
+            **self.model_config,
+            "stages": stages,
+            "normalize_latents": normalize_latents,
+            "block": block,
+        }
+        self.stages, self.normalize_latents, self.block = stages, normalize_latents, block
         config = self.model_config
         seed = self.trunk_config["seed"]
-        self.quantizers = [self.quantizer] + [
+        self.quantizers = [
             VectorQuantizerEMA(
                 config["num_embeddings"],
-                config["embedding_dim"],
+                config["embedding_dim"] * block * block,
                 config["commitment_cost"],
                 config["decay"],
                 config["epsilon"],
                 config["codebook_init"],
                 config["l2_normalize"],
                 seed=None if seed is None else seed + stage,
-                name=f"quantizer_{stage}",
+                name="quantizer" if stage == 0 else f"quantizer_{stage}",
             )
-            for stage in range(1, stages)
+            for stage in range(stages)
         ]
+        self.quantizer = self.quantizers[0]
 
     def quantize_latents(self, latents, training=False):
-        """(B, h, w, D) latents -> (straight-through sum of the codes (B, h, w, D), indices (B, h, w, stages),
-        commitment loss, the first stage's outputs)."""
-        latents = ops.cast(latents, "float32")
+        """(B, h, w, D) latents -> (straight-through sum of the codes (B, h, w, D), indices
+        (B, h / block, w / block, stages), commitment loss, the first stage's outputs)."""
+        latents = self._to_blocks(ops.cast(latents, "float32"))
         if self.normalize_latents:
             latents = ops.normalize(latents, axis=-1, epsilon=1e-12)
         residual, total, indices, first = latents, ops.zeros_like(latents), [], None
@@ -78,7 +87,8 @@ class ResidualVQVAE(VQVAE):
             total, residual = total + codes, residual - codes
             indices.append(out["indices"])
         commitment = self.quantizer.commitment_cost * ops.mean(ops.square(latents - ops.stop_gradient(total)))
-        return latents + ops.stop_gradient(total - latents), ops.stack(indices, axis=-1), commitment, first
+        quantized = self._from_blocks(latents + ops.stop_gradient(total - latents))
+        return quantized, ops.stack(indices, axis=-1), commitment, first
 
     def call(self, images, training=False):
         return self.decoder(self.quantize_latents(self.encoder(images), training)[0])
@@ -102,7 +112,15 @@ class ResidualVQVAE(VQVAE):
     def decode_tokens(self, tokens):
         """(B, h, w, stages) int code indices -> (B, H, W, C) reconstructions."""
         codes = [quantizer.lookup(tokens[..., stage]) for stage, quantizer in enumerate(self.quantizers)]
-        return self.decoder(ops.sum(ops.stack(codes), axis=0))
+        return self.decoder(self._from_blocks(ops.sum(ops.stack(codes), axis=0)))
+
+    def _to_blocks(self, grid):
+        """(B, h, w, D) -> (B, h / block, w / block, block^2 x D)."""
+        return grid if self.block == 1 else tf.nn.space_to_depth(grid, self.block)
+
+    def _from_blocks(self, grid):
+        """The inverse of `_to_blocks`."""
+        return grid if self.block == 1 else tf.nn.depth_to_space(grid, self.block)
 
 
 def build_residual_model(run, channels, data_variance, seed, **residual):

@@ -67,3 +67,16 @@ def test_unit_latents_are_scaled_to_length_one_first():
     quantized, indices, _, _ = model.quantize_latents(tf.constant([[[[3.0, 4.0]]]]))
     np.testing.assert_allclose(quantized.numpy().reshape(-1), [0.95, 1.1], atol=1e-6)
     np.testing.assert_array_equal(indices.numpy().reshape(-1), [1, 1])
+
+
+def test_a_block_of_cells_is_quantized_as_one_vector():
+    # block 2 on a 2x2 grid of 1-d latents: the one vector is (top left, top right, bottom left,
+    # bottom right) = (0.9, 2.1, 2.9, 4.2), nearest to the code (1, 2, 3, 4), which goes back in place.
+    model = ResidualVQVAE(
+        stages=1, block=2, embedding_dim=1, num_embeddings=2, encoder_filters=[4], decoder_filters=[4], seed=0
+    )
+    model.build((None, 4, 4, 3))
+    model.quantizer.embeddings.assign([[0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]])
+    quantized, indices, _, _ = model.quantize_latents(tf.constant([[[[0.9], [2.1]], [[2.9], [4.2]]]]))
+    np.testing.assert_allclose(quantized.numpy().reshape(2, 2), [[1.0, 2.0], [3.0, 4.0]])
+    assert indices.shape == (1, 1, 1, 1) and int(indices[0, 0, 0, 0]) == 1
