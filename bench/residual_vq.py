@@ -80,16 +80,15 @@ class ResidualVQVAE(VQVAE):
         latents = self._to_blocks(ops.cast(latents, "float32"))
         if self.normalize_latents:
             latents = ops.normalize(latents, axis=-1, epsilon=1e-12)
-        residual, total, indices, first = latents, ops.zeros_like(latents), [], None
+        residual, total, outputs = latents, ops.zeros_like(latents), []
         for quantizer in self.quantizers:
-            out = quantizer(residual, training=training)
-            first = first or out
-            codes = ops.stop_gradient(out["quantized"])
+            outputs.append(quantizer(residual, training=training))
+            codes = ops.stop_gradient(outputs[-1]["quantized"])
             total, residual = total + codes, residual - codes
-            indices.append(out["indices"])
         commitment = self.quantizer.commitment_cost * ops.mean(ops.square(latents - ops.stop_gradient(total)))
         quantized = self._from_blocks(latents + ops.stop_gradient(total - latents))
-        return quantized, ops.stack(indices, axis=-1), commitment, first
+        indices = ops.stack([out["indices"] for out in outputs], axis=-1)
+        return quantized, indices, commitment, outputs[0]
 
     def call(self, images, training=False):
         return self.decoder(self.quantize_latents(self.encoder(images), training)[0])

@@ -246,7 +246,7 @@ def train_one(args) -> dict:
     tokens = tokenize(model, test_images, 128)
     reconstructions = decode(model, tokens, 128)
     quality = image_quality(originals, reconstructions)
-    stats = token_statistics(tokens.astype(np.int64), run.num_embeddings)
+    stats = token_statistics(tokens, run.num_embeddings)
     return {
         "variant": args.variant,
         "base": " ".join(args.base),
