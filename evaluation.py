@@ -17,6 +17,7 @@ import tensorflow as tf
 import face_data
 import visualize
 from atomic_files import save_npz_atomically, write_json_atomically
+from errors import CheckpointError, EvaluationError
 from trainer import RunPaths, load_model, read_state
 from vqvae_class_keras import VAE, VQVAE
 
@@ -24,10 +25,6 @@ log = logging.getLogger("vqvae_faces.eval")
 
 PREVIEW_FACES = 10
 SEARCH_PROGRESS_REPORTS = 10  # log lines per token search
-
-
-class EvaluationError(RuntimeError):
-    """Nothing to evaluate (no checkpoint) or the checkpoint does not fit the data."""
 
 
 def image_quality(originals: np.ndarray, reconstructions: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
@@ -88,13 +85,26 @@ def reconstruct(model: keras.Model, images: np.ndarray, batch_size: int) -> np.n
     return model.predict(face_data.make_dataset(images, batch_size), verbose=0).astype(np.float32)
 
 
-def trained_model_path(paths: RunPaths, run_name: str) -> Path:
-    """best.keras, else latest.keras; a clear error when the run was never trained."""
+def load_trained_model(paths: RunPaths, run_name: str) -> tuple[keras.Model, Path]:
+    """The run's best.keras, else latest.keras (with a warning), loaded; a clear error when neither loads."""
+    problems = []
     for path in (paths.best_model, paths.latest_model):
-        if path.is_file():
-            if path == paths.latest_model:
-                log.warning("no best.keras for run %s; evaluating latest.keras", run_name)
-            return path
+        if not path.is_file():
+            continue
+        try:
+            model = load_model(path)
+        except CheckpointError as error:
+            problems.append(str(error))
+            log.warning("%s", error)
+            continue
+        if problems or path == paths.latest_model:
+            log.warning("run %s: evaluating %s (no usable best.keras)", run_name, path)
+        return model, path
+    if problems:
+        raise EvaluationError(
+            f"no loadable model for run {run_name!r}: " + "; ".join(problems) + ". Restore the file from a copy, "
+            "or pass --retrain to train the run from scratch."
+        )
     raise EvaluationError(
         f"no trained model for run {run_name!r}: {paths.best_model} does not exist. "
         'Train it first (drop --eval, or set "enable_training": true).'
@@ -116,7 +126,7 @@ class EvaluationResult:
 
 def evaluate_run(
     run_name: str,
-    model_path: Path,
+    model: keras.Model,
     paths: RunPaths,
     images: np.ndarray,
     names: np.ndarray,
@@ -134,7 +144,6 @@ def evaluate_run(
     from those saved tokens. With a search, the quality of the encoder's nearest
     codes is reported beside it (`psnr_nearest_codes`, `ssim_nearest_codes`).
     """
-    model = load_model(model_path)
     expected = tuple(model.get_build_config()["input_shape"][1:]) if model.get_build_config() else None
     if expected and tuple(expected) != tuple(images.shape[1:]):
         raise EvaluationError(

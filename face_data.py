@@ -15,6 +15,7 @@ scaling to [0, 1] float32 and the augmentation happen on the fly in tf.data.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import hashlib
 import io
@@ -23,6 +24,7 @@ import logging
 import os
 import posixpath
 import tarfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -30,9 +32,9 @@ from typing import Iterator, Optional
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
-from sklearn.model_selection import GroupShuffleSplit
 
 from atomic_files import save_npz_atomically, write_json_atomically
+from errors import DataError
 from vqvae_config import AugmentationConfig, DataConfig
 
 log = logging.getLogger("vqvae_faces.data")
@@ -42,10 +44,12 @@ DEFAULT_SOURCE_NAMES = ("lfw-deepfunneled", "lfw-deepfunneled.tgz", "lfw-deepfun
 ATTRIBUTES_FILE = "lfw_attributes.txt"
 CACHE_FORMAT_VERSION = 1
 ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar")
-
-
-class DataError(Exception):
-    """A data problem the user can fix (missing path, no usable images, ...)."""
+# The only Pillow decoders that may open a data file: what LFW (JPEG) and common exports use.
+# Naming them keeps every other decoder (EPS through Ghostscript, TIFF, ...) unreachable.
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
+DECODES_IN_FLIGHT_PER_WORKER = 4
+UNSAFE_MEMBER = "unsafe archive member (link, absolute path or '..')"
+OUTSIDE_LINK = "link pointing outside the data folder, or broken"
 
 
 @dataclass
@@ -108,28 +112,32 @@ def _safe_member_name(name: str) -> Optional[str]:
     return normalised
 
 
-def _iter_archive(path: Path, skipped: dict[str, int]) -> Iterator[tuple[str, bytes]]:
+def _iter_archive(path: Path, skipped: dict[str, int], max_bytes: int) -> Iterator[tuple[str, bytes]]:
     """Yield (Person/file, bytes) for regular members two or three levels deep.
 
-    Links, devices, absolute names and names with `..` are skipped and counted;
-    nothing is written to disk.
+    Links, devices, absolute names and names with `..` are skipped and counted,
+    and so are members larger than `max_bytes` (judged by the header, before
+    anything is read); nothing is written to disk.
     """
     try:
         with tarfile.open(path, mode="r:*") as archive:
             for member in archive:
                 name = _safe_member_name(member.name)
                 if name is None or member.issym() or member.islnk():
-                    _count(skipped, "unsafe archive member (link, absolute path or '..')")
+                    _count(skipped, UNSAFE_MEMBER)
                     continue
                 if not member.isfile():
                     if not member.isdir():
-                        _count(skipped, "unsafe archive member (link, absolute path or '..')")
+                        _count(skipped, UNSAFE_MEMBER)
                     continue
                 parts = name.split("/")
                 if parts[-1] == ATTRIBUTES_FILE:
                     continue
                 if len(parts) not in (2, 3):
                     _count(skipped, "file outside the <Person>/<image> layout")
+                    continue
+                if member.size > max_bytes:
+                    _count(skipped, f"larger than max_file_bytes={max_bytes}")
                     continue
                 handle = archive.extractfile(member)
                 if handle is not None:
@@ -148,21 +156,47 @@ def _person_root(root: Path) -> Path:
     return root
 
 
-def _iter_folder(root: Path, skipped: dict[str, int]) -> Iterator[tuple[str, bytes]]:
+def _outside(path: Path, real_root: Path) -> bool:
+    """Whether a link leads outside `real_root` or nowhere."""
+    return path.is_symlink() and (not path.exists() or not path.resolve().is_relative_to(real_root))
+
+
+def _iter_folder(root: Path, skipped: dict[str, int], max_bytes: int) -> Iterator[tuple[str, bytes]]:
     """Yield (Person/file, bytes) for the files of each person folder.
 
-    Symbolic links that lead outside the data folder are skipped and counted.
+    Links (to folders or files) that lead outside the data folder or nowhere,
+    files larger than `max_bytes` (judged before reading) and files that cannot
+    be read are skipped and counted.
     """
     people_root = _person_root(root)
     real_root = people_root.resolve()
-    for person_dir in sorted(p for p in people_root.iterdir() if p.is_dir()):
-        for file in sorted(person_dir.iterdir()):
+    for person_dir in sorted(people_root.iterdir()):
+        if _outside(person_dir, real_root):
+            _count(skipped, OUTSIDE_LINK)
+            continue
+        if not person_dir.is_dir():
+            continue
+        try:
+            files = sorted(person_dir.iterdir())
+        except OSError:
+            _count(skipped, "unreadable folder")
+            continue
+        for file in files:
+            if _outside(file, real_root):
+                _count(skipped, OUTSIDE_LINK)
+                continue
             if not file.is_file():
                 continue
-            if file.is_symlink() and not file.resolve().is_relative_to(real_root):
-                _count(skipped, "link pointing outside the data folder")
+            try:
+                size = file.stat().st_size
+                if size > max_bytes:
+                    _count(skipped, f"larger than max_file_bytes={max_bytes}")
+                    continue
+                data = file.read_bytes()
+            except OSError:
+                _count(skipped, "unreadable file")
                 continue
-            yield f"{person_dir.name}/{file.name}", file.read_bytes()
+            yield f"{person_dir.name}/{file.name}", data
 
 
 def _fingerprint(source: Path) -> str:
@@ -175,7 +209,8 @@ def _fingerprint(source: Path) -> str:
         for dirpath, dirnames, filenames in os.walk(source):
             dirnames.sort()
             for name in sorted(filenames):
-                stat = os.stat(os.path.join(dirpath, name))
+                path = os.path.join(dirpath, name)
+                stat = os.stat(path) if os.path.exists(path) else os.lstat(path)  # a broken link has no target
                 digest.update(f"{dirpath}/{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
 
@@ -195,7 +230,7 @@ def decode_face(data: bytes, settings: DataConfig) -> np.ndarray | str:
     reason the image was skipped.
     """
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             width, height = image.size
             if width * height > settings.max_image_pixels:
                 return f"larger than max_image_pixels={settings.max_image_pixels}"
@@ -213,24 +248,38 @@ def decode_face(data: bytes, settings: DataConfig) -> np.ndarray | str:
             face = face.resize((settings.image_size, settings.image_size), Image.BILINEAR)
     except (UnidentifiedImageError, Image.DecompressionBombError):
         return "not a readable image"
-    except (OSError, ValueError, SyntaxError, EOFError):
+    except Exception:  # a damaged file can make a decoder raise almost anything (struct.error, IndexError, ...)
         return "corrupt or truncated image"
     array = np.asarray(face, dtype=np.uint8)
     return array[..., None] if array.ndim == 2 else array
 
 
 def _decode_all(members: Iterator[tuple[str, bytes]], settings: DataConfig, skipped: dict[str, int]):
+    """Decode every member on a thread pool, in order.
+
+    At most `DECODES_IN_FLIGHT_PER_WORKER` x workers files are read ahead of
+    the decoded results, so memory stays flat however large the source is.
+    """
     names, faces = [], []
     workers = min(8, os.cpu_count() or 1)
+    pending: collections.deque = collections.deque()
+
+    def collect_oldest():
+        name, future = pending.popleft()
+        result = future.result()
+        if isinstance(result, str):
+            _count(skipped, result)
+        else:
+            names.append(name)
+            faces.append(result)
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = [(name, pool.submit(decode_face, data, settings)) for name, data in members]
-        for name, future in pending:
-            result = future.result()
-            if isinstance(result, str):
-                _count(skipped, result)
-            else:
-                names.append(name)
-                faces.append(result)
+        for name, data in members:
+            pending.append((name, pool.submit(decode_face, data, settings)))
+            if len(pending) >= workers * DECODES_IN_FLIGHT_PER_WORKER:
+                collect_oldest()
+        while pending:
+            collect_oldest()
     return names, faces
 
 
@@ -295,6 +344,7 @@ def _cache_path(cache_dir: Path, source: Path, settings: DataConfig) -> Path:
             "crop_border": settings.crop_border,
             "source_size": settings.source_size,
             "max_image_pixels": settings.max_image_pixels,
+            "max_file_bytes": settings.max_file_bytes,
         },
         sort_keys=True,
     )
@@ -319,15 +369,15 @@ def load_faces(settings: DataConfig, cache_dir: Path, search_dirs: list[Path]) -
             log.info("loaded %d faces from cache %s", len(faces), cache_file)
             faces.attributes = _read_attributes(source, list(faces.names))
             return faces
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("cache %s is unreadable (%s); rebuilding it", cache_file, exc)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            log.warning("cache %s is unreadable (%s); rebuilding it", cache_file, exc or type(exc).__name__)
 
     skipped: dict[str, int] = {}
     log.info("decoding images from %s ...", source)
     if source.is_dir():
-        members = _iter_folder(source, skipped)
+        members = _iter_folder(source, skipped, settings.max_file_bytes)
     else:
-        members = _iter_archive(source, skipped)
+        members = _iter_archive(source, skipped, settings.max_file_bytes)
     names, faces = _decode_all(members, settings, skipped)
     _report_skipped(skipped, source)
     if not faces:
@@ -397,6 +447,8 @@ def split_by_person(persons: np.ndarray, val_fraction: float, test_fraction: flo
         raise DataError(
             f"the data has {len(set(groups))} people; an identity-disjoint train/val/test split needs at least 3."
         )
+    from sklearn.model_selection import GroupShuffleSplit  # imported here: it takes a second to load
+
     indices = np.arange(len(groups))
     outer = GroupShuffleSplit(n_splits=1, test_size=test_fraction, random_state=seed)
     train_val, test = next(outer.split(indices, groups=groups))
@@ -410,29 +462,65 @@ def split_by_person(persons: np.ndarray, val_fraction: float, test_fraction: flo
     }
 
 
+SPLIT_PARTS = ("train", "val", "test")
+
+
+def images_fingerprint(faces: FaceSet, indices: np.ndarray) -> str:
+    """SHA-256 (hex, 16 digits) of the decoded images at `indices`, in that order.
+
+    Two LFW variants share file names (`lfw` and `lfw-deepfunneled`), so names
+    alone cannot tell which images a split was made of; the pixels can.
+    """
+    digest = hashlib.sha256()
+    for index in indices:
+        digest.update(faces.images[index].tobytes())
+    return digest.hexdigest()[:16]
+
+
 def save_split(path: Path, faces: FaceSet, split: dict[str, np.ndarray]) -> None:
-    """Persist the file names of each split (JSON) so evaluation reuses them."""
+    """Persist the file names of each split (JSON), with a fingerprint of their images, for evaluation."""
     record = {"dataset": faces.description}
     record.update({part: faces.names[idx].tolist() for part, idx in split.items()})
+    record["fingerprint"] = images_fingerprint(faces, np.concatenate([split[part] for part in SPLIT_PARTS]))
     write_json_atomically(record, path)
 
 
 def load_split(path: Path, faces: FaceSet) -> dict[str, np.ndarray]:
-    """Indices into `faces` of a split saved by `save_split`."""
+    """Indices into `faces` of a split saved by `save_split`.
+
+    A `DataError` when the file is missing or corrupt, or when `faces` lacks
+    the named images or has other images under those names (another dataset).
+    """
     if not path.is_file():
         raise DataError(f"no saved split at {str(path)!r}: train this run first.")
-    record = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        names = {part: list(map(str, record[part])) for part in SPLIT_PARTS}
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise DataError(
+            f"the saved split {str(path)!r} is corrupt ({error}), so the run's test faces are unknown. "
+            "Restore it, evaluate on other faces with --test-data PATH, or retrain the run with --retrain."
+        ) from None
     position = {name: i for i, name in enumerate(faces.names)}
     split = {}
-    for part in ("train", "val", "test"):
-        missing = [name for name in record[part] if name not in position]
+    for part in SPLIT_PARTS:
+        missing = [name for name in names[part] if name not in position]
         if missing:
             raise DataError(
                 f"the saved split {str(path)!r} names {len(missing)} {part} images that are not "
                 f"in {faces.description} (e.g. {missing[0]!r}): evaluate with the data the run "
                 "was trained on."
             )
-        split[part] = np.array([position[name] for name in record[part]], dtype=np.int64)
+        split[part] = np.array([position[name] for name in names[part]], dtype=np.int64)
+    recorded = record.get("fingerprint")
+    if recorded is not None:
+        found = images_fingerprint(faces, np.concatenate([split[part] for part in SPLIT_PARTS]))
+        if found != recorded:
+            raise DataError(
+                f"the images named in {str(path)!r} differ from those in {faces.description} (fingerprint "
+                f"{found}, recorded {recorded}): the run was trained on {record.get('dataset')}. Use that data, "
+                "or evaluate on other faces with --test-data PATH."
+            )
     return split
 
 

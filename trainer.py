@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
+import inspect
 import json
 import logging
 import os
 import shutil
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -21,55 +24,30 @@ import tensorflow as tf
 
 import face_data
 import visualize
-from atomic_files import write_json_atomically, write_text_atomically
+from atomic_files import move_aside, write_json_atomically
+from errors import CheckpointError, ConfigError, LockError
 from training_callbacks import (
     CommitmentAnnealing,
     DeadCodeRevival,
+    HistoryLog,
     LearningRateDecay,
     LossDiverged,
     ReconstructionSnapshots,
     ThroughputMeter,
     TrainingCheckpoint,
     TrainingClock,
-    TrainingError,
     read_training_state,
 )
-from vqvae_class_keras import VAE, VQVAE
-from vqvae_config import ConfigError, ExperimentConfig, RunConfig, save_resolved_config
+from vqvae_class_keras import VAE, VQVAE, ReconstructionModel
+from vqvae_config import ExperimentConfig, RunConfig, save_resolved_config
 
 log = logging.getLogger("vqvae_faces.train")
 
-# Run settings a saved model carries (its architecture and training objective): a checkpoint
-# continues or is evaluated only under the same values.
-MODEL_KEYS = (
-    "model",
-    "encoder_filters",
-    "decoder_filters",
-    "num_residual_blocks",
-    "decoder_residual_blocks",
-    "residual_hidden_channels",
-    "activation",
-    "output_activation",
-    "embedding_dim",
-    "num_embeddings",
-    "l2_normalize_codes",
-    "latent_dim",
-    "reconstruction_loss",
-    "ssim_weight",
-    "l1_weight",
-    "normalize_by_variance",
-    "kl_beta",
-)
-# What checkpoints written before these settings existed were trained with.
-SETTINGS_BEFORE_THEY_EXISTED = {
-    "decoder_residual_blocks": None,
-    "activation": "relu",
-    "output_activation": "sigmoid",
-    "reconstruction_loss": "mse",
-    "ssim_weight": 0.0,
-    "l1_weight": 0.0,
-    "l2_normalize_codes": False,
-}
+# Constructor arguments of a saved model that may differ from the current settings when it is
+# resumed or evaluated: the quantizer's training policy and the seed of its random draws. Every
+# other argument is architecture or training objective and must match (see `check_compatible`).
+RESUMABLE_MODEL_ARGUMENTS = frozenset({"commitment_cost", "decay", "epsilon", "codebook_init", "seed"})
+MODEL_CLASSES = {"vqvae": VQVAE, "vae": VAE}
 DATA_KEYS = ("image_size", "crop_border", "source_size")
 SNAPSHOT_FACES = 8
 
@@ -111,61 +89,106 @@ class RunPaths:
 
 
 @contextlib.contextmanager
-def exclusive_run_lock(folder: Path):
-    """Hold `folder/train.lock` while training, so a second process cannot train the same run.
+def run_lock(folder: Path, exclusive: bool):
+    """Hold `folder/train.lock`: exclusively while training, shared while evaluating.
 
-    The lock is an OS file lock: it disappears with the process, even after SIGKILL.
+    Several evaluations may read a run at once; training (which rewrites and, with
+    --retrain, deletes files) excludes every other process. A conflict is refused at
+    once with a message; the lock is an OS file lock, so it disappears with its
+    process, even after SIGKILL.
     """
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "train.lock", "a+") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise LockError(
+                    f"cannot lock {folder / 'train.lock'}: {error.strerror or error} (file locks may not work on "
+                    "this file system); use an --out folder on a local disk."
+                ) from None
             handle.seek(0)
             owner = handle.read().strip() or "unknown"
-            raise TrainingError(
-                f"run folder {folder} is being trained by another process (pid {owner}); "
+            busy = "training or evaluating it" if exclusive else f"training it (pid {owner})"
+            raise LockError(
+                f"cannot {'train' if exclusive else 'evaluate'} run folder {folder}: another process is {busy}; "
                 "wait for it to finish or use another --out folder."
             ) from None
-        handle.truncate(0)
-        handle.write(str(os.getpid()))
-        handle.flush()
+        if exclusive:
+            handle.truncate(0)
+            handle.write(str(os.getpid()))
+            handle.flush()
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def exclusive_run_lock(folder: Path):
+    """`run_lock(folder, exclusive=True)`: the lock a trainer holds."""
+    return run_lock(folder, exclusive=True)
+
+
 def read_state(paths: RunPaths) -> Optional[dict]:
+    """`state.json`, or None when it is missing or unreadable (a corrupt one is moved aside with a warning)."""
     if not paths.state.is_file():
         return None
-    return json.loads(paths.state.read_text(encoding="utf-8"))
+    try:
+        state = json.loads(paths.state.read_text(encoding="utf-8"))
+        if isinstance(state, dict) and isinstance(state.get("epochs_done"), int):
+            return state
+        problem = "not a training state"
+    except (ValueError, UnicodeDecodeError) as error:
+        problem = str(error)
+    kept = move_aside(paths.state)
+    log.warning("%s is corrupt (%s); moved it to %s", paths.state, problem, kept.name)
+    return None
 
 
 def resumable_state(paths: RunPaths) -> Optional[dict]:
-    """The state a rerun continues from, or None when there is no checkpoint to continue.
+    """The state a rerun continues from, or None when there is no `latest.keras` to continue.
 
     Normally `state.json`. A process killed between writing `latest.keras` and
-    `state.json` leaves `state.json` one epoch behind; the counters saved inside
-    `latest.keras` belong to its weights, so they win.
+    `state.json` leaves `state.json` one epoch behind, and a corrupt `state.json`
+    says nothing; the counters saved inside `latest.keras` belong to its weights,
+    so they win. A corrupt `latest.keras` is a `CheckpointError`.
     """
     if not paths.latest_model.is_file():
         return None
+    try:
+        embedded = read_training_state(paths.latest_model)
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError) as error:
+        raise CheckpointError(
+            f"{paths.latest_model} is corrupt ({error}), so the run cannot resume from it. Restore the file, "
+            "evaluate best.keras with --eval, or pass --retrain to train the run from scratch."
+        ) from None
     state = read_state(paths)
-    embedded = read_training_state(paths.latest_model)
     if embedded is not None and (state is None or state.get("epochs_done") != embedded["epochs_done"]):
-        log.info("state.json does not match latest.keras (stopped between two writes); using latest.keras")
+        log.info("state.json does not match latest.keras (missing, corrupt or one write behind); using latest.keras")
         return embedded
+    if state is None:
+        raise CheckpointError(
+            f"{paths.state} is missing or corrupt and {paths.latest_model} carries no counters of its own: "
+            "pass --retrain to train the run from scratch."
+        )
     return state
 
 
-def trim_history(path: Path, epochs_done: int) -> None:
-    """Drop rows of epochs after the checkpoint from the CSV log, so a resumed run does not repeat them."""
+def read_history(path: Path, epochs_done: int) -> Optional[pd.DataFrame]:
+    """The rows of `history.csv` for the epochs before the checkpoint, so a resumed run repeats none.
+
+    An unreadable file is moved aside with a warning and the history starts over.
+    """
     if not path.is_file() or not path.stat().st_size:
-        return
-    history = pd.read_csv(path)
-    if "epoch" in history and (history["epoch"] >= epochs_done).any():
-        write_text_atomically(history[history["epoch"] < epochs_done].to_csv(index=False), path)
+        return None
+    try:
+        history = pd.read_csv(path)
+        epochs = pd.to_numeric(history["epoch"], errors="raise")
+    except (ValueError, KeyError, UnicodeDecodeError, pd.errors.ParserError) as error:
+        kept = move_aside(path)
+        log.warning("%s is unreadable (%s); moved it to %s and starting a new history", path, error, kept.name)
+        return None
+    return history[epochs < epochs_done]
 
 
 def enable_determinism() -> None:
@@ -219,14 +242,16 @@ def is_chief() -> bool:
     return task.get("type") == "chief" or (not has_chief and task.get("type") == "worker" and task.get("index") == 0)
 
 
-def build_model(
-    run: RunConfig, channels: int, data_variance: Optional[float], seed: int, learning_rate: Optional[float] = None
-) -> keras.Model:
-    """A fresh, compiled model for `run` (the dtype policy and strategy scope must already be set)."""
+def model_arguments(run: RunConfig, channels: int, data_variance: Optional[float], seed: int) -> dict:
+    """The constructor arguments of the model class `MODEL_CLASSES[run.model]` for the run's settings.
+
+    The one place that maps settings to a model: a new model setting is a constructor
+    argument plus its entry here (and its `RunConfig` field).
+    """
     trunk = dict(
         image_channels=channels,
-        encoder_filters=run.encoder_filters,
-        decoder_filters=run.decoder_filters,
+        encoder_filters=list(run.encoder_filters),
+        decoder_filters=list(run.decoder_filters),
         num_residual_blocks=run.num_residual_blocks,
         residual_hidden_channels=run.residual_hidden_channels,
         decoder_residual_blocks=run.decoder_residual_blocks,
@@ -239,7 +264,7 @@ def build_model(
         seed=seed,
     )
     if run.model == "vqvae":
-        model = VQVAE(
+        return dict(
             embedding_dim=run.embedding_dim,
             num_embeddings=run.num_embeddings,
             commitment_cost=run.commitment_cost,
@@ -249,41 +274,117 @@ def build_model(
             l2_normalize=run.l2_normalize_codes,
             **trunk,
         )
-    else:
-        model = VAE(latent_dim=run.latent_dim, kl_beta=run.kl_beta, **trunk)
+    return dict(latent_dim=run.latent_dim, kl_beta=run.kl_beta, **trunk)
+
+
+def build_model(
+    run: RunConfig, channels: int, data_variance: Optional[float], seed: int, learning_rate: Optional[float] = None
+) -> keras.Model:
+    """A fresh, compiled model for `run` (the dtype policy and strategy scope must already be set)."""
+    model = MODEL_CLASSES[run.model](**model_arguments(run, channels, data_variance, seed))
     optimizer = keras.optimizers.Adam(learning_rate or run.learning_rate, global_clipnorm=run.gradient_clipnorm)
     model.compile(optimizer=optimizer, jit_compile=run.jit_compile)
     return model
 
 
 def load_model(path: Path) -> keras.Model:
-    """Load a `.keras` file in safe mode (no arbitrary code)."""
-    return keras.saving.load_model(path, safe_mode=True)
+    """Load a `.keras` file in safe mode (no arbitrary code); a `CheckpointError` when it cannot be read."""
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except Exception as error:  # a truncated zip, missing entries, garbage weights: all mean "unreadable"
+        text = str(error).strip()
+        reason = text.splitlines()[0][:200] if text else type(error).__name__
+        raise CheckpointError(f"{path} cannot be loaded ({reason})") from None
+
+
+def saved_model_config(path: Path) -> Optional[dict]:
+    """The `{"class_name", "config"}` record a `.keras` file stores for its model, or None if unreadable."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            record = json.loads(archive.read("config.json"))
+        return {"class_name": record["class_name"], "config": record["config"]}
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def model_mismatches(saved: dict, run: RunConfig) -> list[str]:
+    """Differences between a saved model's constructor arguments and what `run` would build.
+
+    Arguments in `RESUMABLE_MODEL_ARGUMENTS` may differ; an argument the saved
+    model lacks (saved before it existed) counts as the constructor's default.
+    """
+    model_class = MODEL_CLASSES[run.model]
+    if saved["class_name"] != model_class.__name__:
+        return [f"model: checkpoint {saved['class_name']!r}, config {run.model!r}"]
+    defaults = {
+        name: parameter.default
+        for cls in (ReconstructionModel, model_class)
+        for name, parameter in inspect.signature(cls.__init__).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    mismatches = []
+    for key, wanted in model_arguments(run, channels=0, data_variance=None, seed=0).items():
+        if key in RESUMABLE_MODEL_ARGUMENTS or key == "image_channels":
+            continue
+        found = saved["config"].get(key, defaults.get(key))
+        if key == "data_variance":
+            key, found, wanted = "normalize_by_variance", found is not None, run.normalize_by_variance
+        if isinstance(found, tuple):
+            found = list(found)
+        if found != wanted:
+            mismatches.append(f"{key}: checkpoint {found!r}, config {wanted!r}")
+    return mismatches
 
 
 def check_compatible(paths: RunPaths, config: ExperimentConfig, run_name: str) -> None:
-    """Refuse to resume or evaluate a checkpoint built with another architecture, training objective or data shape."""
-    if not paths.resolved_config.is_file():
-        return
-    saved = json.loads(paths.resolved_config.read_text(encoding="utf-8"))
-    current_run = dataclasses.asdict(config.runs[run_name])
-    current_data = dataclasses.asdict(config.data)
-    saved_run = {**SETTINGS_BEFORE_THEY_EXISTED, **saved["run"]}
-    mismatches = [
-        f"{key}: checkpoint {saved_run[key]!r}, config {current_run[key]!r}"
-        for key in MODEL_KEYS
-        if saved_run[key] != current_run[key]
-    ] + [
-        f"data.{key}: checkpoint {saved['data'].get(key)!r}, config {current_data[key]!r}"
-        for key in DATA_KEYS
-        if saved["data"].get(key) != current_data[key]
-    ]
+    """Refuse to resume or evaluate a checkpoint built with another architecture, training objective or data shape.
+
+    The model settings are compared with the constructor arguments stored inside
+    the run's `.keras` files, the data settings with `config.json`. A corrupt
+    `config.json` is moved aside with a warning (the models still carry their own
+    settings).
+    """
+    mismatches = []
+    for model_file in (paths.latest_model, paths.best_model):
+        saved = saved_model_config(model_file) if model_file.is_file() else None
+        if saved is not None:
+            mismatches = model_mismatches(saved, config.runs[run_name])
+            break
+    saved_data = _saved_data_settings(paths)
+    if saved_data is not None:
+        current = dataclasses.asdict(config.data)
+        mismatches += [
+            f"data.{key}: checkpoint {saved_data.get(key)!r}, config {current[key]!r}"
+            for key in DATA_KEYS
+            if key in saved_data and saved_data[key] != current[key]
+        ]
     if mismatches:
         raise ConfigError(
             f"run {run_name!r} in {paths.checkpoints} was trained with different settings ("
             + "; ".join(mismatches)
             + "). Restore those settings, or pass --retrain to start it over."
         )
+
+
+def _saved_data_settings(paths: RunPaths) -> Optional[dict]:
+    """The data settings in `config.json`; None when there is none (a corrupt one is moved aside)."""
+    if not paths.resolved_config.is_file():
+        return None
+    try:
+        data = json.loads(paths.resolved_config.read_text(encoding="utf-8"))["data"]
+        if isinstance(data, dict):
+            return data
+        problem = "no data settings"
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as error:
+        problem = str(error)
+    kept = move_aside(paths.resolved_config)
+    log.warning(
+        "%s is corrupt (%s); moved it to %s. The data settings the run was trained with cannot be checked.",
+        paths.resolved_config,
+        problem,
+        kept.name,
+    )
+    return None
 
 
 def policy_callbacks(model, run: RunConfig, clock: TrainingClock, learning_rate: float, seed: int) -> list:
@@ -328,7 +429,7 @@ def _callbacks(model, run: RunConfig, paths: RunPaths, train_count: int, snapsho
     callbacks += [
         throughput,
         ReconstructionSnapshots(snapshot_images, paths.images, run.snapshot_every, visualize.save_image_grid),
-        keras.callbacks.CSVLogger(str(paths.history), append=state is not None),
+        HistoryLog(paths.history, read_history(paths.history, state["epochs_done"]) if state else None),
         checkpoint,
     ]
     return callbacks, clock, throughput, checkpoint
@@ -381,10 +482,58 @@ def train_run(
                 config = dataclasses.replace(config, runs=runs)
 
 
+class OnlyBestModel(Exception):
+    """The run folder holds `best.keras` but no `latest.keras`: evaluate it, do not train."""
+
+
+def clear_run_folder(paths: RunPaths) -> None:
+    """--retrain: delete the run's checkpoints (everything but the lock file)."""
+    for stale in paths.checkpoints.iterdir():
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.name != "train.lock":
+            stale.unlink()
+
+
+def starting_state(paths: RunPaths, retrain: bool) -> Optional[dict]:
+    """The state training continues from: None for a fresh start. Never deletes a file without `retrain`.
+
+    Raises `OnlyBestModel` when there is a `best.keras` but nothing to resume
+    from, and `CheckpointError` naming the files when a folder holds trained
+    epochs but no model (an unclear state: only the user can decide).
+    """
+    if retrain:
+        clear_run_folder(paths)
+        return None
+    state = resumable_state(paths)
+    if state is not None:
+        return state
+    if paths.best_model.is_file():
+        raise OnlyBestModel()
+    previous = read_state(paths)
+    if previous is not None and previous.get("epochs_done"):
+        found = sorted(p.name for p in paths.checkpoints.iterdir() if p.name != "train.lock")
+        raise CheckpointError(
+            f"run folder {paths.checkpoints} records {previous['epochs_done']} trained epochs but holds no "
+            f"model to continue from (found: {', '.join(found)}). Restore latest.keras or best.keras, or pass "
+            "--retrain to train the run from scratch (this deletes those files)."
+        )
+    return None
+
+
 def _train_locked(config, run_name, faces, paths, retrain, strategy):
     run = config.runs[run_name]
     schedule = _schedule(run, config, strategy)
-    state = None if retrain else resumable_state(paths)
+    try:
+        state = starting_state(paths, retrain)
+    except OnlyBestModel:
+        log.warning(
+            "run %s: %s has no latest.keras to resume training from; evaluating best.keras as it is. "
+            "Pass --retrain to train the run from scratch (this replaces best.keras).",
+            run_name,
+            paths.checkpoints,
+        )
+        return
     if state and state.get("finished"):
         if not budget_raised(state, run):
             log.info(
@@ -395,12 +544,6 @@ def _train_locked(config, run_name, faces, paths, retrain, strategy):
             )
             return
         log.info("run %s: budget raised, continuing from epoch %d", run_name, state["epochs_done"])
-    if state is None:
-        for stale in paths.checkpoints.iterdir():
-            if stale.is_dir():
-                shutil.rmtree(stale)
-            elif stale.name != "train.lock":
-                stale.unlink()
     for unfinished in paths.checkpoints.glob("*.partial.*"):
         log.info("removing %s, left by a write that was interrupted", unfinished.name)
         unfinished.unlink()
@@ -432,7 +575,6 @@ def _train_locked(config, run_name, faces, paths, retrain, strategy):
             # which sees the unscaled gradients.
             getattr(model.optimizer, "inner_optimizer", model.optimizer).global_clipnorm = run.gradient_clipnorm
             initial_epoch = state["epochs_done"]
-            trim_history(paths.history, initial_epoch)
             log.info("resuming run %s from epoch %d (%s)", run_name, initial_epoch, paths.latest_model)
         log.info(
             "run %s: %s, %s, %d train / %d val / %d test images (identity-disjoint), %d parameters, "

@@ -19,9 +19,11 @@ from typing import Optional
 
 import keras
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 
-from atomic_files import write_atomically, write_json_atomically
+from atomic_files import write_atomically, write_json_atomically, write_text_atomically
+from errors import TrainingError
 
 
 class CommitmentAnnealing(keras.callbacks.Callback):
@@ -328,6 +330,29 @@ class ThroughputMeter(keras.callbacks.Callback):
         return self.images / self.seconds if self.seconds > 0 else None
 
 
+class HistoryLog(keras.callbacks.Callback):
+    """Every epoch's logs as a row of a CSV file, the whole file rewritten atomically after each epoch.
+
+    Unlike `keras.callbacks.CSVLogger`, which appends without fsync, an
+    interrupted write (full disk, SIGKILL) never leaves a torn row. Columns:
+    `epoch` (0-based, as Keras counts), then the log keys in sorted order.
+
+    Args:
+        path: the CSV file.
+        previous: rows of earlier epochs (a resumed run's history up to its checkpoint), or None.
+    """
+
+    def __init__(self, path: Path, previous: Optional[pd.DataFrame] = None):
+        super().__init__()
+        self.path = Path(path)
+        self.rows = [] if previous is None else previous.to_dict("records")
+
+    def on_epoch_end(self, epoch, logs=None):
+        values = {key: float(np.mean(keras.ops.convert_to_numpy(value))) for key, value in (logs or {}).items()}
+        self.rows.append({"epoch": epoch, **dict(sorted(values.items()))})
+        write_text_atomically(pd.DataFrame(self.rows).to_csv(index=False), self.path)
+
+
 class ReconstructionSnapshots(keras.callbacks.Callback):
     """Every `every` epochs, save fixed validation faces over their reconstructions."""
 
@@ -379,10 +404,6 @@ def read_training_state(path: Path) -> Optional[dict]:
         return json.loads(archive.read(TRAINING_STATE_ENTRY))
 
 
-class TrainingError(RuntimeError):
-    """Training could not go on (NaN loss, checkpoint not writable, ...); the message says what to do."""
-
-
 class LossDiverged(TrainingError):
     """The loss became NaN or infinite, or jumped far above its best; the last good checkpoint is kept."""
 
@@ -431,7 +452,8 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         self.monitor = monitor
         self.divergence_ratio = divergence_ratio
         state = state or {}
-        self.best = state.get("best", math.inf)
+        # state.json writes an infinite best (nothing saved yet) as null
+        self.best = math.inf if state.get("best") is None else state["best"]
         self.wait = state.get("wait", 0)
         self.best_epoch = state.get("best_epoch")
         self.divergence: Optional[str] = None
@@ -469,28 +491,19 @@ class TrainingCheckpoint(keras.callbacks.Callback):
             self.divergence = f"{problem} in epoch {epoch + 1}"
             self.model.stop_training = True
             if self.epochs_done:
-                self._write(lambda: write_json_atomically(self.state(finished=False), self.folder / "state.json"))
+                write_json_atomically(self.state(finished=False), self.folder / "state.json")
             return
         self.epochs_done = epoch + 1
         current = float(logs.get(self.monitor, logs["loss"]))
         if self.epochs_done >= self.min_epoch_to_start_saving:
             if current < self.best:
                 self.best, self.best_epoch, self.wait = current, self.epochs_done, 0
-                self._write(lambda: save_model_atomically(self.model, self.folder / "best.keras"))
+                save_model_atomically(self.model, self.folder / "best.keras")
             else:
                 self.wait += 1
                 if self.wait >= self.patience:
                     self.early_stopped = True
                     self.model.stop_training = True
         state = self.state(finished=False)
-        self._write(lambda: save_model_atomically(self.model, self.folder / "latest.keras", state))
-        self._write(lambda: write_json_atomically(state, self.folder / "state.json"))
-
-    def _write(self, save) -> None:
-        try:
-            save()
-        except OSError as error:
-            raise TrainingError(
-                f"could not write a checkpoint in {self.folder} ({error.strerror or error}); the previous "
-                "checkpoint is kept. Free some disk space and rerun the same command to resume."
-            ) from None
+        save_model_atomically(self.model, self.folder / "latest.keras", state)
+        write_json_atomically(state, self.folder / "state.json")

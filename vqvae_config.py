@@ -17,10 +17,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from atomic_files import write_json_atomically
-
-
-class ConfigError(ValueError):
-    """A user mistake in experiment.json or on the command line."""
+from errors import ConfigError
 
 
 @dataclass
@@ -66,6 +63,7 @@ class DataConfig:
     val_fraction: float = 0.05
     test_fraction: float = 0.1
     max_image_pixels: int = 25_000_000
+    max_file_bytes: int = 10_000_000
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
 
     def validate(self, path: str) -> None:
@@ -81,6 +79,7 @@ class DataConfig:
         _check_range(path, "val_fraction", self.val_fraction, 0.0, 0.5)
         _check_range(path, "test_fraction", self.test_fraction, 0.01, 0.5)
         _check_range(path, "max_image_pixels", self.max_image_pixels, 1, 10**9)
+        _check_range(path, "max_file_bytes", self.max_file_bytes, 1, 10**10)
         self.augmentation.validate(f"{path}.augmentation")
 
 

@@ -5,19 +5,25 @@
     python vqvae_face_main.py --eval                # evaluate saved checkpoints only
     python vqvae_face_main.py --set epochs=2 --set data.image_size=32
 
-Expected mistakes (bad config, missing data, no checkpoint, NaN loss) end with a
-one-line error and exit status 2; Ctrl-C exits with 130 and the run resumes
-from its last completed epoch when the same command is run again.
+Expected mistakes (bad config, missing data, no checkpoint, NaN loss, a corrupt
+checkpoint, a full disk) end with a one-line error and exit status 2; Ctrl-C exits
+with 130 and SIGTERM with 143, and the run resumes from its last completed epoch
+when the same command is run again.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
+
+from errors import Terminated, UserFacingError
 
 SCRIPT_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = SCRIPT_DIR / "experiment.json"
@@ -76,17 +82,29 @@ def setup_runtime(verbose: bool) -> None:
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
+def flag_overrides(args) -> list[str]:
+    """`--data`, `--seed` and `--eval` as the `--set` overrides they stand for."""
+    overrides = []
+    if args.data:
+        overrides.append(f"data.path={json.dumps(args.data)}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    if args.eval:
+        overrides.append("enable_training=false")
+    return overrides
+
+
 def run(args) -> int:
+    import face_data
     from vqvae_config import load_config
 
     config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    config = load_config(config_path, args.overrides, args.runs)
-    if args.data:
-        config.data.path = args.data
-    if args.seed is not None:
-        config.seed = args.seed
-    if args.eval:
-        config.enable_training = False
+    config = load_config(config_path, args.overrides + flag_overrides(args), args.runs)
+    search_dirs = [SCRIPT_DIR, Path.cwd()]
+    # Path mistakes are reported here, before TensorFlow is loaded.
+    face_data.resolve_source(config.data.path, search_dirs)
+    if args.test_data:
+        face_data.resolve_source(args.test_data, [])
     if args.runs:
         run_names = args.runs
     elif args.compare and config.compare:
@@ -95,15 +113,13 @@ def run(args) -> int:
         run_names = list(config.runs)
     out = Path(args.out)
 
-    import face_data
     import trainer
-    from evaluation import evaluate_run, metrics_table, test_set, trained_model_path
+    from evaluation import evaluate_run, load_trained_model, metrics_table, test_set
 
     if config.deterministic:
         trainer.enable_determinism()
     strategy = trainer.choose_strategy(config.distribution) if config.enable_training else None
 
-    search_dirs = [SCRIPT_DIR, Path.cwd()]
     faces = face_data.load_faces(config.data, out / "checkpoints" / "data_cache", search_dirs)
     test_faces = None
     if args.test_data:
@@ -120,25 +136,29 @@ def run(args) -> int:
             continue
         if config.enable_training:
             trainer.train_run(config, run_name, faces, out, retrain=args.retrain, strategy=strategy)
-        model_path = trained_model_path(paths, run_name)
-        if test_faces is not None:
-            images, names, dataset = test_faces.images, test_faces.names, test_faces.description + " (all images)"
-        else:
-            images, names = test_set(paths, faces)
-            dataset = faces.description + " (identity-disjoint test split)"
-        settings = config.runs[run_name]
-        result = evaluate_run(
-            run_name,
-            model_path,
-            paths,
-            images,
-            names,
-            dataset,
-            settings.batch_size,
-            config.data.image_size,
-            settings.token_search_steps,
-            settings.token_search_step_size,
-        )
+        # A shared lock: other evaluations may read the run at once, a trainer may not rewrite it.
+        lock = trainer.run_lock(paths.checkpoints, exclusive=False) if paths.checkpoints.is_dir() else None
+        with lock or contextlib.nullcontext():
+            model, _ = load_trained_model(paths, run_name)
+            if test_faces is not None:
+                images, names = test_faces.images, test_faces.names
+                dataset = test_faces.description + " (all images)"
+            else:
+                images, names = test_set(paths, faces)
+                dataset = faces.description + " (identity-disjoint test split)"
+            settings = config.runs[run_name]
+            result = evaluate_run(
+                run_name,
+                model,
+                paths,
+                images,
+                names,
+                dataset,
+                settings.batch_size,
+                config.data.image_size,
+                settings.token_search_steps,
+                settings.token_search_step_size,
+            )
         results[run_name], test_names[run_name] = result, list(names)
         log.info("run %s: metrics in %s", run_name, paths.images / "metrics.json")
     if results:
@@ -171,7 +191,7 @@ def compare_runs(results, test_names, images, dataset, out: Path) -> None:
     """Write images_saved/compare/ for runs evaluated on the same test faces."""
     import compare
     import trainer
-    from evaluation import EvaluationError
+    from errors import EvaluationError
 
     run_names = list(results)
     for name in run_names:
@@ -186,23 +206,31 @@ def compare_runs(results, test_names, images, dataset, out: Path) -> None:
     print(compare.markdown_table(table))
 
 
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_runtime(args.verbose)
-    from vqvae_config import ConfigError
-
+    previous_handler = signal.signal(signal.SIGTERM, _terminate)
     try:
-        from evaluation import EvaluationError
-        from face_data import DataError
-        from trainer import TrainingError
-
         return run(args)
-    except (ConfigError, DataError, EvaluationError, TrainingError) as error:
+    except UserFacingError as error:
         log.error("%s", error)
+        return 2
+    except OSError as error:  # an unexpected place could not read or write a file: say which and why
+        where = f" {error.filename}" if error.filename else ""
+        log.error("cannot access%s: %s", where, error.strerror or error)
         return 2
     except KeyboardInterrupt:
         log.error("interrupted: the last completed epoch is saved; run the same command again to resume.")
         return 130
+    except Terminated:
+        log.error("terminated (SIGTERM): the last completed epoch is saved; run the same command again to resume.")
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 if __name__ == "__main__":

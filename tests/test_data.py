@@ -236,14 +236,31 @@ def test_malicious_archive_members_are_skipped(tmp_path):
     assert not (tmp_path.parent / "escape").exists()
 
 
-def test_symlink_out_of_the_data_folder_is_skipped(tmp_path):
+def test_links_out_of_the_data_folder_or_nowhere_are_skipped(tmp_path, monkeypatch):
+    """File and folder links leading outside the data or nowhere, and unreadable files, are counted, not read."""
     tree = write_lfw_tree(tmp_path / "src", people=PEOPLE[:3], per_person=2)
     outside = tmp_path / "outside.jpg"
     outside.write_bytes((tree / PEOPLE[0] / f"{PEOPLE[0]}_0001.jpg").read_bytes())
     (tree / PEOPLE[0] / f"{PEOPLE[0]}_0077.jpg").symlink_to(outside)
+    (tree / PEOPLE[0] / f"{PEOPLE[0]}_0078.jpg").symlink_to(tmp_path / "gone.jpg")
+    stranger = write_lfw_tree(tmp_path / "elsewhere", ["Out_Sider", "Sam_Else", "Tom_Else"], 2) / "Out_Sider"
+    (tree / "Out_Sider").symlink_to(stranger, target_is_directory=True)
+    (tree / "Lost_Person").symlink_to(tmp_path / "no-such-folder", target_is_directory=True)
+    unreadable = tree / PEOPLE[1] / f"{PEOPLE[1]}_0002.jpg"
+    real_read_bytes = Path.read_bytes
+
+    def read_bytes(path):
+        if path == unreadable:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
     faces = face_data.load_faces(settings(tree, image_size=16), tmp_path / "cache", [])
-    assert faces.skipped["link pointing outside the data folder"] == 1
+    assert faces.skipped[face_data.OUTSIDE_LINK] == 4
+    assert faces.skipped["unreadable file"] == 1
+    assert not any(name.startswith("Out_Sider/") for name in faces.names)
     assert f"{PEOPLE[0]}/{PEOPLE[0]}_0077.jpg" not in faces.names
+    assert len(faces) == 3 * 2 - 1
 
 
 def test_attributes_join_when_present(tmp_path):

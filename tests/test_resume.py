@@ -18,8 +18,9 @@ from conftest import ROOT, TINY_RUN
 
 import face_data
 import trainer
+import training_callbacks
 from training_callbacks import LossDiverged, TrainingCheckpoint, TrainingError
-from vqvae_config import ConfigError, load_config, save_resolved_config
+from vqvae_config import ConfigError, load_config
 
 # Several batches per epoch, augmentation and revival on, deterministic ops, no time budget
 # (a time budget makes the learning rate follow the wall clock).
@@ -160,16 +161,42 @@ def test_nan_loss_after_the_last_retry_is_a_clear_error(lfw_tree, tmp_path, monk
     np.testing.assert_allclose(rates, [2e-3, 2e-4, 2e-5])
 
 
+def rewrite_model_config(path, edit):
+    """Rewrite the model record inside a .keras file (as an older version of the package wrote it)."""
+    with zipfile.ZipFile(path) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    record = json.loads(entries["config.json"])
+    edit(record["config"])
+    entries["config.json"] = json.dumps(record).encode()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+
+
 def test_checkpoint_from_before_a_new_setting_still_matches(tmp_path):
-    config = load_config(None, ["activation=relu", "reconstruction_loss=mse"], ["vqvae"])
+    """Compatibility comes from the constructor arguments saved in the model: an argument an older
+    checkpoint lacks counts as the constructor's default (relu, mse, decoder blocks as the encoder's)."""
+    config = load_config(None, TINY_RUN + ["activation=relu", "reconstruction_loss=mse"], ["vqvae"])
     paths = trainer.RunPaths.for_run(tmp_path, "vqvae")
-    paths.checkpoints.mkdir(parents=True)
-    save_resolved_config(config, "vqvae", paths.resolved_config)
-    saved = json.loads(paths.resolved_config.read_text())
-    for key in ("activation", "decoder_residual_blocks", "reconstruction_loss"):
-        del saved["run"][key]  # a checkpoint written before these settings existed: relu, mse
-    paths.resolved_config.write_text(json.dumps(saved))
+    model = trainer.build_model(config.runs["vqvae"], 3, None, 0)
+    model.build((None, 16, 16, 3))
+    training_callbacks.save_model_atomically(model, paths.latest_model)
+
+    def drop_new_settings(saved):
+        for key in ("activation", "decoder_residual_blocks", "reconstruction_loss"):
+            del saved[key]
+
+    rewrite_model_config(paths.latest_model, drop_new_settings)
     trainer.check_compatible(paths, config, "vqvae")
-    silu = load_config(None, ["activation=silu", "reconstruction_loss=mse"], ["vqvae"])
+    silu = load_config(None, TINY_RUN + ["activation=silu", "reconstruction_loss=mse"], ["vqvae"])
     with pytest.raises(ConfigError, match="activation: checkpoint 'relu', config 'silu'"):
         trainer.check_compatible(paths, silu, "vqvae")
+    wider = load_config(None, TINY_RUN + ["activation=relu", "reconstruction_loss=mse", "embedding_dim=8"], ["vqvae"])
+    with pytest.raises(ConfigError, match="embedding_dim: checkpoint 4, config 8"):
+        trainer.check_compatible(paths, wider, "vqvae")
+    # the quantizer's training policy may change on resume
+    trainer.check_compatible(
+        paths,
+        load_config(None, TINY_RUN + ["activation=relu", "reconstruction_loss=mse", "ema_decay=0.9"], ["vqvae"]),
+        "vqvae",
+    )

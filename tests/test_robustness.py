@@ -18,7 +18,8 @@ import atomic_files
 import face_data
 import trainer
 import training_callbacks
-from training_callbacks import TrainingCheckpoint, TrainingClock, TrainingError
+from errors import LockError, StorageError
+from training_callbacks import TrainingCheckpoint, TrainingClock
 from vqvae_config import ConfigError, DataConfig, load_config
 
 
@@ -67,7 +68,7 @@ def test_random_configs_give_config_errors_only(tmp_path, run, data):
 
 def test_second_trainer_of_the_same_run_is_refused(tmp_path):
     with trainer.exclusive_run_lock(tmp_path):
-        with pytest.raises(TrainingError, match="another process"):
+        with pytest.raises(LockError, match="another process is training or evaluating it"):
             with trainer.exclusive_run_lock(tmp_path):
                 pass
     with trainer.exclusive_run_lock(tmp_path):
@@ -98,7 +99,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(keras.Model, "save", no_space)
-    with pytest.raises(TrainingError, match="No space left on device"):
+    with pytest.raises(StorageError, match=f"cannot write {tmp_path / 'best.keras'}: No space left on device"):
         checkpoint.on_epoch_end(1, {"loss": 0.5, "val_loss": 0.5})
     assert (tmp_path / "latest.keras").read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.keras", "latest.keras", "state.json"]
