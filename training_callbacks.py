@@ -495,15 +495,17 @@ class TrainingCheckpoint(keras.callbacks.Callback):
             return
         self.epochs_done = epoch + 1
         current = float(logs.get(self.monitor, logs["loss"]))
-        if self.epochs_done >= self.min_epoch_to_start_saving:
-            if current < self.best:
-                self.best, self.best_epoch, self.wait = current, self.epochs_done, 0
-                save_model_atomically(self.model, self.folder / "best.keras")
-            else:
-                self.wait += 1
-                if self.wait >= self.patience:
-                    self.early_stopped = True
-                    self.model.stop_training = True
+        improved = self.epochs_done >= self.min_epoch_to_start_saving and current < self.best
+        if improved:
+            self.best, self.best_epoch, self.wait = current, self.epochs_done, 0
+        elif self.epochs_done >= self.min_epoch_to_start_saving:
+            self.wait += 1
+            if self.wait >= self.patience:
+                self.early_stopped = True
+                self.model.stop_training = True
+        # latest.keras first: a run folder with a best.keras always has a latest.keras to resume from.
         state = self.state(finished=False)
         save_model_atomically(self.model, self.folder / "latest.keras", state)
+        if improved:
+            save_model_atomically(self.model, self.folder / "best.keras")
         write_json_atomically(state, self.folder / "state.json")

@@ -99,7 +99,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(keras.Model, "save", no_space)
-    with pytest.raises(StorageError, match=f"cannot write {tmp_path / 'best.keras'}: No space left on device"):
+    with pytest.raises(StorageError, match=f"cannot write {tmp_path / 'latest.keras'}: No space left on device"):
         checkpoint.on_epoch_end(1, {"loss": 0.5, "val_loss": 0.5})
     assert (tmp_path / "latest.keras").read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.keras", "latest.keras", "state.json"]

@@ -1,0 +1,364 @@
+"""Run folders under faults: nothing deleted without --retrain, corrupt files, full disks, locks, signals.
+
+The command line runs in-process (`vqvae_face_main.main(argv)`) on a small synthetic LFW tree,
+except where a real process is the point (SIGTERM, the TensorFlow-free error path).
+"""
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import PEOPLE, ROOT, TINY_RUN, face_image, write_lfw_tree
+from PIL import Image
+
+import atomic_files
+import vqvae_face_main
+
+FAST = TINY_RUN + ["token_search_steps=2", "epochs=2"]
+
+
+def main(out, data, *args):
+    overrides = [item for setting in FAST for item in ("--set", setting)]
+    return vqvae_face_main.main(["--out", str(out), "--data", str(data), "--run", "vqvae", *overrides, *args])
+
+
+def run_files(out) -> dict[str, str]:
+    """SHA-256 of every file under `out` (checkpoints and pictures), by relative path."""
+    return {
+        str(path.relative_to(out)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(Path(out).rglob("*"))
+        if path.is_file() and path.name != "train.lock"
+    }
+
+
+@pytest.fixture(autouse=True)
+def info_logs(caplog):
+    caplog.set_level(logging.INFO)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished two-epoch VQ-VAE run (best.keras, latest.keras, state, split, config, history, metrics)."""
+    root = tmp_path_factory.mktemp("faults")
+    tree = write_lfw_tree(root / "data")
+    out = root / "out"
+    assert main(out, tree) == 0
+    return out, tree
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    out, tree = trained
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    return copy, tree, copy / "checkpoints" / "vqvae"
+
+
+# ---------------------------------------------------------------- 1. nothing deleted without --retrain
+
+
+def test_a_rerun_without_latest_keras_evaluates_best_keras_and_deletes_nothing(run_copy, caplog):
+    out, tree, folder = run_copy
+    (folder / "latest.keras").unlink()
+    (out / "images_saved" / "vqvae" / "metrics.json").unlink()
+    before = run_files(folder)
+    assert main(out, tree) == 0
+    assert "no latest.keras to resume training from; evaluating best.keras" in caplog.text
+    assert "--retrain" in caplog.text
+    after = run_files(folder)
+    assert {name: after[name] for name in before if not name.endswith(("tokens.npz", "test_quality.npz"))} == {
+        name: digest for name, digest in before.items() if not name.endswith(("tokens.npz", "test_quality.npz"))
+    }
+    assert (out / "images_saved" / "vqvae" / "metrics.json").is_file(), "best.keras was evaluated"
+
+
+def test_trained_epochs_without_any_model_are_refused_naming_the_files(run_copy, caplog):
+    out, tree, folder = run_copy
+    (folder / "latest.keras").unlink()
+    (folder / "best.keras").unlink()
+    before = run_files(out)
+    assert main(out, tree) == 2
+    message = caplog.records[-1].getMessage()
+    assert "records 2 trained epochs but holds no model" in message
+    for name in ("config.json", "history.csv", "split.json", "state.json"):
+        assert name in message
+    assert "--retrain" in message and "Traceback" not in caplog.text
+    assert run_files(out) == before
+
+
+def test_retrain_is_the_one_way_to_discard_a_run(run_copy):
+    out, tree, folder = run_copy
+    old_best = (folder / "best.keras").read_bytes()
+    assert main(out, tree, "--retrain", "--set", "epochs=1") == 0
+    state = json.loads((folder / "state.json").read_text())
+    assert state["epochs_done"] == 1 and state["finished"]
+    assert (folder / "best.keras").read_bytes() != old_best
+    assert list(pd.read_csv(folder / "history.csv")["epoch"]) == [0]
+
+
+# ---------------------------------------------------------------- 2. corrupt checkpoint files
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_corrupt_latest_keras_is_named_and_kept(run_copy, caplog):
+    out, tree, folder = run_copy
+    truncate(folder / "latest.keras")
+    before = run_files(out)
+    assert main(out, tree, "--set", "epochs=3") == 2
+    message = caplog.records[-1].getMessage()
+    assert f"{folder / 'latest.keras'} is corrupt" in message and "--retrain" in message
+    assert run_files(out) == before
+    caplog.clear()
+    assert main(out, tree, "--eval") == 0, "best.keras still evaluates"
+
+
+def test_a_corrupt_best_keras_falls_back_to_latest_keras_with_a_warning(run_copy, caplog):
+    out, tree, folder = run_copy
+    truncate(folder / "best.keras")
+    corrupt = (folder / "best.keras").read_bytes()
+    assert main(out, tree, "--eval") == 0
+    assert f"{folder / 'best.keras'} cannot be loaded" in caplog.text
+    assert f"evaluating {folder / 'latest.keras'}" in caplog.text
+    assert (folder / "best.keras").read_bytes() == corrupt, "the corrupt file is left for the user"
+
+
+def test_both_models_corrupt_is_a_one_line_error(run_copy, caplog):
+    out, tree, folder = run_copy
+    truncate(folder / "best.keras")
+    (folder / "latest.keras").write_bytes(b"not a zip file")
+    assert main(out, tree, "--eval") == 2
+    assert "no loadable model for run 'vqvae'" in caplog.records[-1].getMessage()
+
+
+def test_a_corrupt_state_json_is_recovered_from_latest_keras(run_copy, caplog):
+    out, tree, folder = run_copy
+    (folder / "state.json").write_text('{"epochs_done": 2, "be')
+    assert main(out, tree, "--set", "epochs=3") == 0
+    assert "state.json is corrupt" in caplog.text
+    assert "resuming run vqvae from epoch 2" in caplog.text
+    (kept,) = folder.glob("state.json.corrupt-*")
+    assert kept.read_text() == '{"epochs_done": 2, "be'
+    assert json.loads((folder / "state.json").read_text())["epochs_done"] == 3
+    assert list(pd.read_csv(folder / "history.csv")["epoch"]) == [0, 1, 2]
+
+
+def test_a_corrupt_config_json_is_moved_aside_and_the_model_settings_still_checked(run_copy, caplog):
+    out, tree, folder = run_copy
+    (folder / "config.json").write_bytes(b"\x00\xff garbage")
+    assert main(out, tree, "--eval", "--set", "num_embeddings=32") == 2
+    assert "num_embeddings: checkpoint 16, config 32" in caplog.records[-1].getMessage()
+    (kept,) = folder.glob("config.json.corrupt-*")
+    assert kept.read_bytes() == b"\x00\xff garbage"
+    caplog.clear()
+    assert main(out, tree, "--eval") == 0
+
+
+def test_a_corrupt_split_json_is_a_one_line_error(run_copy, caplog):
+    out, tree, folder = run_copy
+    (folder / "split.json").write_text('{"train": ["a"')
+    before = run_files(out)
+    assert main(out, tree, "--eval") == 2
+    message = caplog.records[-1].getMessage()
+    assert "split.json" in message and "is corrupt" in message and "--test-data" in message
+    assert run_files(out) == before
+
+
+def test_a_torn_history_csv_is_moved_aside_and_training_resumes(run_copy, caplog):
+    out, tree, folder = run_copy
+    with open(folder / "history.csv", "ab") as handle:
+        handle.write(b"2,0.0\xff\xfe")
+    assert main(out, tree, "--set", "epochs=3") == 0
+    assert "history.csv is unreadable" in caplog.text
+    assert len(list(folder.glob("history.csv.corrupt-*"))) == 1
+    assert list(pd.read_csv(folder / "history.csv")["epoch"]) == [2]
+
+
+# ---------------------------------------------------------------- 3. disk full at every write
+
+
+def assert_whole(folder: Path) -> None:
+    """Every file the program wrote is complete: no partial files, every format parses."""
+    assert not list(folder.rglob("*.partial.*"))
+    for path in folder.rglob("*"):
+        if path.suffix == ".keras":
+            assert zipfile.ZipFile(path).testzip() is None, path
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".csv":
+            pd.read_csv(path)
+        elif path.suffix == ".npz":
+            with np.load(path) as arrays:
+                list(arrays.values())
+
+
+def test_a_full_disk_at_any_write_ends_in_one_line_and_the_next_run_resumes(tmp_path, monkeypatch, caplog):
+    tree = write_lfw_tree(tmp_path / "data", people=PEOPLE[:5], per_person=2)
+    out = tmp_path / "out"
+    real_replace = atomic_files.fsync_replace
+    failing = {"name": None}
+
+    def replace(tmp, final):
+        if failing["name"] and re.fullmatch(failing["name"], Path(final).name):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(tmp, final)
+
+    monkeypatch.setattr(atomic_files, "fsync_replace", replace)
+    steps = [
+        (r"faces-.*\.npz", []),
+        ("split.json", []),
+        ("config.json", []),
+        ("history.csv", []),
+        ("latest.keras", []),
+        ("best.keras", []),
+        ("state.json", []),
+        ("tokens.npz", []),
+        ("metrics.json", []),
+        ("codebook_usage.png", []),
+        ("report.html", ["--compare"]),
+    ]
+    for name, args in steps:
+        failing["name"] = name
+        caplog.clear()
+        assert main(out, tree, "--set", "epochs=1", *args) == 2, name
+        message = caplog.records[-1].getMessage()
+        assert message.startswith("cannot write ") and "No space left on device" in message, message
+        written = re.match(r"cannot write (.*?): No space", message).group(1)
+        assert re.fullmatch(name, Path(written).name), (name, written)
+        assert "Traceback" not in caplog.text
+        assert_whole(out)
+    failing["name"] = None
+    caplog.clear()
+    assert main(out, tree, "--set", "epochs=2", "--compare") == 0
+    assert "resuming run vqvae from epoch 1" in caplog.text
+    assert json.loads((out / "checkpoints" / "vqvae" / "state.json").read_text())["epochs_done"] == 2
+    assert (out / "images_saved" / "compare" / "report.html").is_file()
+
+
+# ---------------------------------------------------------------- 8. other data under the same names
+
+
+def test_other_images_under_the_same_names_are_refused_unless_given_as_test_data(trained, tmp_path, caplog):
+    out, tree = trained
+    other = tmp_path / "lfw"
+    shutil.copytree(tree, other)
+    for path in other.rglob("*_0001.jpg"):
+        Image.fromarray(255 - face_image(hash(path.name) % 1000)).save(path)
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    assert main(copy, other, "--eval") == 2
+    message = caplog.records[-1].getMessage()
+    assert "differ from those in" in message and str(other) in message and str(tree) in message
+    caplog.clear()
+    assert main(copy, tree, "--eval", "--test-data", str(other)) == 0
+
+
+# ---------------------------------------------------------------- 10-11. signals and locks
+
+
+def test_sigterm_keeps_the_last_epoch_exits_143_and_the_run_resumes(tmp_path):
+    tree = write_lfw_tree(tmp_path / "data", people=PEOPLE[:5], per_person=2)
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "vqvae_face_main.py"), "--out", str(out), "--data", str(tree)]
+    command += ["--run", "vqvae"] + [item for s in FAST + ["epochs=500"] for item in ("--set", s)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    latest = out / "checkpoints" / "vqvae" / "latest.keras"
+    deadline = time.monotonic() + 120
+    while not latest.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr[-2000:]
+    assert "terminated (SIGTERM)" in stderr and "Traceback" not in stderr
+    done = json.loads(zipfile.ZipFile(latest).read("training_state.json"))["epochs_done"]
+    assert 1 <= done < 500
+    resumed = subprocess.run(command + ["--set", f"epochs={done + 1}"], capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming run vqvae from epoch {done}" in resumed.stderr
+
+
+def test_evaluation_waits_for_no_trainer_and_a_trainer_for_no_evaluation(run_copy, caplog):
+    out, tree, folder = run_copy
+    with open(folder / "train.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.truncate(0)
+        handle.write("4242")
+        handle.flush()
+        assert main(out, tree, "--eval") == 2
+        assert "cannot evaluate run folder" in caplog.text and "training it (pid 4242)" in caplog.text
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        caplog.clear()
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        assert main(out, tree, "--set", "epochs=3") == 2
+        assert "cannot train run folder" in caplog.text and "training or evaluating it" in caplog.text
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    assert json.loads((folder / "state.json").read_text())["epochs_done"] == 2
+
+
+def test_a_lock_that_the_file_system_refuses_is_not_blamed_on_another_process(run_copy, caplog, monkeypatch):
+    out, tree, _ = run_copy
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert main(out, tree, "--eval") == 2
+    message = caplog.records[-1].getMessage()
+    assert "No locks available" in message and "another process" not in message
+
+
+# ---------------------------------------------------------------- 13-15. dependencies, JSON, fast errors
+
+
+def test_keras_is_pinned_past_the_safe_mode_bypasses():
+    import keras
+
+    line = next(line for line in (ROOT / "requirements.txt").read_text().splitlines() if line.startswith("keras"))
+    floor = tuple(int(part) for part in re.search(r">=([\d.]+)", line).group(1).split("."))
+    assert floor >= (3, 14)
+    assert tuple(int(part) for part in keras.__version__.split(".")[:2]) >= (3, 14)
+
+
+def test_an_infinite_psnr_is_written_as_valid_json(tmp_path):
+    path = tmp_path / "metrics.json"
+    atomic_files.write_json_atomically({"psnr": float("inf"), "nested": [np.float32("nan"), 1.5], "n": 3}, path)
+
+    def refuse(constant):
+        raise ValueError(f"invalid JSON constant {constant}")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"psnr": None, "nested": [None, 1.5], "n": 3}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--set", "bogus_key=1"], "unknown key 'runs.vqvae.bogus_key'"), (["--data", "missing.tgz"], "does not exist")],
+)
+def test_config_and_path_mistakes_are_reported_before_tensorflow_loads(tmp_path, args, message):
+    script = (
+        "import sys, vqvae_face_main\n"
+        f"code = vqvae_face_main.main({['--out', str(tmp_path), '--run', 'vqvae', *args]!r})\n"
+        "print('tensorflow loaded' if 'tensorflow' in sys.modules else 'tensorflow not loaded')\n"
+        "sys.exit(code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout.strip() == "tensorflow not loaded"
+    assert os.listdir(tmp_path) == []
