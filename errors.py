@@ -41,3 +41,7 @@ class CheckpointError(UserFacingError):
 
 class LockError(UserFacingError):
     """A run folder is in use by another process, or cannot be locked at all."""
+
+
+class WorkerLost(TrainingError):
+    """A worker of a multi-worker run died or stopped answering; the collective runtime is aborted."""

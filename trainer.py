@@ -10,6 +10,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import zipfile
@@ -25,7 +26,7 @@ import tensorflow as tf
 import face_data
 import visualize
 from atomic_files import move_aside, write_json_atomically
-from errors import CheckpointError, ConfigError, LockError
+from errors import CheckpointError, ConfigError, LockError, WorkerLost
 from training_callbacks import (
     CommitmentAnnealing,
     DeadCodeRevival,
@@ -203,13 +204,15 @@ def choose_precision(setting: str) -> str:
     return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
 
 
-def choose_strategy(setting: str) -> tf.distribute.Strategy:
+def choose_strategy(setting: str, collective_timeout_seconds: Optional[float] = None) -> tf.distribute.Strategy:
     """The tf.distribute strategy for `distribution`.
 
     "auto": MultiWorkerMirroredStrategy when TF_CONFIG names several workers,
     MirroredStrategy when more than one GPU is visible, else the default
     (single-device) strategy. "mirrored" uses every GPU, or every logical CPU
-    device when there is no GPU.
+    device when there is no GPU. Across workers, a collective operation that
+    waits longer than `collective_timeout_seconds` (a worker died or hangs)
+    raises `tf.errors.DeadlineExceededError` instead of blocking forever.
     """
     if setting == "auto":
         cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
@@ -220,7 +223,8 @@ def choose_strategy(setting: str) -> tf.distribute.Strategy:
         else:
             setting = "none"
     if setting == "multi_worker":
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=collective_timeout_seconds)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     elif setting == "mirrored":
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         strategy = tf.distribute.MirroredStrategy(devices=[d.name for d in devices])
@@ -230,6 +234,31 @@ def choose_strategy(setting: str) -> tf.distribute.Strategy:
         "distribution: %s (%s) with %d replica(s)", setting, type(strategy).__name__, strategy.num_replicas_in_sync
     )
     return strategy
+
+
+# What a collective operation raises when a worker died (its heartbeats stopped) or did not answer in time.
+WORKER_LOST_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError)
+
+
+def lost_worker_message(error_text: str, tf_config: str) -> str:
+    """One line naming the workers a failed collective operation waited for.
+
+    TensorFlow names tasks as `/job:worker/replica:0/task:N`; each other worker
+    named in `error_text` is looked up in TF_CONFIG's cluster. When none is
+    named, every other worker is listed as a suspect.
+    """
+    config = json.loads(tf_config)
+    cluster, task = config.get("cluster", {}), config.get("task", {})
+    me = (task.get("type"), task.get("index"))
+    named = {(job, int(index)) for job, index in re.findall(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)", error_text)}
+    others = [(job, i) for job, hosts in cluster.items() for i in range(len(hosts)) if (job, i) != me]
+    lost = [key for key in others if key in named] or others
+    described = ", ".join(f"{job} {index} ({cluster[job][index]})" for job, index in lost)
+    return (
+        f"multi-worker training stopped: {described} did not answer (it died, hangs, or took longer than "
+        "collective_timeout_seconds); the last completed epoch is kept. Restart every worker with the same "
+        "command to resume."
+    )
 
 
 def is_chief() -> bool:
@@ -639,16 +668,21 @@ def _fit(model, run, paths, faces, split, train_images, state, initial_epoch, co
     callbacks, clock, throughput, checkpoint = _callbacks(
         model, run, paths, len(train_images), snapshot_images, state, config.seed, schedule
     )
-    model.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=run.epochs,
-        initial_epoch=initial_epoch,
-        steps_per_epoch=face_data.steps_per_epoch(len(train_images), schedule["global_batch"], whole_batches),
-        callbacks=callbacks,
-        shuffle=False,
-        verbose=1 if sys.stdout.isatty() else 2,
-    )
+    try:
+        model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=run.epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=face_data.steps_per_epoch(len(train_images), schedule["global_batch"], whole_batches),
+            callbacks=callbacks,
+            shuffle=False,
+            verbose=1 if sys.stdout.isatty() else 2,
+        )
+    except WORKER_LOST_ERRORS as error:
+        if schedule["workers_strategy"] is None:
+            raise
+        raise WorkerLost(lost_worker_message(str(error), os.environ.get("TF_CONFIG") or "{}")) from None
     if checkpoint.divergence is not None:
         kept = f"epoch {checkpoint.epochs_done}" if checkpoint.epochs_done else "none yet: the run starts over"
         raise LossDiverged(

@@ -241,11 +241,13 @@ class ExperimentConfig:
     distribution: Literal["auto", "none", "mirrored", "multi_worker"] = "auto"
     scale_learning_rate: bool = False
     deterministic: bool = False
+    collective_timeout_seconds: float = 300.0
     data: DataConfig = field(default_factory=DataConfig)
     runs: dict[str, RunConfig] = field(default_factory=lambda: {"vqvae": RunConfig(), "vae": RunConfig(model="vae")})
     compare: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
+        _check_range("", "collective_timeout_seconds", self.collective_timeout_seconds, 1.0, 86400.0)
         self.data.validate("data")
         if not self.runs:
             raise ConfigError("runs is empty: define at least one named run.")
@@ -269,7 +271,8 @@ class ExperimentConfig:
 
 def _check_range(path: str, key: str, value, low, high) -> None:
     if not (low <= value <= high):
-        raise ConfigError(f"{path}.{key}={value!r} is out of range: expected {low} <= value <= {high}.")
+        name = f"{path}.{key}" if path else key
+        raise ConfigError(f"{name}={value!r} is out of range: expected {low} <= value <= {high}.")
 
 
 def _type_name(annotation) -> str:

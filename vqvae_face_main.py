@@ -23,7 +23,7 @@ import signal
 import sys
 from pathlib import Path
 
-from errors import Terminated, UserFacingError
+from errors import Terminated, UserFacingError, WorkerLost
 
 SCRIPT_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = SCRIPT_DIR / "experiment.json"
@@ -118,7 +118,11 @@ def run(args) -> int:
 
     if config.deterministic:
         trainer.enable_determinism()
-    strategy = trainer.choose_strategy(config.distribution) if config.enable_training else None
+    strategy = (
+        trainer.choose_strategy(config.distribution, config.collective_timeout_seconds)
+        if config.enable_training
+        else None
+    )
 
     faces = face_data.load_faces(config.data, out / "checkpoints" / "data_cache", search_dirs)
     test_faces = None
@@ -216,6 +220,12 @@ def main(argv=None) -> int:
     previous_handler = signal.signal(signal.SIGTERM, _terminate)
     try:
         return run(args)
+    except WorkerLost as error:
+        # TensorFlow's collective runtime is aborted: leaving through the interpreter's normal exit
+        # can block or print errors from its threads, so the process ends here.
+        log.error("%s", error)
+        logging.shutdown()
+        os._exit(2)
     except UserFacingError as error:
         log.error("%s", error)
         return 2

@@ -1,14 +1,19 @@
 """tf.distribute: the EMA codebook stays identical across replicas and matches one device."""
 
+import fcntl
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
+import zipfile
 
 import numpy as np
 import pytest
 from conftest import ROOT, TINY_RUN
+
+import trainer
 
 HELPER = ROOT / "tests" / "helpers" / "mirrored_codebook.py"
 
@@ -89,3 +94,50 @@ def test_two_workers_write_one_checkpoint_that_a_single_process_evaluates(tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "continuing from epoch" in resumed.stderr and "with 1 replica(s)" in resumed.stderr
     assert json.loads((folder / "state.json").read_text())["epochs_done"] > state["epochs_done"]
+
+
+def start_workers(command, folder, count=2):
+    cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(count)]}
+    workers = []
+    for index in range(count):
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        workers.append(
+            subprocess.Popen(command, env=env, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        )
+    return cluster, workers
+
+
+def test_a_dead_worker_ends_the_chief_with_a_message_naming_it(tmp_path):
+    command = [sys.executable, str(ROOT / "vqvae_face_main.py"), "--out", str(tmp_path), "--run", "vqvae"]
+    command += [item for setting in TINY_RUN for item in ("--set", setting)]
+    command += ["--set", "epochs=500", "--set", "collective_timeout_seconds=20"]
+    cluster, (chief, worker) = start_workers(command, tmp_path)
+    latest = tmp_path / "checkpoints" / "vqvae" / "latest.keras"
+    try:
+        deadline = time.monotonic() + 180
+        while not latest.exists() and chief.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert latest.exists(), chief.stderr.read()[-3000:] if chief.poll() is not None else "no checkpoint yet"
+        worker.kill()
+        _, stderr = chief.communicate(timeout=120)
+    finally:
+        for process in (chief, worker):
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+    assert chief.returncode == 2, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert f"worker 1 ({cluster['worker'][1]}) did not answer" in last and "resume" in last
+    assert "Traceback" not in stderr
+    state = json.loads(zipfile.ZipFile(latest).read("training_state.json"))
+    assert 1 <= state["epochs_done"] < 500, "the last completed epoch is kept"
+    with open(tmp_path / "checkpoints" / "vqvae" / "train.lock") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the chief no longer holds the run
+
+
+def test_lost_worker_message_names_the_task_in_the_error():
+    text = "aborted: The following tasks are unhealthy (stopped sending heartbeats):\n/job:worker/replica:0/task:2"
+    config = json.dumps({"cluster": {"worker": ["a:1", "b:2", "c:3"]}, "task": {"type": "worker", "index": 0}})
+    assert trainer.lost_worker_message(text, config).startswith("multi-worker training stopped: worker 2 (c:3) did")
+    unnamed = trainer.lost_worker_message("Deadline Exceeded", config)
+    assert unnamed.startswith("multi-worker training stopped: worker 1 (b:2), worker 2 (c:3) did not answer")
