@@ -1,7 +1,7 @@
 """Training policy as Keras callbacks: annealing, revival, time budget, LR schedule,
 snapshots, throughput and crash-safe checkpoints.
 
-The model owns the math (see `VectorQuantizerEMA.reset_codes`); these classes
+The model owns the math (see `VectorQuantizerEMA.revive_dead_codes`); these classes
 decide when and how much. Per-step hooks only count batches, read the clock or
 launch a compiled graph (revival); statistics are read from layer weights or
 the epoch logs. The one exception is a multi-worker run with a time budget,
@@ -71,58 +71,10 @@ class CommitmentAnnealing(keras.callbacks.Callback):
         logs["commitment_cost"] = cost
 
 
-def revive_dead_codes(quantizer, threshold, max_revivals, noise, source, seed):
-    """Replace dead codes of `quantizer`; returns how many were replaced (int32 tensor).
-
-    A code is dead when its EMA cluster size is below `threshold` times the mean
-    EMA cluster size (so the rule does not depend on batch size, grid size or K;
-    a codebook whose counts are all zero is entirely dead). At most
-    `max_revivals` of them, least used first, move to candidate vectors plus
-    Gaussian noise (`noise` x the candidates' RMS): rows of the last training
-    batch's encoder outputs (`source="encoder"`) or randomly chosen live codes
-    (`source="codes"`). If every code is dead, the whole codebook is reset from
-    encoder outputs. The random choices are a pure function of `seed`, an
-    int64 tensor (2,).
-    """
-    num_codes = quantizer.num_embeddings
-    usage = tf.convert_to_tensor(quantizer.ema_cluster_size)
-    dead = usage < tf.maximum(threshold * tf.reduce_mean(usage), 1e-12)
-    num_dead = tf.reduce_sum(tf.cast(dead, tf.int32))
-
-    def candidates(count, pool):
-        rows = tf.random.stateless_uniform(
-            [count], tf.random.experimental.stateless_fold_in(seed, 0), maxval=tf.shape(pool)[0], dtype=tf.int32
-        )
-        chosen = tf.gather(pool, rows)
-        scale = tf.sqrt(tf.reduce_mean(tf.square(chosen)) + 1e-12)
-        jitter = tf.random.stateless_normal(tf.shape(chosen), tf.random.experimental.stateless_fold_in(seed, 1))
-        return chosen + noise * scale * jitter
-
-    def reset_all():
-        quantizer.reset_codes(tf.range(num_codes), candidates(num_codes, quantizer.latent_sample))
-        return tf.constant(num_codes, tf.int32)
-
-    def reset_some():
-        count = tf.minimum(num_dead, max_revivals)
-        least_used = tf.argsort(usage, stable=True)[:count]
-        if source == "codes":
-            pool = tf.boolean_mask(quantizer.embeddings, tf.logical_not(dead))
-        else:
-            pool = quantizer.latent_sample
-        quantizer.reset_codes(least_used, candidates(count, pool))
-        return count
-
-    return tf.cond(
-        tf.equal(num_dead, num_codes),
-        reset_all,
-        lambda: tf.cond(num_dead > 0, reset_some, lambda: tf.constant(0, tf.int32)),
-    )
-
-
 class DeadCodeRevival(keras.callbacks.Callback):
     """Every `every_n_batches` training batches, revive up to `max_revivals_per_batch` dead codes.
 
-    See `revive_dead_codes` for the rule. Batches are counted by the optimizer's
+    See `VectorQuantizerEMA.revive_dead_codes` for the rule. Batches are counted by the optimizer's
     step counter, and each revival's random draws are seeded by (`seed`, step),
     so a resumed run revives exactly as an uninterrupted one. The revival runs
     as one compiled graph on the quantizer's weights; the number revived is
@@ -149,8 +101,7 @@ class DeadCodeRevival(keras.callbacks.Callback):
         self.steps_done = 0
         self._revive = tf.function(
             lambda: self.revived.assign_add(
-                revive_dead_codes(
-                    quantizer,
+                quantizer.revive_dead_codes(
                     threshold,
                     max_revivals_per_batch,
                     noise,

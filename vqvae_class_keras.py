@@ -289,7 +289,7 @@ class VectorQuantizerEMA(layers.Layer):
     Non-trainable weights: embeddings (K, D), ema_cluster_size (K,),
     ema_embedding_sum (K, D), commitment_cost (), initialized (),
     latent_sample (K, D) (a random sample of the last training batch's inputs,
-    read by `DeadCodeRevival`).
+    where `revive_dead_codes` takes new codes from).
     """
 
     CHUNK_ROWS = 512
@@ -473,6 +473,52 @@ class VectorQuantizerEMA(layers.Layer):
         self.ema_cluster_size.assign(tf.tensor_scatter_nd_update(self.ema_cluster_size, code_indices, counts))
         self.ema_embedding_sum.assign(
             tf.tensor_scatter_nd_update(self.ema_embedding_sum, code_indices, vectors * count)
+        )
+
+    def revive_dead_codes(self, threshold, max_revivals, noise, source, seed):
+        """Replace dead codes; returns how many were replaced (int32 tensor).
+
+        A code is dead when its EMA cluster size is below `threshold` times the mean
+        EMA cluster size (so the rule does not depend on batch size, grid size or K;
+        a codebook whose counts are all zero is entirely dead). At most
+        `max_revivals` of them, least used first, move to candidate vectors plus
+        Gaussian noise (`noise` x the candidates' RMS): rows of the last training
+        batch's inputs (`source="encoder"`, from `latent_sample`) or randomly chosen
+        live codes (`source="codes"`), with fresh EMA state (`reset_codes`). If every
+        code is dead, the whole codebook is reset from the inputs. The random choices
+        are a pure function of `seed`, an int64 tensor (2,).
+        """
+        if source not in ("encoder", "codes"):
+            raise ValueError(f"source must be 'encoder' or 'codes', received source={source!r}")
+        num_codes = self.num_embeddings
+        usage = ops.convert_to_tensor(self.ema_cluster_size)
+        dead = usage < tf.maximum(threshold * tf.reduce_mean(usage), 1e-12)
+        num_dead = tf.reduce_sum(tf.cast(dead, tf.int32))
+
+        def candidates(count, pool):
+            rows = tf.random.stateless_uniform(
+                [count], tf.random.experimental.stateless_fold_in(seed, 0), maxval=tf.shape(pool)[0], dtype=tf.int32
+            )
+            chosen = tf.gather(pool, rows)
+            scale = tf.sqrt(tf.reduce_mean(tf.square(chosen)) + 1e-12)
+            jitter = tf.random.stateless_normal(tf.shape(chosen), tf.random.experimental.stateless_fold_in(seed, 1))
+            return chosen + noise * scale * jitter
+
+        def reset_all():
+            self.reset_codes(tf.range(num_codes), candidates(num_codes, self.latent_sample))
+            return tf.constant(num_codes, tf.int32)
+
+        def reset_some():
+            count = tf.minimum(num_dead, max_revivals)
+            least_used = tf.argsort(usage, stable=True)[:count]
+            pool = tf.boolean_mask(self.embeddings, tf.logical_not(dead)) if source == "codes" else self.latent_sample
+            self.reset_codes(least_used, candidates(count, pool))
+            return count
+
+        return tf.cond(
+            tf.equal(num_dead, num_codes),
+            reset_all,
+            lambda: tf.cond(num_dead > 0, reset_some, lambda: tf.constant(0, tf.int32)),
         )
 
     def get_config(self):

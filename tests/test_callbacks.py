@@ -13,7 +13,6 @@ from training_callbacks import (
     LearningRateDecay,
     TrainingCheckpoint,
     TrainingClock,
-    revive_dead_codes,
 )
 from vqvae_class_keras import VectorQuantizerEMA
 
@@ -72,8 +71,7 @@ def test_revival_replaces_at_most_n_least_used_dead_codes():
     quantizer = quantizer_with_usage(usage)
     before = quantizer.embeddings.numpy().copy()
     # mean usage 2.14: threshold 0.5 makes codes below 1.07 dead (0.1, 0.5, 0.0, 0.2, 0.3).
-    revived = revive_dead_codes(
-        quantizer,
+    revived = quantizer.revive_dead_codes(
         threshold=0.5,
         max_revivals=3,
         noise=0.0,
@@ -93,7 +91,7 @@ def test_revival_replaces_at_most_n_least_used_dead_codes():
 
 def test_revival_from_live_codes_with_noise():
     quantizer = quantizer_with_usage([5.0, 0.0, 4.0, 0.0])
-    revive_dead_codes(quantizer, 0.5, 10, noise=0.01, source="codes", seed=SEED)
+    quantizer.revive_dead_codes(0.5, 10, noise=0.01, source="codes", seed=SEED)
     codes = quantizer.embeddings.numpy()
     live = np.array([[0.0, 1.0], [4.0, 5.0]])
     for index in (1, 3):
@@ -104,14 +102,14 @@ def test_revival_from_live_codes_with_noise():
 def test_revival_with_no_dead_codes_changes_nothing():
     quantizer = quantizer_with_usage([2.0, 3.0])
     before = [w.numpy().copy() for w in quantizer.weights]
-    assert int(revive_dead_codes(quantizer, 0.5, 5, 0.01, "encoder", SEED)) == 0
+    assert int(quantizer.revive_dead_codes(0.5, 5, 0.01, "encoder", SEED)) == 0
     for old, weight in zip(before, quantizer.weights):
         np.testing.assert_array_equal(old, weight.numpy())
 
 
 def test_all_dead_codebook_is_reinitialised_whole():
     quantizer = quantizer_with_usage([0.0] * 6)
-    revived = revive_dead_codes(quantizer, 0.5, 2, 0.0, "encoder", SEED)
+    revived = quantizer.revive_dead_codes(0.5, 2, 0.0, "encoder", SEED)
     assert int(revived) == 6
     np.testing.assert_allclose(quantizer.embeddings.numpy(), 100.0)
 
