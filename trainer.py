@@ -88,6 +88,10 @@ class RunPaths:
     def history(self) -> Path:
         return self.checkpoints / "history.csv"
 
+    @property
+    def tensorboard(self) -> Path:
+        return self.checkpoints / "tensorboard"
+
 
 @contextlib.contextmanager
 def run_lock(folder: Path, exclusive: bool):
@@ -457,7 +461,14 @@ def _callbacks(model, run: RunConfig, paths: RunPaths, train_count: int, snapsho
     )
     callbacks += [
         throughput,
-        ReconstructionSnapshots(snapshot_images, paths.images, run.snapshot_every, visualize.save_image_grid),
+        ReconstructionSnapshots(
+            snapshot_images,
+            paths.images,
+            run.snapshot_every,
+            visualize.save_image_grid,
+            tensorboard_dir=paths.tensorboard / "reconstructions",
+        ),
+        keras.callbacks.TensorBoard(str(paths.tensorboard), write_graph=False, update_freq="epoch"),
         HistoryLog(paths.history, read_history(paths.history, state["epochs_done"]) if state else None),
         checkpoint,
     ]

@@ -305,14 +305,19 @@ class HistoryLog(keras.callbacks.Callback):
 
 
 class ReconstructionSnapshots(keras.callbacks.Callback):
-    """Every `every` epochs, save fixed validation faces over their reconstructions."""
+    """Every `every` epochs, save fixed validation faces over their reconstructions.
 
-    def __init__(self, images: np.ndarray, folder: Path, every: int, save_grid):
+    The picture goes to `folder/epoch_XXXX.png` and, when `tensorboard_dir` is
+    given, to TensorBoard's Images tab (originals on top, reconstructions below).
+    """
+
+    def __init__(self, images: np.ndarray, folder: Path, every: int, save_grid, tensorboard_dir=None):
         super().__init__()
         self.images = images
         self.folder = Path(folder)
         self.every = every
         self.save_grid = save_grid
+        self.tensorboard_dir = tensorboard_dir
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every == 0:
@@ -324,6 +329,10 @@ class ReconstructionSnapshots(keras.callbacks.Callback):
                 self.folder / f"epoch_{epoch + 1:04d}.png",
                 title=f"epoch {epoch + 1}",
             )
+            if self.tensorboard_dir is not None:
+                pairs = np.concatenate([self.images, np.clip(reconstructions, 0.0, 1.0)], axis=1)
+                with tf.summary.create_file_writer(str(self.tensorboard_dir)).as_default():
+                    tf.summary.image("original over reconstruction", pairs, step=epoch, max_outputs=len(pairs))
 
 
 TRAINING_STATE_ENTRY = "training_state.json"

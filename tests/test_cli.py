@@ -42,6 +42,29 @@ def test_training_writes_every_promised_file(trained_out):
     assert not list(out.rglob("*.partial*")), "no temporary files are left behind"
 
 
+def tensorboard_tags(folder):
+    """{tag: [steps]} of every summary in the event files under `folder`."""
+    import tensorflow as tf
+
+    tags = {}
+    for path in folder.rglob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+    return tags
+
+
+def test_tensorboard_logs_scalars_per_epoch_and_reconstruction_images(trained_out):
+    out, _ = trained_out
+    tags = tensorboard_tags(out / "checkpoints" / "vqvae" / "tensorboard")
+    for tag in ("epoch_loss", "epoch_perplexity", "epoch_active_code_fraction"):
+        assert tags[tag] == [0, 0], (tag, tags[tag])  # training and validation, epoch 0
+    for tag in ("epoch_codebook_evenness", "epoch_learning_rate", "epoch_revived_codes"):
+        assert tags[tag] == [0], (tag, tags[tag])
+    assert tags["original over reconstruction"] == [0]
+    assert "epoch_kl_loss" in tensorboard_tags(out / "checkpoints" / "vae" / "tensorboard")
+
+
 def test_metrics_are_consistent_with_the_saved_tokens(trained_out):
     out, result = trained_out
     metrics = json.loads((out / "images_saved" / "vqvae" / "metrics.json").read_text())
