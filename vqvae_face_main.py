@@ -23,7 +23,7 @@ import signal
 import sys
 from pathlib import Path
 
-from errors import Terminated, UserFacingError, WorkerLost
+from vqvae_faces.errors import Terminated, UserFacingError, WorkerLost
 
 SCRIPT_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = SCRIPT_DIR / "experiment.json"
@@ -95,16 +95,16 @@ def flag_overrides(args) -> list[str]:
 
 
 def run(args) -> int:
-    import face_data
-    from vqvae_config import load_config
+    from vqvae_faces import lfw_files
+    from vqvae_faces.config import load_config
 
     config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     config = load_config(config_path, args.overrides + flag_overrides(args), args.runs)
     search_dirs = [SCRIPT_DIR, Path.cwd()]
     # Path mistakes are reported here, before TensorFlow is loaded.
-    face_data.resolve_source(config.data.path, search_dirs)
+    lfw_files.resolve_source(config.data.path, search_dirs)
     if args.test_data:
-        face_data.resolve_source(args.test_data, [])
+        lfw_files.resolve_source(args.test_data, [])
     if args.runs:
         run_names = args.runs
     elif args.compare and config.compare:
@@ -113,35 +113,36 @@ def run(args) -> int:
         run_names = list(config.runs)
     out = Path(args.out)
 
-    import trainer
-    from evaluation import evaluate_run, load_trained_model, metrics_table, test_set
+    from vqvae_faces import training
+    from vqvae_faces.evaluation import evaluate_run, load_trained_model, metrics_table, test_set
+    from vqvae_faces.run_folder import RunPaths, check_compatible, run_lock
 
     if config.deterministic:
-        trainer.enable_determinism()
+        training.enable_determinism()
     strategy = (
-        trainer.choose_strategy(config.distribution, config.collective_timeout_seconds)
+        training.choose_strategy(config.distribution, config.collective_timeout_seconds)
         if config.enable_training
         else None
     )
 
-    faces = face_data.load_faces(config.data, out / "checkpoints" / "data_cache", search_dirs)
+    faces = lfw_files.load_faces(config.data, out / "checkpoints" / "data_cache", search_dirs)
     test_faces = None
     if args.test_data:
         test_settings = dataclasses.replace(config.data, path=args.test_data)
-        test_faces = face_data.load_faces(test_settings, out / "checkpoints" / "data_cache", search_dirs)
+        test_faces = lfw_files.load_faces(test_settings, out / "checkpoints" / "data_cache", search_dirs)
 
     results, test_names = {}, {}
     for run_name in run_names:
-        paths = trainer.RunPaths.for_run(out, run_name)
+        paths = RunPaths.for_run(out, run_name)
         if not args.retrain:
-            trainer.check_compatible(paths, config, run_name)
-        if config.enable_training and not trainer.is_chief():
-            train_as_worker(config, run_name, faces, out, args.retrain, strategy)
+            check_compatible(paths, config, run_name)
+        if config.enable_training and not training.is_chief():
+            training.train_as_worker(config, run_name, faces, out, args.retrain, strategy)
             continue
         if config.enable_training:
-            trainer.train_run(config, run_name, faces, out, retrain=args.retrain, strategy=strategy)
+            training.train_run(config, run_name, faces, out, retrain=args.retrain, strategy=strategy)
         # A shared lock: other evaluations may read the run at once, a trainer may not rewrite it.
-        lock = trainer.run_lock(paths.checkpoints, exclusive=False) if paths.checkpoints.is_dir() else None
+        lock = run_lock(paths.checkpoints, exclusive=False) if paths.checkpoints.is_dir() else None
         with lock or contextlib.nullcontext():
             model, _ = load_trained_model(paths, run_name)
             if test_faces is not None:
@@ -172,30 +173,11 @@ def run(args) -> int:
     return 0
 
 
-def train_as_worker(config, run_name, faces, out: Path, retrain: bool, strategy) -> None:
-    """A non-chief worker trains in lockstep with the chief but writes into a scratch folder.
-
-    It starts from a copy of the chief's checkpoints (so both resume from the same
-    epoch) and throws its own files away: only the chief writes checkpoints.
-    """
-    import shutil
-    import tempfile
-
-    import trainer
-
-    with tempfile.TemporaryDirectory(prefix="vqvae-worker-") as scratch:
-        chief_folder = trainer.RunPaths.for_run(out, run_name).checkpoints
-        if chief_folder.is_dir() and not retrain:
-            target = trainer.RunPaths.for_run(Path(scratch), run_name).checkpoints
-            shutil.copytree(chief_folder, target, ignore=shutil.ignore_patterns("train.lock", "data_cache"))
-        trainer.train_run(config, run_name, faces, Path(scratch), retrain=retrain, strategy=strategy)
-
-
 def compare_runs(results, test_names, images, dataset, out: Path) -> None:
     """Write images_saved/compare/ for runs evaluated on the same test faces."""
-    import compare
-    import trainer
-    from errors import EvaluationError
+    from vqvae_faces import compare
+    from vqvae_faces.errors import EvaluationError
+    from vqvae_faces.run_folder import RunPaths
 
     run_names = list(results)
     for name in run_names:
@@ -204,7 +186,7 @@ def compare_runs(results, test_names, images, dataset, out: Path) -> None:
                 f"runs {run_names[0]!r} and {name!r} have different test faces (trained with other data or seed); "
                 "retrain one of them with --retrain so they share the split."
             )
-    run_images = {name: trainer.RunPaths.for_run(out, name).images for name in run_names}
+    run_images = {name: RunPaths.for_run(out, name).images for name in run_names}
     table = compare.write_comparison(out / "images_saved" / "compare", images, results, run_images, dataset)
     print()
     print(compare.markdown_table(table))

@@ -22,15 +22,15 @@ STEPS = 20
 
 
 def child(count: int) -> None:
-    import face_data
-    from trainer import build_model
-    from vqvae_config import AugmentationConfig, RunConfig
+    from vqvae_faces import pipeline
+    from vqvae_faces.config import AugmentationConfig, RunConfig
+    from vqvae_faces.model_settings import build_model
 
     images = sample_images(count, 64)
     model = build_model(RunConfig(), 3, None, seed=0)
     model.build((None, 64, 64, 3))
-    augmenter = face_data.FaceAugmenter(AugmentationConfig(), 64, 3)
-    dataset = face_data.make_training_dataset(images, 64, 0, 0, STEPS, augmenter)
+    augmenter = pipeline.FaceAugmenter(AugmentationConfig(), 64, 3)
+    dataset = pipeline.make_training_dataset(images, 64, 0, 0, STEPS, augmenter)
     model.fit(dataset, epochs=1, steps_per_epoch=STEPS, verbose=0)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"images": count, "dataset_mib": images.nbytes / 2**20, "peak_rss_mib": peak_kib / 1024}))

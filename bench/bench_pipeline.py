@@ -11,8 +11,8 @@ import dataclasses
 
 from common import report, sample_images, timed
 
-import face_data  # noqa: E402
-from vqvae_config import AugmentationConfig, RunConfig  # noqa: E402
+from vqvae_faces import pipeline  # noqa: E402
+from vqvae_faces.config import AugmentationConfig, RunConfig  # noqa: E402
 
 OPS = [
     "flip",
@@ -29,7 +29,7 @@ OPS = [
 
 
 def pipeline_rate(images, batch_size, augmenter) -> float:
-    dataset = face_data.make_training_dataset(images, batch_size, 0, 0, 1, augmenter)
+    dataset = pipeline.make_training_dataset(images, batch_size, 0, 0, 1, augmenter)
 
     def drain():
         for _ in dataset:
@@ -42,7 +42,7 @@ def training_rate(images, batch_size, steps=8) -> float:
     import keras
     import tensorflow as tf
 
-    from trainer import build_model
+    from vqvae_faces.model_settings import build_model
 
     model = build_model(RunConfig(), images.shape[-1], None, seed=0)
     model.build((None,) + images.shape[1:])
@@ -68,7 +68,7 @@ def main():
     rows = [
         {"pipeline": "batch + scale (no augmentation)", "images_per_s": pipeline_rate(images, args.batch_size, None)}
     ]
-    default = face_data.FaceAugmenter(AugmentationConfig(), 64, channels)
+    default = pipeline.FaceAugmenter(AugmentationConfig(), 64, channels)
     rows.append(
         {
             "pipeline": "all ten augmentations (p=0.25 each)",
@@ -78,7 +78,7 @@ def main():
     off = {op: (False if op == "flip" else 0.0) for op in OPS}
     for op in OPS:
         settings = dataclasses.replace(AugmentationConfig(**off), **{op: getattr(AugmentationConfig(), op)})
-        augmenter = face_data.FaceAugmenter(settings, 64, channels)
+        augmenter = pipeline.FaceAugmenter(settings, 64, channels)
         if augmenter.names:
             rows.append({"pipeline": f"only {op}", "images_per_s": pipeline_rate(images, args.batch_size, augmenter)})
     train = training_rate(images, args.batch_size)

@@ -13,8 +13,8 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from common import report, sample_images, timed
 
-from trainer import build_model  # noqa: E402
-from vqvae_config import RunConfig  # noqa: E402
+from vqvae_faces.config import RunConfig  # noqa: E402
+from vqvae_faces.model_settings import build_model  # noqa: E402
 
 
 def train_rate(policy: str, images, batch_size: int, steps: int, jit: bool = False) -> tuple[float, float]:

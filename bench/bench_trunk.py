@@ -22,8 +22,8 @@ import tensorflow as tf  # noqa: E402
 from common import report, sample_images
 from keras import layers  # noqa: E402
 
-from trainer import build_model  # noqa: E402
-from vqvae_config import RunConfig  # noqa: E402
+from vqvae_faces.config import RunConfig  # noqa: E402
+from vqvae_faces.model_settings import build_model  # noqa: E402
 
 VARIANTS = {
     "default": {},
@@ -37,7 +37,7 @@ VARIANTS = {
 
 def compiled_step(run: RunConfig, images, build=build_model):
     """(train step function, its input batch, parameter count) of run's model, made by `build`
-    (`trainer.build_model`'s signature), warmed up on `images`."""
+    (`model_settings.build_model`'s signature), warmed up on `images`."""
     keras.utils.set_random_seed(0)
     model = build(run, images.shape[-1], None, seed=0)
     model.build((None,) + images.shape[1:])

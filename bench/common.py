@@ -38,8 +38,8 @@ def machine() -> dict:
 def sample_images(count: int, size: int = 64, data: str | None = None) -> np.ndarray:
     """`count` uint8 faces from an LFW source (via the decoding cache), or smooth synthetic ones."""
     if data:
-        from face_data import load_faces
-        from vqvae_config import DataConfig
+        from vqvae_faces.config import DataConfig
+        from vqvae_faces.lfw_files import load_faces
 
         faces = load_faces(DataConfig(path=data, image_size=size), ROOT / "checkpoints" / "data_cache", [])
         reps = -(-count // len(faces))

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from training_callbacks import (
+from vqvae_class_keras import VectorQuantizerEMA
+from vqvae_faces.callbacks import (
     CommitmentAnnealing,
     DeadCodeRevival,
     LearningRateDecay,
     TrainingCheckpoint,
     TrainingClock,
 )
-from vqvae_class_keras import VectorQuantizerEMA
 
 
 def annealer(quantizer=None):

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from conftest import face_image
 
-import compare
+from vqvae_faces import compare
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import json
 import pytest
 from conftest import ROOT
 
-from vqvae_config import ConfigError, load_config
+from vqvae_faces.config import ConfigError, load_config
 
 
 def write(tmp_path, data):

@@ -9,8 +9,8 @@ import tensorflow as tf
 from conftest import IMAGES_PER_PERSON, PEOPLE, write_lfw_tree
 from PIL import Image
 
-import face_data
-from vqvae_config import AugmentationConfig, DataConfig
+from vqvae_faces import lfw_files, pipeline
+from vqvae_faces.config import AugmentationConfig, DataConfig
 
 
 def settings(path=None, **kwargs):
@@ -19,8 +19,8 @@ def settings(path=None, **kwargs):
 
 def test_folder_and_archive_give_identical_arrays(lfw_tree, lfw_archive, tmp_path, caplog):
     caplog.set_level(logging.WARNING)
-    from_folder = face_data.load_faces(settings(lfw_tree, image_size=32), tmp_path / "c1", [])
-    from_archive = face_data.load_faces(settings(lfw_archive, image_size=32), tmp_path / "c2", [])
+    from_folder = lfw_files.load_faces(settings(lfw_tree, image_size=32), tmp_path / "c1", [])
+    from_archive = lfw_files.load_faces(settings(lfw_archive, image_size=32), tmp_path / "c2", [])
     assert len(from_folder) == len(PEOPLE) * IMAGES_PER_PERSON
     np.testing.assert_array_equal(from_folder.images, from_archive.images)
     np.testing.assert_array_equal(from_folder.names, from_archive.names)
@@ -31,7 +31,7 @@ def test_folder_and_archive_give_identical_arrays(lfw_tree, lfw_archive, tmp_pat
 
 
 def test_parent_folder_of_the_tree_is_accepted(lfw_tree, tmp_path):
-    faces = face_data.load_faces(settings(lfw_tree.parent, image_size=16), tmp_path, [])
+    faces = lfw_files.load_faces(settings(lfw_tree.parent, image_size=16), tmp_path, [])
     assert len(faces) == len(PEOPLE) * IMAGES_PER_PERSON
 
 
@@ -42,11 +42,11 @@ def test_crop_resize_scale_on_a_known_image(tmp_path):
     image[60:190, 125:190] = (20, 220, 120)
     data = io.BytesIO()
     Image.fromarray(image).save(data, format="PNG")
-    face = face_data.decode_face(data.getvalue(), settings(image_size=26))
+    face = lfw_files.decode_face(data.getvalue(), settings(image_size=26))
     assert face.shape == (26, 26, 3) and face.dtype == np.uint8
     np.testing.assert_array_equal(face[:, :12], np.broadcast_to([200, 100, 40], (26, 12, 3)))
     np.testing.assert_array_equal(face[:, 14:], np.broadcast_to([20, 220, 120], (26, 12, 3)))
-    dataset = face_data.make_dataset(face[None], batch_size=1)
+    dataset = pipeline.make_dataset(face[None], batch_size=1)
     scaled = next(iter(dataset)).numpy()
     assert scaled.dtype == np.float32
     np.testing.assert_allclose(scaled[0, 0, 0], np.array([200, 100, 40]) / 255.0, rtol=1e-6)
@@ -56,8 +56,8 @@ def test_grayscale_stays_one_channel_and_cmyk_becomes_rgb():
     gray, cmyk = io.BytesIO(), io.BytesIO()
     Image.new("L", (250, 250), 90).save(gray, format="JPEG")
     Image.new("CMYK", (250, 250), (0, 0, 0, 0)).save(cmyk, format="JPEG")
-    assert face_data.decode_face(gray.getvalue(), settings(image_size=16)).shape == (16, 16, 1)
-    assert face_data.decode_face(cmyk.getvalue(), settings(image_size=16)).shape == (16, 16, 3)
+    assert lfw_files.decode_face(gray.getvalue(), settings(image_size=16)).shape == (16, 16, 1)
+    assert lfw_files.decode_face(cmyk.getvalue(), settings(image_size=16)).shape == (16, 16, 3)
 
 
 def test_bad_images_are_skipped_with_a_reason():
@@ -65,56 +65,56 @@ def test_bad_images_are_skipped_with_a_reason():
     Image.new("RGB", (100, 100)).save(small, format="JPEG")
     Image.new("L", (3000, 3000)).save(huge, format="PNG")
     s = settings(image_size=16)
-    assert face_data.decode_face(small.getvalue(), s) == "not 250x250 pixels"
-    assert face_data.decode_face(b"", s) == "not a readable image"
+    assert lfw_files.decode_face(small.getvalue(), s) == "not 250x250 pixels"
+    assert lfw_files.decode_face(b"", s) == "not a readable image"
     assert (
-        face_data.decode_face(huge.getvalue(), settings(image_size=16, source_size=None, max_image_pixels=10**6))
+        lfw_files.decode_face(huge.getvalue(), settings(image_size=16, source_size=None, max_image_pixels=10**6))
         == "larger than max_image_pixels=1000000"
     )
 
 
 def test_split_is_identity_disjoint_and_reproducible():
     persons = np.repeat([f"p{i}" for i in range(40)], 3)
-    split = face_data.split_by_person(persons, 0.1, 0.2, seed=5)
+    split = lfw_files.split_by_person(persons, 0.1, 0.2, seed=5)
     groups = {part: set(persons[idx]) for part, idx in split.items()}
     assert not groups["train"] & groups["val"] and not groups["train"] & groups["test"]
     assert not groups["val"] & groups["test"]
     assert sum(len(idx) for idx in split.values()) == len(persons)
     assert len(groups["test"]) == 8 and len(groups["val"]) == 4
-    again = face_data.split_by_person(persons, 0.1, 0.2, seed=5)
-    other = face_data.split_by_person(persons, 0.1, 0.2, seed=6)
+    again = lfw_files.split_by_person(persons, 0.1, 0.2, seed=5)
+    other = lfw_files.split_by_person(persons, 0.1, 0.2, seed=6)
     assert all(np.array_equal(split[k], again[k]) for k in split)
     assert not np.array_equal(split["test"], other["test"])
 
 
 def test_split_round_trip_and_mismatch(lfw_tree, tmp_path):
-    faces = face_data.load_faces(settings(lfw_tree, image_size=16), tmp_path, [])
-    split = face_data.split_by_person(faces.persons, 0.15, 0.3, seed=1)
-    face_data.save_split(tmp_path / "split.json", faces, split)
-    loaded = face_data.load_split(tmp_path / "split.json", faces)
+    faces = lfw_files.load_faces(settings(lfw_tree, image_size=16), tmp_path, [])
+    split = lfw_files.split_by_person(faces.persons, 0.15, 0.3, seed=1)
+    lfw_files.save_split(tmp_path / "split.json", faces, split)
+    loaded = lfw_files.load_split(tmp_path / "split.json", faces)
     assert all(np.array_equal(split[k], loaded[k]) for k in split)
-    bundled = face_data.load_bundled_faces(settings(image_size=16))
-    with pytest.raises(face_data.DataError, match="not in"):
-        face_data.load_split(tmp_path / "split.json", bundled)
+    bundled = lfw_files.load_bundled_faces(settings(image_size=16))
+    with pytest.raises(lfw_files.DataError, match="not in"):
+        lfw_files.load_split(tmp_path / "split.json", bundled)
 
 
 def test_cache_hit_and_rebuild_on_changed_settings(lfw_tree, tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
-    first = face_data.load_faces(settings(lfw_tree, image_size=16), tmp_path, [])
+    first = lfw_files.load_faces(settings(lfw_tree, image_size=16), tmp_path, [])
     assert len(list(tmp_path.glob("faces-*.npz"))) == 1
     calls = []
-    monkeypatch.setattr(face_data, "_decode_all", lambda *a: calls.append(1) or ([], []))
-    again = face_data.load_faces(settings(lfw_tree, image_size=16), tmp_path, [])
+    monkeypatch.setattr(lfw_files, "_decode_all", lambda *a: calls.append(1) or ([], []))
+    again = lfw_files.load_faces(settings(lfw_tree, image_size=16), tmp_path, [])
     assert calls == [] and "from cache" in caplog.text
     np.testing.assert_array_equal(first.images, again.images)
     assert again.skipped == first.skipped
-    with pytest.raises(face_data.DataError):
-        face_data.load_faces(settings(lfw_tree, image_size=16, crop_border=50), tmp_path, [])
+    with pytest.raises(lfw_files.DataError):
+        lfw_files.load_faces(settings(lfw_tree, image_size=16, crop_border=50), tmp_path, [])
     assert calls == [1], "a changed crop_border must rebuild the cache"
 
 
 def test_cache_contains_no_pickled_objects(lfw_tree, tmp_path):
-    face_data.load_faces(settings(lfw_tree, image_size=16), tmp_path, [])
+    lfw_files.load_faces(settings(lfw_tree, image_size=16), tmp_path, [])
     (cache,) = tmp_path.glob("faces-*.npz")
     with np.load(cache, allow_pickle=False) as data:
         assert all(data[key].dtype != object for key in data.files)
@@ -128,7 +128,7 @@ def gradient_faces(count=16, channels=3, size=32):
 def augmented_batches(channels=3, probability=0.5):
     """The same faces augmented with two different batch seeds."""
     images = gradient_faces(channels=channels)
-    augmenter = face_data.FaceAugmenter(AugmentationConfig(probability=probability), 32, channels)
+    augmenter = pipeline.FaceAugmenter(AugmentationConfig(probability=probability), 32, channels)
     batch = tf.constant(images / np.float32(255.0))
     return images, [augmenter(batch, tf.constant([3, seed])).numpy() for seed in (0, 1)]
 
@@ -146,14 +146,14 @@ def test_augmentation_keeps_shape_range_and_changes_images_with_the_seed():
 
 
 def training_batches(images, first_epoch, epochs, augmenter=None, seed=5):
-    dataset = face_data.make_training_dataset(images, 6, seed, first_epoch, epochs, augmenter)
+    dataset = pipeline.make_training_dataset(images, 6, seed, first_epoch, epochs, augmenter)
     return [batch.numpy() for batch in dataset]
 
 
 def test_training_epochs_are_fresh_permutations_and_a_resumed_run_sees_the_same_batches():
     images = gradient_faces()
-    assert face_data.steps_per_epoch(16, 6, drop_remainder=False) == 3
-    assert face_data.steps_per_epoch(16, 6, drop_remainder=True) == 2
+    assert pipeline.steps_per_epoch(16, 6, drop_remainder=False) == 3
+    assert pipeline.steps_per_epoch(16, 6, drop_remainder=True) == 2
     batches = training_batches(images, 0, 2)
     assert [len(b) for b in batches] == [6, 6, 4] * 2
     original = images / np.float32(255.0)
@@ -165,7 +165,7 @@ def test_training_epochs_are_fresh_permutations_and_a_resumed_run_sees_the_same_
     other_seed = np.concatenate(training_batches(images, 0, 1, seed=6))
     assert not np.array_equal(epochs[0], other_seed), "the order follows the seed"
 
-    augmenter = face_data.FaceAugmenter(AugmentationConfig(probability=0.5), 32, 3)
+    augmenter = pipeline.FaceAugmenter(AugmentationConfig(probability=0.5), 32, 3)
     uninterrupted = training_batches(images, 0, 3, augmenter)
     resumed = training_batches(images, 2, 3, augmenter)
     assert len(resumed) == 3
@@ -179,7 +179,7 @@ def test_augmentation_probability_zero_leaves_images_alone():
 
 
 def test_grayscale_augmentation_skips_saturation():
-    augmenter = face_data.FaceAugmenter(AugmentationConfig(), 32, channels=1)
+    augmenter = pipeline.FaceAugmenter(AugmentationConfig(), 32, channels=1)
     assert len(augmenter.names) == 9
     assert not any("saturation" in name for name in augmenter.names)
     images, (first, _) = augmented_batches(channels=1)
@@ -188,32 +188,32 @@ def test_grayscale_augmentation_skips_saturation():
 
 def test_validation_pipeline_is_untouched():
     images = np.random.default_rng(0).integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)
-    batches = [b.numpy() for b in face_data.make_dataset(images, 4)]
+    batches = [b.numpy() for b in pipeline.make_dataset(images, 4)]
     np.testing.assert_array_equal(np.concatenate(batches), images / np.float32(255.0))
 
 
 def test_bundled_default(caplog):
     caplog.set_level(logging.INFO)
-    faces = face_data.load_faces(settings(image_size=32), Path("unused"), [])
+    faces = lfw_files.load_faces(settings(image_size=32), Path("unused"), [])
     assert faces.images.shape == (100, 32, 32, 1)
     assert len(set(faces.persons)) == 100
     assert "scikit-image lfw_subset" in caplog.text and "--data" in caplog.text
 
 
 def test_missing_path_and_empty_folders(tmp_path):
-    with pytest.raises(face_data.DataError, match="does not exist"):
-        face_data.load_faces(settings(tmp_path / "nowhere"), tmp_path, [])
+    with pytest.raises(lfw_files.DataError, match="does not exist"):
+        lfw_files.load_faces(settings(tmp_path / "nowhere"), tmp_path, [])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(face_data.DataError, match="no usable images"):
-        face_data.load_faces(settings(tmp_path / "empty"), tmp_path / "c", [])
+    with pytest.raises(lfw_files.DataError, match="no usable images"):
+        lfw_files.load_faces(settings(tmp_path / "empty"), tmp_path / "c", [])
     junk = tmp_path / "junk" / "Someone"
     junk.mkdir(parents=True)
     (junk / "Someone_0001.jpg").write_bytes(b"\x00" * 100)
-    with pytest.raises(face_data.DataError, match="no usable images"):
-        face_data.load_faces(settings(tmp_path / "junk"), tmp_path / "c", [])
+    with pytest.raises(lfw_files.DataError, match="no usable images"):
+        lfw_files.load_faces(settings(tmp_path / "junk"), tmp_path / "c", [])
     (tmp_path / "file.txt").write_text("x")
-    with pytest.raises(face_data.DataError, match="not a .tgz"):
-        face_data.load_faces(settings(tmp_path / "file.txt"), tmp_path / "c", [])
+    with pytest.raises(lfw_files.DataError, match="not a .tgz"):
+        lfw_files.load_faces(settings(tmp_path / "file.txt"), tmp_path / "c", [])
 
 
 def test_malicious_archive_members_are_skipped(tmp_path):
@@ -228,7 +228,7 @@ def test_malicious_archive_members_are_skipped(tmp_path):
         link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
         handle.addfile(link)
     before = set(p for p in tmp_path.rglob("*"))
-    faces = face_data.load_faces(settings(tmp_path / "evil.tar", image_size=16), tmp_path / "cache", [])
+    faces = lfw_files.load_faces(settings(tmp_path / "evil.tar", image_size=16), tmp_path / "cache", [])
     assert list(faces.names) == ["Evil/Evil_0001.jpg"]
     assert faces.skipped["unsafe archive member (link, absolute path or '..')"] == 3
     created = set(p for p in tmp_path.rglob("*")) - before
@@ -255,8 +255,8 @@ def test_links_out_of_the_data_folder_or_nowhere_are_skipped(tmp_path, monkeypat
         return real_read_bytes(path)
 
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
-    faces = face_data.load_faces(settings(tree, image_size=16), tmp_path / "cache", [])
-    assert faces.skipped[face_data.OUTSIDE_LINK] == 4
+    faces = lfw_files.load_faces(settings(tree, image_size=16), tmp_path / "cache", [])
+    assert faces.skipped[lfw_files.OUTSIDE_LINK] == 4
     assert faces.skipped["unreadable file"] == 1
     assert not any(name.startswith("Out_Sider/") for name in faces.names)
     assert f"{PEOPLE[0]}/{PEOPLE[0]}_0077.jpg" not in faces.names
@@ -269,7 +269,7 @@ def test_attributes_join_when_present(tmp_path):
         "# LFW attributes file\n#\tperson\timagenum\tMale\tSmiling\n"
         "Ada Lovelace\t1\t-1.5\t0.7\nAlan Turing\t2\t1.2\t-0.3\n"
     )
-    faces = face_data.load_faces(settings(tree, image_size=16), tmp_path / "cache", [])
+    faces = lfw_files.load_faces(settings(tree, image_size=16), tmp_path / "cache", [])
     assert len(faces) == 6, "images without attributes are kept"
     assert list(faces.attributes.columns) == ["Male", "Smiling"]
     assert faces.attributes.loc["Alan_Turing/Alan_Turing_0002.jpg", "Male"] == pytest.approx(1.2)
@@ -280,7 +280,7 @@ def test_attributes_join_when_present(tmp_path):
 def test_other_formats_named_jpg_decode_by_content(fmt):
     data = io.BytesIO()
     Image.fromarray(np.full((250, 250, 3), 128, np.uint8)).save(data, format=fmt)
-    face = face_data.decode_face(data.getvalue(), settings(image_size=16))
+    face = lfw_files.decode_face(data.getvalue(), settings(image_size=16))
     assert isinstance(face, np.ndarray) and face.shape == (16, 16, 3)
 
 
@@ -294,6 +294,6 @@ def test_hard_link_archive_members_are_skipped(tmp_path):
         link = tarfile.TarInfo("lfw-deepfunneled/Real/Real_0002.jpg")
         link.type, link.linkname = tarfile.LNKTYPE, "/etc/hostname"
         handle.addfile(link)
-    faces = face_data.load_faces(settings(tmp_path / "links.tar", image_size=16), tmp_path / "cache", [])
+    faces = lfw_files.load_faces(settings(tmp_path / "links.tar", image_size=16), tmp_path / "cache", [])
     assert list(faces.names) == ["Real/Real_0001.jpg"]
     assert faces.skipped == {"unsafe archive member (link, absolute path or '..')": 1}

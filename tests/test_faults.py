@@ -25,8 +25,8 @@ import pytest
 from conftest import PEOPLE, ROOT, TINY_RUN, face_image, write_lfw_tree
 from PIL import Image
 
-import atomic_files
 import vqvae_face_main
+from vqvae_faces import atomic_files
 
 FAST = TINY_RUN + ["token_search_steps=2", "epochs=2"]
 

@@ -12,8 +12,8 @@ import pytest
 from conftest import PEOPLE, face_image, write_lfw_tree
 from PIL import EpsImagePlugin, Image
 
-import face_data
-from vqvae_config import DataConfig
+from vqvae_faces import lfw_files
+from vqvae_faces.config import DataConfig
 
 
 def settings(path=None, **kwargs):
@@ -31,7 +31,7 @@ def test_an_oversized_archive_member_is_skipped_before_it_is_read(tmp_path):
         handle.addfile(member, io.BytesIO(bytes(member.size)))
     assert archive.stat().st_size < 2 * 1024 * 1024
     tracemalloc.start()
-    faces = face_data.load_faces(settings(archive, image_size=16, max_file_bytes=1_000_000), tmp_path / "c", [])
+    faces = lfw_files.load_faces(settings(archive, image_size=16, max_file_bytes=1_000_000), tmp_path / "c", [])
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert faces.skipped["larger than max_file_bytes=1000000"] == 1
@@ -47,7 +47,7 @@ def test_an_oversized_file_in_a_folder_is_skipped_before_it_is_read(tmp_path, mo
     reads = []
     real_read_bytes = type(big).read_bytes
     monkeypatch.setattr(type(big), "read_bytes", lambda path: reads.append(path.name) or real_read_bytes(path))
-    faces = face_data.load_faces(settings(tree, image_size=16, max_file_bytes=100_000), tmp_path / "c", [])
+    faces = lfw_files.load_faces(settings(tree, image_size=16, max_file_bytes=100_000), tmp_path / "c", [])
     assert faces.skipped["larger than max_file_bytes=100000"] == 1
     assert big.name not in reads and len(faces) == 6
 
@@ -64,18 +64,18 @@ def test_decodes_in_flight_are_bounded(monkeypatch):
             ahead.append(produced[0] - consumed[0])
             yield f"p{i}/p{i}_0001.png", png.getvalue()
 
-    real_decode = face_data.decode_face
+    real_decode = lfw_files.decode_face
 
     def decode(data, config):
         result = real_decode(data, config)
         consumed[0] += 1
         return result
 
-    monkeypatch.setattr(face_data, "decode_face", decode)
-    names, faces = face_data._decode_all(members(), settings(image_size=16), {})
+    monkeypatch.setattr(lfw_files, "decode_face", decode)
+    names, faces = lfw_files._decode_all(members(), settings(image_size=16), {})
     assert len(faces) == 300
     workers = min(8, __import__("os").cpu_count() or 1)
-    assert max(ahead) <= workers * face_data.DECODES_IN_FLIGHT_PER_WORKER + workers
+    assert max(ahead) <= workers * lfw_files.DECODES_IN_FLIGHT_PER_WORKER + workers
 
 
 def test_only_the_listed_image_formats_are_opened(monkeypatch):
@@ -86,10 +86,10 @@ def test_only_the_listed_image_formats_are_opened(monkeypatch):
     )
     monkeypatch.setattr(EpsImagePlugin, "gs_binary", "gs", raising=False)
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 250 250\nnewpath 0 0 moveto 250 250 lineto stroke\nshowpage\n"
-    assert face_data.decode_face(eps, settings(image_size=16)) == "not a readable image"
+    assert lfw_files.decode_face(eps, settings(image_size=16)) == "not a readable image"
     assert calls == []
     for name in ("TIFF", "EPS", "PSD", "ICO"):
-        assert name not in face_data.IMAGE_FORMATS
+        assert name not in lfw_files.IMAGE_FORMATS
 
 
 def mutations(data: bytes, rng: np.random.Generator, count: int):
@@ -120,7 +120,7 @@ def test_mutated_images_never_crash_hang_or_slip_in_at_the_wrong_size(image_form
     outcomes = {"decoded": 0, "skipped": 0}
     started = time.monotonic()
     for data in mutations(picture.getvalue(), rng, 150):
-        result = face_data.decode_face(data, config)
+        result = lfw_files.decode_face(data, config)
         if isinstance(result, str):
             outcomes["skipped"] += 1
         else:
@@ -133,14 +133,14 @@ def test_mutated_images_never_crash_hang_or_slip_in_at_the_wrong_size(image_form
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
 def test_a_broken_data_cache_is_rebuilt(tmp_path, caplog, damage):
     tree = write_lfw_tree(tmp_path / "src", people=PEOPLE[:3], per_person=2)
-    first = face_data.load_faces(settings(tree, image_size=16), tmp_path / "cache", [])
+    first = lfw_files.load_faces(settings(tree, image_size=16), tmp_path / "cache", [])
     (cache,) = (tmp_path / "cache").glob("faces-*.npz")
     data = cache.read_bytes()
     cache.write_bytes(
         {"empty": b"", "truncated": data[: len(data) // 2], "garbage": b"PK\x03\x04" + bytes(100)}[damage]
     )
     caplog.set_level(logging.WARNING)
-    again = face_data.load_faces(settings(tree, image_size=16), tmp_path / "cache", [])
+    again = lfw_files.load_faces(settings(tree, image_size=16), tmp_path / "cache", [])
     assert "is unreadable" in caplog.text and "rebuilding it" in caplog.text
     np.testing.assert_array_equal(again.images, first.images)
     with zipfile.ZipFile(cache) as rebuilt:

@@ -6,7 +6,6 @@ import pytest
 import tensorflow as tf
 from conftest import TINY_RUN
 
-import trainer
 from vqvae_class_keras import (
     VAE,
     VQVAE,
@@ -16,7 +15,8 @@ from vqvae_class_keras import (
     VectorQuantizerEMA,
     _reconstruction_error,
 )
-from vqvae_config import load_config
+from vqvae_faces import model_settings
+from vqvae_faces.config import load_config
 
 TINY = dict(encoder_filters=[8, 16], decoder_filters=[16, 8], num_residual_blocks=1, residual_hidden_channels=8)
 
@@ -301,7 +301,7 @@ def test_gradient_clipnorm_bounds_the_global_norm_adam_sees(clipnorm):
     """Gradients of 3.0 everywhere (global norm 3 sqrt(n)) are scaled to norm 0.5 before
     Adam's first moment takes 1 - beta_1 = 0.1 of them: 0.1 x 0.5 / sqrt(n) per weight."""
     overrides = TINY_RUN + [f"gradient_clipnorm={'null' if clipnorm is None else clipnorm}"]
-    model = trainer.build_model(load_config(None, overrides, ["vqvae"]).runs["vqvae"], 3, None, seed=0)
+    model = model_settings.build_model(load_config(None, overrides, ["vqvae"]).runs["vqvae"], 3, None, seed=0)
     model.build((None, 16, 16, 3))
     variables = model.trainable_variables
     n = sum(int(np.prod(v.shape)) for v in variables)

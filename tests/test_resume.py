@@ -16,11 +16,9 @@ import pandas as pd
 import pytest
 from conftest import ROOT, TINY_RUN
 
-import face_data
-import trainer
-import training_callbacks
-from training_callbacks import LossDiverged, TrainingCheckpoint, TrainingError
-from vqvae_config import ConfigError, load_config
+from vqvae_faces import callbacks, lfw_files, model_settings, run_folder, training
+from vqvae_faces.callbacks import LossDiverged, TrainingCheckpoint, TrainingError
+from vqvae_faces.config import ConfigError, load_config
 
 # Several batches per epoch, augmentation and revival on, deterministic ops, no time budget
 # (a time budget makes the learning rate follow the wall clock).
@@ -106,8 +104,8 @@ def test_nan_loss_retries_from_the_checkpoint_with_a_lower_learning_rate(lfw_tre
     config = tiny_config(
         lfw_tree, "epochs=3", "learning_rate=0.002", "divergence_retries=1", "divergence_lr_factor=0.5"
     )
-    faces = face_data.load_faces(config.data, tmp_path / "cache", [])
-    real_fit, rates = trainer._fit, []
+    faces = lfw_files.load_faces(config.data, tmp_path / "cache", [])
+    real_fit, rates = training._fit, []
 
     def diverge_once(model, run, paths, *args):
         rates.append((run.learning_rate, float(model.optimizer.learning_rate.numpy())))
@@ -116,8 +114,8 @@ def test_nan_loss_retries_from_the_checkpoint_with_a_lower_learning_rate(lfw_tre
             raise LossDiverged("the loss became NaN or infinite in epoch 2 (simulated).")
         return real_fit(model, run, paths, *args)
 
-    monkeypatch.setattr(trainer, "_fit", diverge_once)
-    trainer.train_run(config, "vqvae", faces, tmp_path)
+    monkeypatch.setattr(training, "_fit", diverge_once)
+    training.train_run(config, "vqvae", faces, tmp_path)
     assert [rate for rate, _ in rates] == [2e-3, 1e-3]
     assert rates[1][1] == pytest.approx(1e-3), "the resumed optimizer uses the lowered rate"
     assert "Retry 1 of 1: resuming from it with learning_rate 0.001" in caplog.text
@@ -128,7 +126,7 @@ def test_nan_loss_retries_from_the_checkpoint_with_a_lower_learning_rate(lfw_tre
 def test_a_collapse_in_a_real_run_resumes_from_the_last_good_epoch(lfw_tree, tmp_path, monkeypatch, caplog):
     """Epoch 2's validation loss reads 10x the best once: the run resumes from epoch 1 at half the rate."""
     config = tiny_config(lfw_tree, "epochs=3", "learning_rate=0.002", "divergence_ratio=3")
-    faces = face_data.load_faces(config.data, tmp_path / "cache", [])
+    faces = lfw_files.load_faces(config.data, tmp_path / "cache", [])
     real_epoch_end, seen = TrainingCheckpoint.on_epoch_end, []
 
     def collapse_once(self, epoch, logs=None):
@@ -138,7 +136,7 @@ def test_a_collapse_in_a_real_run_resumes_from_the_last_good_epoch(lfw_tree, tmp
         return real_epoch_end(self, epoch, logs)
 
     monkeypatch.setattr(TrainingCheckpoint, "on_epoch_end", collapse_once)
-    trainer.train_run(config, "vqvae", faces, tmp_path)
+    training.train_run(config, "vqvae", faces, tmp_path)
     assert seen == [0, 1, 1, 2], "epoch 2 is trained again after the retry"
     assert "10.0x its best" in caplog.text and "training collapsed in epoch 2" in caplog.text
     assert "resuming from it with learning_rate 0.001" in caplog.text
@@ -148,16 +146,16 @@ def test_a_collapse_in_a_real_run_resumes_from_the_last_good_epoch(lfw_tree, tmp
 
 def test_nan_loss_after_the_last_retry_is_a_clear_error(lfw_tree, tmp_path, monkeypatch):
     config = tiny_config(lfw_tree, "learning_rate=0.002", "divergence_retries=2", "divergence_lr_factor=0.1")
-    faces = face_data.load_faces(config.data, tmp_path / "cache", [])
+    faces = lfw_files.load_faces(config.data, tmp_path / "cache", [])
     rates = []
 
     def always_diverge(model, run, *args):
         rates.append(run.learning_rate)
         raise LossDiverged("the loss became NaN or infinite in epoch 1 (simulated).")
 
-    monkeypatch.setattr(trainer, "_fit", always_diverge)
+    monkeypatch.setattr(training, "_fit", always_diverge)
     with pytest.raises(TrainingError, match="NaN or infinite"):
-        trainer.train_run(config, "vqvae", faces, tmp_path)
+        training.train_run(config, "vqvae", faces, tmp_path)
     np.testing.assert_allclose(rates, [2e-3, 2e-4, 2e-5])
 
 
@@ -177,25 +175,25 @@ def test_checkpoint_from_before_a_new_setting_still_matches(tmp_path):
     """Compatibility comes from the constructor arguments saved in the model: an argument an older
     checkpoint lacks counts as the constructor's default (relu, mse, decoder blocks as the encoder's)."""
     config = load_config(None, TINY_RUN + ["activation=relu", "reconstruction_loss=mse"], ["vqvae"])
-    paths = trainer.RunPaths.for_run(tmp_path, "vqvae")
-    model = trainer.build_model(config.runs["vqvae"], 3, None, 0)
+    paths = run_folder.RunPaths.for_run(tmp_path, "vqvae")
+    model = model_settings.build_model(config.runs["vqvae"], 3, None, 0)
     model.build((None, 16, 16, 3))
-    training_callbacks.save_model_atomically(model, paths.latest_model)
+    callbacks.save_model_atomically(model, paths.latest_model)
 
     def drop_new_settings(saved):
         for key in ("activation", "decoder_residual_blocks", "reconstruction_loss"):
             del saved[key]
 
     rewrite_model_config(paths.latest_model, drop_new_settings)
-    trainer.check_compatible(paths, config, "vqvae")
+    run_folder.check_compatible(paths, config, "vqvae")
     silu = load_config(None, TINY_RUN + ["activation=silu", "reconstruction_loss=mse"], ["vqvae"])
     with pytest.raises(ConfigError, match="activation: checkpoint 'relu', config 'silu'"):
-        trainer.check_compatible(paths, silu, "vqvae")
+        run_folder.check_compatible(paths, silu, "vqvae")
     wider = load_config(None, TINY_RUN + ["activation=relu", "reconstruction_loss=mse", "embedding_dim=8"], ["vqvae"])
     with pytest.raises(ConfigError, match="embedding_dim: checkpoint 4, config 8"):
-        trainer.check_compatible(paths, wider, "vqvae")
+        run_folder.check_compatible(paths, wider, "vqvae")
     # the quantizer's training policy may change on resume
-    trainer.check_compatible(
+    run_folder.check_compatible(
         paths,
         load_config(None, TINY_RUN + ["activation=relu", "reconstruction_loss=mse", "ema_decay=0.9"], ["vqvae"]),
         "vqvae",

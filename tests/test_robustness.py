@@ -14,19 +14,16 @@ from conftest import ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import atomic_files
-import face_data
-import trainer
-import training_callbacks
-from errors import LockError, StorageError
-from training_callbacks import TrainingCheckpoint, TrainingClock
-from vqvae_config import ConfigError, DataConfig, load_config
+from vqvae_faces import atomic_files, callbacks, lfw_files, run_folder
+from vqvae_faces.callbacks import TrainingCheckpoint, TrainingClock
+from vqvae_faces.config import ConfigError, DataConfig, load_config
+from vqvae_faces.errors import LockError, StorageError
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=2048))
 def test_random_bytes_never_crash_the_decoder(data):
-    result = face_data.decode_face(data, DataConfig(image_size=16))
+    result = lfw_files.decode_face(data, DataConfig(image_size=16))
     assert isinstance(result, str)
 
 
@@ -67,11 +64,11 @@ def test_random_configs_give_config_errors_only(tmp_path, run, data):
 
 
 def test_second_trainer_of_the_same_run_is_refused(tmp_path):
-    with trainer.exclusive_run_lock(tmp_path):
+    with run_folder.exclusive_run_lock(tmp_path):
         with pytest.raises(LockError, match="another process is training or evaluating it"):
-            with trainer.exclusive_run_lock(tmp_path):
+            with run_folder.exclusive_run_lock(tmp_path):
                 pass
-    with trainer.exclusive_run_lock(tmp_path):
+    with run_folder.exclusive_run_lock(tmp_path):
         pass
 
 
@@ -142,7 +139,7 @@ def test_save_model_atomically_never_leaves_partial_files(tmp_path, monkeypatch)
     model(keras.ops.zeros((1, 2)))
     monkeypatch.setattr(atomic_files, "fsync_replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-        training_callbacks.save_model_atomically(model, tmp_path / "best.keras")
+        callbacks.save_model_atomically(model, tmp_path / "best.keras")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -150,7 +147,7 @@ def test_two_processes_writing_the_same_file_do_not_collide(tmp_path):
     """Two runs may build the same data cache at once: each must finish, leaving one whole file."""
     target = tmp_path / "faces.npz"
     writer = (
-        "import numpy as np, atomic_files\n"
+        "import numpy as np\nfrom vqvae_faces import atomic_files\n"
         "for i in range(40):\n"
         f"    atomic_files.save_npz_atomically({str(target)!r}, images=np.full((256, 1024), i, np.uint8))\n"
     )

@@ -25,9 +25,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import visualize  # noqa: E402
-from atomic_files import write_text_atomically  # noqa: E402
-from evaluation import EvaluationResult, image_quality  # noqa: E402
+from vqvae_faces import visualize  # noqa: E402
+from vqvae_faces.atomic_files import write_text_atomically  # noqa: E402
+from vqvae_faces.evaluation import EvaluationResult, image_quality  # noqa: E402
 
 log = logging.getLogger("vqvae_faces.compare")
 

@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from atomic_files import write_atomically, write_json_atomically, write_text_atomically
-from errors import TrainingError
+from vqvae_faces.atomic_files import write_atomically, write_json_atomically, write_text_atomically
+from vqvae_faces.errors import TrainingError
 
 
 class CommitmentAnnealing(keras.callbacks.Callback):

@@ -1,4 +1,4 @@
-"""The residual quantizer screened in bench/QUALITY.md (bench/residual_vq.py), against hand-computed values."""
+"""The residual quantizer screened in experiments/QUALITY.md (residual_vq.py), against hand-computed values."""
 
 import sys
 from pathlib import Path
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from residual_vq import ResidualVQVAE  # noqa: E402
 

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from atomic_files import write_atomically  # noqa: E402
+from vqvae_faces.atomic_files import write_atomically  # noqa: E402
 
 
 def save_figure(figure, path: Path) -> None:

@@ -1,4 +1,4 @@
-"""LFW faces: reading, preprocessing, caching, identity-disjoint split, tf.data.
+"""LFW faces as files: reading, decoding, cropping, caching, and the identity-disjoint split.
 
 Sources, in order of preference:
   * `data.path` / `--data`: an LFW-layout folder (`<root>/<Person_Name>/<Person_Name>_0001.jpg`,
@@ -10,7 +10,8 @@ Sources, in order of preference:
     25x25 grayscale), so the program runs anywhere.
 
 Decoded images are kept as uint8 (N, S, S, C) arrays and cached as `.npz`; the
-scaling to [0, 1] float32 and the augmentation happen on the fly in tf.data.
+scaling to [0, 1] float32 and the augmentation happen on the fly in `pipeline`.
+No TensorFlow is imported here.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from atomic_files import save_npz_atomically, write_json_atomically
-from errors import DataError
-from vqvae_config import AugmentationConfig, DataConfig
+from vqvae_faces.atomic_files import save_npz_atomically, write_json_atomically
+from vqvae_faces.config import DataConfig
+from vqvae_faces.errors import DataError
 
 log = logging.getLogger("vqvae_faces.data")
 
@@ -522,184 +523,3 @@ def load_split(path: Path, faces: FaceSet) -> dict[str, np.ndarray]:
                 "or evaluate on other faces with --test-data PATH."
             )
     return split
-
-
-# ---------------------------------------------------------------- tf.data
-
-
-def _stateless_seeds(seed):
-    """A `keras.random.SeedGenerator` whose draws are derived from one seed tensor (2,).
-
-    Keras image layers take their randomness only from an int or a SeedGenerator;
-    this stand-in lets them take a per-batch tensor seed instead, so a batch's
-    augmentation is a pure function of that seed (no variable state to replay
-    after a restart). It deliberately skips `SeedGenerator.__init__`, which would
-    create a state variable inside the tf.data function.
-    """
-    import keras
-    import tensorflow as tf
-
-    class StatelessSeeds(keras.random.SeedGenerator):
-        def __init__(self):
-            self.draws = 0
-
-        def next(self, ordered=True):
-            self.draws += 1
-            return tf.random.experimental.stateless_fold_in(seed, self.draws)
-
-    return StatelessSeeds()
-
-
-class FaceAugmenter:
-    """The ten attribute-preserving augmentations, each applied per image with a probability.
-
-    Call on a float32 batch (B, H, W, C) in [0, 1] with a seed tensor (2,) int64;
-    returns the same shape in [0, 1]. The result depends only on the images and
-    the seed: training passes a seed made from (run seed, epoch, batch), so each
-    epoch sees new variants and a resumed run sees the same ones as an
-    uninterrupted run.
-    """
-
-    def __init__(self, settings: AugmentationConfig, image_size: int, channels: int):
-        import keras
-
-        layers = keras.layers
-        unit = (0.0, 1.0)
-        self.probability = settings.probability
-        self.noise_stddev = settings.noise_stddev
-        self.layers = []
-        if settings.flip:
-            self.layers.append(layers.RandomFlip("horizontal"))
-        if settings.brightness:
-            self.layers.append(layers.RandomBrightness(settings.brightness, value_range=unit))
-        if settings.contrast:
-            self.layers.append(layers.RandomContrast(settings.contrast, value_range=unit))
-        if settings.sharpness:
-            half = settings.sharpness / 2
-            self.layers.append(layers.RandomSharpness((0.5 - half, 0.5 + half), value_range=unit))
-        if settings.saturation and channels == 3:
-            low, high = 1.0 - settings.saturation, 1.0 + settings.saturation
-            self.layers.append(layers.RandomSaturation((low / (1 + low), high / (1 + high)), value_range=unit))
-        if settings.rotation_degrees:
-            self.layers.append(layers.RandomRotation(settings.rotation_degrees / 360.0, fill_mode="reflect"))
-        if settings.translation_pixels:
-            shift = settings.translation_pixels / image_size
-            self.layers.append(layers.RandomTranslation(shift, shift, fill_mode="reflect"))
-        if settings.blur_sigma:
-            self.layers.append(
-                layers.RandomGaussianBlur(
-                    factor=(1.0, 1.0), kernel_size=3, sigma=(0.1, settings.blur_sigma), value_range=unit
-                )
-            )
-        if settings.zoom:
-            self.layers.append(layers.RandomZoom((-settings.zoom, 0.0), fill_mode="reflect"))
-
-    @property
-    def names(self) -> list[str]:
-        """The enabled operations, in the order they are applied."""
-        return [layer.name for layer in self.layers] + (["gaussian_noise"] if self.noise_stddev else [])
-
-    def _transforms(self):
-        """(seed -> images -> images) functions, one per enabled operation."""
-        import tensorflow as tf
-
-        def keras_layer(layer):
-            def apply(images, seed):
-                transformation = layer.get_random_transformation(images, training=True, seed=_stateless_seeds(seed))
-                return layer.transform_images(images, transformation, training=True)
-
-            return apply
-
-        def noise(images, seed):
-            return images + self.noise_stddev * tf.random.stateless_normal(tf.shape(images), seed=seed)
-
-        return [keras_layer(layer) for layer in self.layers] + ([noise] if self.noise_stddev else [])
-
-    def __call__(self, images, seed):
-        import tensorflow as tf
-
-        seed = tf.cast(seed, tf.int64)
-        batch = tf.shape(images)[0]
-        for number, transform in enumerate(self._transforms()):
-            op_seed = tf.random.experimental.stateless_fold_in(seed, number)
-            changed = transform(images, tf.random.experimental.stateless_fold_in(op_seed, 0))
-            chosen = tf.random.stateless_uniform([batch], seed=tf.random.experimental.stateless_fold_in(op_seed, 1))
-            images = tf.where(chosen[:, None, None, None] < self.probability, tf.cast(changed, images.dtype), images)
-        return tf.clip_by_value(images, 0.0, 1.0)
-
-
-def steps_per_epoch(count: int, batch_size: int, drop_remainder: bool) -> int:
-    """Batches in one pass over `count` images."""
-    return count // batch_size if drop_remainder else -(-count // batch_size)
-
-
-def _distribute_by_data(dataset):
-    """Shard by elements (batches) across workers, then prefetch."""
-    import tensorflow as tf
-
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
-
-
-def _scaled(pool, index):
-    """uint8 images `pool[index]` as float32 in [0, 1]."""
-    import tensorflow as tf
-
-    return tf.cast(tf.gather(pool, index), tf.float32) / 255.0
-
-
-def make_dataset(images: np.ndarray, batch_size: int, drop_remainder: bool = False):
-    """Untouched images in file order, batched and scaled to [0, 1] (validation, test, evaluation).
-
-    `drop_remainder` drops a last partial batch (needed with several workers,
-    whose collectives require equal shapes).
-    """
-    import tensorflow as tf
-
-    pool = tf.convert_to_tensor(images, dtype=tf.uint8)
-    dataset = tf.data.Dataset.range(len(images)).batch(batch_size, drop_remainder=drop_remainder)
-    return _distribute_by_data(dataset.map(lambda index: _scaled(pool, index), num_parallel_calls=tf.data.AUTOTUNE))
-
-
-def make_training_dataset(
-    images: np.ndarray,
-    batch_size: int,
-    seed: int,
-    first_epoch: int,
-    epochs: int,
-    augmenter: Optional[FaceAugmenter] = None,
-    drop_remainder: bool = False,
-):
-    """Training batches for epochs `first_epoch` .. `epochs - 1`, one after the other.
-
-    Each epoch is a fresh permutation of the images, and each batch is augmented
-    with its own seed; both are pure functions of (`seed`, epoch, batch), so a
-    run resumed at `first_epoch` sees exactly the batches an uninterrupted run
-    would. Pass `steps_per_epoch(len(images), batch_size, drop_remainder)` to
-    `fit`. The images are held once, as a uint8 tensor; only indices are
-    shuffled and each batch is gathered, so memory does not grow with
-    augmentation.
-    """
-    import tensorflow as tf
-
-    pool = tf.convert_to_tensor(images, dtype=tf.uint8)
-    positions = tf.range(len(images), dtype=tf.int64)
-    base = tf.constant([seed, 0], tf.int64)
-
-    def one_epoch(epoch):
-        epoch_seed = tf.random.experimental.stateless_fold_in(base, epoch)
-        order = tf.random.experimental.stateless_shuffle(positions, seed=epoch_seed)
-        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=drop_remainder)
-        return batches.enumerate().map(
-            lambda step, index: (tf.random.experimental.stateless_fold_in(epoch_seed, step + 1), index)
-        )
-
-    def load(batch_seed, index):
-        batch = _scaled(pool, index)
-        if augmenter is not None:
-            batch = augmenter(batch, batch_seed)
-        return batch
-
-    dataset = tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch)
-    return _distribute_by_data(dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE))

@@ -14,12 +14,12 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-import face_data
-import visualize
-from atomic_files import save_npz_atomically, write_json_atomically
-from errors import CheckpointError, EvaluationError
-from trainer import RunPaths, load_model, read_state
 from vqvae_class_keras import VAE, VQVAE
+from vqvae_faces import lfw_files, pipeline, visualize
+from vqvae_faces.atomic_files import save_npz_atomically, write_json_atomically
+from vqvae_faces.errors import CheckpointError, EvaluationError
+from vqvae_faces.model_settings import load_model
+from vqvae_faces.run_folder import RunPaths, read_state
 
 log = logging.getLogger("vqvae_faces.eval")
 
@@ -64,7 +64,7 @@ def tokenize(model: VQVAE, images: np.ndarray, batch_size: int, search_steps: in
 
     encode = tf.function(search if search_steps > 0 else model.encode_to_tokens)
     grids, done, next_report = [], 0, len(images) / SEARCH_PROGRESS_REPORTS
-    for batch in face_data.make_dataset(images, batch_size):
+    for batch in pipeline.make_dataset(images, batch_size):
         grids.append(encode(batch).numpy())
         done += len(grids[-1])
         if search_steps > 0 and done >= next_report and done < len(images):
@@ -82,7 +82,7 @@ def decode(model: VQVAE, tokens: np.ndarray, batch_size: int) -> np.ndarray:
 
 def reconstruct(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
     """Reconstructions of uint8 images through the model's inference path."""
-    return model.predict(face_data.make_dataset(images, batch_size), verbose=0).astype(np.float32)
+    return model.predict(pipeline.make_dataset(images, batch_size), verbose=0).astype(np.float32)
 
 
 def load_trained_model(paths: RunPaths, run_name: str) -> tuple[keras.Model, Path]:
@@ -213,7 +213,7 @@ def evaluate_run(
 def _posterior_samples(model: VAE, images: np.ndarray, batch_size: int) -> np.ndarray:
     """Reconstructions from one posterior sample per image, seeded by the batch number (repeatable)."""
     decode_sample = tf.function(model.decode_posterior_sample)
-    batches = face_data.make_dataset(images, batch_size)
+    batches = pipeline.make_dataset(images, batch_size)
     return np.concatenate(
         [decode_sample(batch, tf.constant([0, number], tf.int64)).numpy() for number, batch in enumerate(batches)]
     ).astype(np.float32)
@@ -221,7 +221,7 @@ def _posterior_samples(model: VAE, images: np.ndarray, batch_size: int) -> np.nd
 
 def _mean_kl_bits(model: VAE, images: np.ndarray, batch_size: int) -> float:
     total, count = 0.0, 0
-    for batch in face_data.make_dataset(images, batch_size):
+    for batch in pipeline.make_dataset(images, batch_size):
         kl = model.kl_nats(*model.posterior(batch))
         total += float(tf.reduce_sum(kl)) / math.log(2.0)
         count += int(kl.shape[0])
@@ -248,7 +248,7 @@ def metrics_table(all_metrics: list[dict]) -> str:
     return frame.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
-def test_set(run_paths: RunPaths, faces: face_data.FaceSet) -> tuple[np.ndarray, np.ndarray]:
+def test_set(run_paths: RunPaths, faces: lfw_files.FaceSet) -> tuple[np.ndarray, np.ndarray]:
     """The run's saved test split, as (images, names)."""
-    split = face_data.load_split(run_paths.split, faces)
+    split = lfw_files.load_split(run_paths.split, faces)
     return faces.subset(split["test"]), faces.names[split["test"]]

@@ -6,7 +6,7 @@ fresh process (train_step of the shipped "vqvae" run, synthetic 64x64 faces, no 
 pipeline); the two settings alternate for `--rounds` rounds and the table gives the
 median of each and their ratio, so a slow patch of a shared machine hits both.
 
-    python bench/bench_onednn.py [--steps 40] [--rounds 3]
+    python experiments/bench_onednn.py [--steps 40] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
-from common import ROOT, report
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+from common import ROOT, report  # noqa: E402
 
 
 def measure(steps: int) -> float:
@@ -26,7 +29,7 @@ def measure(steps: int) -> float:
     from bench_trunk import compiled_step, images_per_second
     from common import sample_images
 
-    from vqvae_config import load_config
+    from vqvae_faces.config import load_config
 
     run = load_config(ROOT / "experiment.json", [], ["vqvae"]).runs["vqvae"]
     step, batch, _ = compiled_step(run, sample_images(run.batch_size, 64))

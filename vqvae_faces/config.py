@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from atomic_files import write_json_atomically
-from errors import ConfigError
+from vqvae_faces.atomic_files import write_json_atomically
+from vqvae_faces.errors import ConfigError
 
 
 @dataclass

@@ -9,19 +9,19 @@ callbacks as a real run and the learning-rate decay spread over those steps, and
 measures it on the same identity-disjoint test faces as `vqvae_face_main.py`.
 Each variant's JSON keeps its training loss per epoch, and the table its
 `loss_rise`: the largest ratio of an epoch's loss to the lowest so far, about 1
-for a run that never broke down (the complete collapse in `bench/QUALITY.md` rose 27x).
+for a run that never broke down (the complete collapse in `experiments/QUALITY.md` rose 27x).
 Two single-threaded variants side by side use the two cores better than one
 run does, and neither's result depends on the other. Winners are then confirmed
-with real time-limited runs (`bench/QUALITY.md`).
+with real time-limited runs (`experiments/QUALITY.md`).
 
     # 1. each variant's train-step images/s, relative to the default (idle machine)
-    python bench/screen_variants.py rates --out bench/screen_rates.json
+    python experiments/screen_variants.py rates --out experiments/screen_rates.json
     # 2. train and evaluate every variant for its CPU-equivalent steps
-    python bench/screen_variants.py train --data ../shared/data/lfw-deepfunneled-dev.tgz \\
-        --rates bench/screen_rates.json --cpu-images-per-s 129 --minutes 8 --jobs 2 --threads 1
+    python experiments/screen_variants.py train --data ../shared/data/lfw-deepfunneled-dev.tgz \\
+        --rates experiments/screen_rates.json --cpu-images-per-s 129 --minutes 8 --jobs 2 --threads 1
 
 Variants are overrides of the "vqvae" run of experiment.json, as `--set` takes them; the
-"residual VQ" ones also swap in the residual quantizer of `bench/residual_vq.py`.
+"residual VQ" ones also swap in the residual quantizer of `experiments/residual_vq.py`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, report
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+from common import ROOT, report  # noqa: E402
 
 EIGHT_BY_EIGHT = ["encoder_filters=[32,128,128]", "decoder_filters=[128,128,32]"]  # 3 down/upsamplings
 VARIANTS = {
@@ -93,7 +95,7 @@ VARIANTS = {
     "residual VQ: 2x2 blocks of the 16x16 grid, 4 stages, unit latents": [],
 }
 
-# Variants with a residual quantizer (bench/residual_vq.py): name -> its ResidualVQVAE arguments.
+# Variants with a residual quantizer (experiments/residual_vq.py): name -> its ResidualVQVAE arguments.
 # 4 stages of 512 codes on an 8x8 grid (or on 2x2 blocks of the 16x16 grid) are
 # 8 x 8 x 4 x 9 = 2,304 bits, the default's budget.
 RESIDUAL_VARIANTS = {
@@ -128,14 +130,14 @@ def same_cost(name: str) -> bool:
 
 
 def run_config(overrides: list[str]):
-    from vqvae_config import load_config
+    from vqvae_faces.config import load_config
 
     return load_config(ROOT / "experiment.json", overrides, ["vqvae"])
 
 
 def builder(name: str):
-    """`trainer.build_model`, or for a residual-quantizer variant a function with its signature."""
-    from trainer import build_model
+    """`model_settings.build_model`, or for a residual-quantizer variant a function with its signature."""
+    from vqvae_faces.model_settings import build_model
 
     if name not in RESIDUAL_VARIANTS:
         return build_model
@@ -148,7 +150,7 @@ def token_statistics(tokens, num_embeddings: int) -> dict:
     """Code usage and perplexity of token grids (N, h, w) or (N, h, w, stages): the worst stage's."""
     import numpy as np
 
-    from evaluation import code_statistics
+    from vqvae_faces.evaluation import code_statistics
 
     stages = tokens.reshape(-1, 1) if tokens.ndim == 3 else tokens.reshape(-1, tokens.shape[-1])
     stats = [code_statistics(np.bincount(column, minlength=num_embeddings)) for column in stages.T]
@@ -200,10 +202,10 @@ def train_one(args) -> dict:
 
     from residual_vq import later_stage_revivals
 
-    import face_data
-    from evaluation import decode, image_quality, tokenize
-    from trainer import policy_callbacks
-    from training_callbacks import TrainingClock
+    from vqvae_faces import lfw_files, pipeline
+    from vqvae_faces.callbacks import TrainingClock
+    from vqvae_faces.evaluation import decode, image_quality, tokenize
+    from vqvae_faces.training import policy_callbacks
 
     config = run_config(args.base + VARIANTS[args.variant])
     config.data.path = args.data
@@ -216,10 +218,10 @@ def train_one(args) -> dict:
             sys.exit(f"no speed ratio for {args.variant!r} in {args.rates}: run `rates --only {args.variant!r}` first")
     steps = int(args.cpu_images_per_s * ratio * args.minutes * 60 / run.batch_size)
 
-    faces = face_data.load_faces(config.data, ROOT / "checkpoints" / "data_cache", [])
-    split = face_data.split_by_person(faces.persons, config.data.val_fraction, config.data.test_fraction, config.seed)
+    faces = lfw_files.load_faces(config.data, ROOT / "checkpoints" / "data_cache", [])
+    split = lfw_files.split_by_person(faces.persons, config.data.val_fraction, config.data.test_fraction, config.seed)
     train_images, test_images = faces.subset(split["train"]), faces.subset(split["test"])
-    per_epoch = face_data.steps_per_epoch(len(train_images), run.batch_size, False)
+    per_epoch = pipeline.steps_per_epoch(len(train_images), run.batch_size, False)
     epochs = steps / per_epoch
 
     seed = config.seed if args.training_seed is None else args.training_seed  # the split keeps config.seed
@@ -236,7 +238,7 @@ def train_one(args) -> dict:
         model.stop_training = len(done) >= steps
 
     callbacks.append(keras.callbacks.LambdaCallback(on_train_batch_end=stop_at_budget))
-    dataset = face_data.make_training_dataset(train_images, run.batch_size, seed, 0, math.ceil(epochs))
+    dataset = pipeline.make_training_dataset(train_images, run.batch_size, seed, 0, math.ceil(epochs))
     started = time.perf_counter()
     history = model.fit(dataset, epochs=math.ceil(epochs), steps_per_epoch=per_epoch, callbacks=callbacks, verbose=0)
     seconds = time.perf_counter() - started

@@ -5,8 +5,8 @@ residual quantizer (Juang and Gray 1982; SoundStream, Zeghidour et al. 2021)
 spends the same bits as `stages` 9-bit tokens per cell of an 8x8 grid: stage s
 quantizes what the stages before it left over, so a cell can take any of
 512**stages code sums, which no single codebook could hold. This module holds
-the model; `bench/screen_variants.py` trains and measures it at equal CPU time.
-In the tenth round of `bench/QUALITY.md` it lost 0.9 dB or more (and broke down
+the model; `experiments/screen_variants.py` trains and measures it at equal CPU time.
+In the tenth round of `experiments/QUALITY.md` it lost 0.9 dB or more (and broke down
 without unit-length latents), so it stays out of the package.
 """
 
@@ -16,9 +16,9 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from trainer import build_model
-from training_callbacks import DeadCodeRevival
 from vqvae_class_keras import VQVAE, VectorQuantizerEMA
+from vqvae_faces.callbacks import DeadCodeRevival
+from vqvae_faces.model_settings import build_model
 
 
 @keras.saving.register_keras_serializable(package="vqvae_faces_bench")
@@ -124,7 +124,7 @@ class ResidualVQVAE(VQVAE):
 
 
 def build_residual_model(run, channels, data_variance, seed, **residual):
-    """`trainer.build_model`'s compiled model for `run`, with a residual quantizer:
+    """`model_settings.build_model`'s compiled model for `run`, with a residual quantizer:
     `residual` holds `ResidualVQVAE`'s own arguments (stages, normalize_latents)."""
     default = build_model(run, channels, data_variance, seed)
     model = ResidualVQVAE(**residual, **default.trunk_config, **default.model_config)
@@ -135,7 +135,7 @@ def build_residual_model(run, channels, data_variance, seed, **residual):
 
 def later_stage_revivals(model, run, seed):
     """`DeadCodeRevival` for stages 1.. of `model` with the run's revival settings (stage 0's comes from
-    `trainer.policy_callbacks`); each revives from its own stage's residuals."""
+    `training.policy_callbacks`); each revives from its own stage's residuals."""
     if not isinstance(model, ResidualVQVAE) or not run.revival.enabled:
         return []
     r = run.revival

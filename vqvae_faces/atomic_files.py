@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import StorageError
+from vqvae_faces.errors import StorageError
 
 
 def partial_path(path: Path) -> Path:

@@ -1,0 +1,120 @@
+"""Run settings to models: the one mapping to constructor arguments, building, loading, compatibility.
+
+A new model setting is a `RunConfig` field, a constructor argument, and its line in
+`model_arguments`; compatibility with saved checkpoints follows from the constructor
+arguments every `.keras` file stores.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import keras
+
+from vqvae_class_keras import VAE, VQVAE, ReconstructionModel
+from vqvae_faces.config import RunConfig
+from vqvae_faces.errors import CheckpointError
+
+# Constructor arguments of a saved model that may differ from the current settings when it is
+# resumed or evaluated: the quantizer's training policy and the seed of its random draws. Every
+# other argument is architecture or training objective and must match (see `model_mismatches`).
+RESUMABLE_MODEL_ARGUMENTS = frozenset({"commitment_cost", "decay", "epsilon", "codebook_init", "seed"})
+MODEL_CLASSES = {"vqvae": VQVAE, "vae": VAE}
+
+
+def model_arguments(run: RunConfig, channels: int, data_variance: Optional[float], seed: int) -> dict:
+    """The constructor arguments of the model class `MODEL_CLASSES[run.model]` for the run's settings.
+
+    The one place that maps settings to a model: a new model setting is a constructor
+    argument plus its entry here (and its `RunConfig` field).
+    """
+    trunk = dict(
+        image_channels=channels,
+        encoder_filters=list(run.encoder_filters),
+        decoder_filters=list(run.decoder_filters),
+        num_residual_blocks=run.num_residual_blocks,
+        residual_hidden_channels=run.residual_hidden_channels,
+        decoder_residual_blocks=run.decoder_residual_blocks,
+        activation=run.activation,
+        output_activation=run.output_activation,
+        reconstruction_loss=run.reconstruction_loss,
+        ssim_weight=run.ssim_weight,
+        l1_weight=run.l1_weight,
+        data_variance=data_variance,
+        seed=seed,
+    )
+    if run.model == "vqvae":
+        return dict(
+            embedding_dim=run.embedding_dim,
+            num_embeddings=run.num_embeddings,
+            commitment_cost=run.commitment_cost,
+            decay=run.ema_decay,
+            epsilon=run.ema_epsilon,
+            codebook_init=run.codebook_init,
+            l2_normalize=run.l2_normalize_codes,
+            **trunk,
+        )
+    return dict(latent_dim=run.latent_dim, kl_beta=run.kl_beta, **trunk)
+
+
+def build_model(
+    run: RunConfig, channels: int, data_variance: Optional[float], seed: int, learning_rate: Optional[float] = None
+) -> keras.Model:
+    """A fresh, compiled model for `run` (the dtype policy and strategy scope must already be set)."""
+    model = MODEL_CLASSES[run.model](**model_arguments(run, channels, data_variance, seed))
+    optimizer = keras.optimizers.Adam(learning_rate or run.learning_rate, global_clipnorm=run.gradient_clipnorm)
+    model.compile(optimizer=optimizer, jit_compile=run.jit_compile)
+    return model
+
+
+def load_model(path: Path) -> keras.Model:
+    """Load a `.keras` file in safe mode (no arbitrary code); a `CheckpointError` when it cannot be read."""
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except Exception as error:  # a truncated zip, missing entries, garbage weights: all mean "unreadable"
+        text = str(error).strip()
+        reason = text.splitlines()[0][:200] if text else type(error).__name__
+        raise CheckpointError(f"{path} cannot be loaded ({reason})") from None
+
+
+def saved_model_config(path: Path) -> Optional[dict]:
+    """The `{"class_name", "config"}` record a `.keras` file stores for its model, or None if unreadable."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            record = json.loads(archive.read("config.json"))
+        return {"class_name": record["class_name"], "config": record["config"]}
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def model_mismatches(saved: dict, run: RunConfig) -> list[str]:
+    """Differences between a saved model's constructor arguments and what `run` would build.
+
+    Arguments in `RESUMABLE_MODEL_ARGUMENTS` may differ; an argument the saved
+    model lacks (saved before it existed) counts as the constructor's default.
+    """
+    model_class = MODEL_CLASSES[run.model]
+    if saved["class_name"] != model_class.__name__:
+        return [f"model: checkpoint {saved['class_name']!r}, config {run.model!r}"]
+    defaults = {
+        name: parameter.default
+        for cls in (ReconstructionModel, model_class)
+        for name, parameter in inspect.signature(cls.__init__).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    mismatches = []
+    for key, wanted in model_arguments(run, channels=0, data_variance=None, seed=0).items():
+        if key in RESUMABLE_MODEL_ARGUMENTS or key == "image_channels":
+            continue
+        found = saved["config"].get(key, defaults.get(key))
+        if key == "data_variance":
+            key, found, wanted = "normalize_by_variance", found is not None, run.normalize_by_variance
+        if isinstance(found, tuple):
+            found = list(found)
+        if found != wanted:
+            mismatches.append(f"{key}: checkpoint {found!r}, config {wanted!r}")
+    return mismatches
