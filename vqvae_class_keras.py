@@ -22,12 +22,12 @@ OUTPUT_ACTIVATIONS = ("sigmoid", "clip")
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class ResidualBlock(layers.Layer):
-    """act -> 3x3 conv -> act -> 1x1 conv, added to the input (van den Oord et al. 2017, with ReLU).
+    """act -> 3x3 conv -> act -> 1x1 conv, added to the input (van den Oord et al. 2017, who use ReLU).
 
     Input/Output shape: (B, h, w, channels).
     """
 
-    def __init__(self, channels, hidden_channels=None, activation="relu", **kwargs):
+    def __init__(self, channels, hidden_channels=None, activation="silu", **kwargs):
         super().__init__(**kwargs)
         self.channels = channels
         self.hidden_channels = hidden_channels or channels
@@ -66,11 +66,11 @@ class Encoder(layers.Layer):
 
     def __init__(
         self,
-        filters=(64, 128),
+        filters=(32, 128),
         num_residual_blocks=2,
         output_channels=16,
         residual_hidden_channels=32,
-        activation="relu",
+        activation="silu",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -122,11 +122,11 @@ class Decoder(layers.Layer):
 
     def __init__(
         self,
-        filters=(128, 64),
+        filters=(128, 32),
         num_residual_blocks=2,
         image_channels=3,
         residual_hidden_channels=32,
-        activation="relu",
+        activation="silu",
         output_activation="sigmoid",
         **kwargs,
     ):
@@ -582,10 +582,10 @@ class ReconstructionModel(keras.Model):
         num_residual_blocks=2,
         residual_hidden_channels=32,
         decoder_residual_blocks=None,
-        activation="relu",
+        activation="silu",
         output_activation="sigmoid",
-        reconstruction_loss="mse",
-        ssim_weight=0.0,
+        reconstruction_loss="psnr",
+        ssim_weight=0.01,
         l1_weight=0.0,
         data_variance=None,
         seed=None,
@@ -849,7 +849,7 @@ class VAE(ReconstructionModel):
 
     metric_names = ("loss", "reconstruction_loss", "kl_loss", "kl_bits_per_image")
 
-    def __init__(self, latent_dim=16, kl_beta=1.0, **trunk):
+    def __init__(self, latent_dim=16, kl_beta=0.01, **trunk):
         super().__init__(latent_channels=2 * latent_dim, **trunk)
         self.model_config = dict(latent_dim=latent_dim, kl_beta=kl_beta)
         self.latent_dim = latent_dim

@@ -114,7 +114,7 @@ def run(args) -> int:
     out = Path(args.out)
 
     from vqvae_faces import training
-    from vqvae_faces.evaluation import evaluate_run, load_trained_model, metrics_table, test_set
+    from vqvae_faces.evaluation import TestFaces, evaluate_run, load_trained_model, metrics_table, test_set
     from vqvae_faces.run_folder import RunPaths, check_compatible, run_lock
 
     if config.deterministic:
@@ -126,10 +126,12 @@ def run(args) -> int:
     )
 
     faces = lfw_files.load_faces(config.data, out / "checkpoints" / "data_cache", search_dirs)
-    test_faces = None
+    other_faces = None
     if args.test_data:
-        test_settings = dataclasses.replace(config.data, path=args.test_data)
-        test_faces = lfw_files.load_faces(test_settings, out / "checkpoints" / "data_cache", search_dirs)
+        other = lfw_files.load_faces(
+            dataclasses.replace(config.data, path=args.test_data), out / "checkpoints" / "data_cache", search_dirs
+        )
+        other_faces = TestFaces(other.images, other.names, other.description + " (all images)")
 
     results, test_names = {}, {}
     for run_name in run_names:
@@ -145,31 +147,14 @@ def run(args) -> int:
         lock = run_lock(paths.checkpoints, exclusive=False) if paths.checkpoints.is_dir() else None
         with lock or contextlib.nullcontext():
             model, _ = load_trained_model(paths, run_name)
-            if test_faces is not None:
-                images, names = test_faces.images, test_faces.names
-                dataset = test_faces.description + " (all images)"
-            else:
-                images, names = test_set(paths, faces)
-                dataset = faces.description + " (identity-disjoint test split)"
-            settings = config.runs[run_name]
-            result = evaluate_run(
-                run_name,
-                model,
-                paths,
-                images,
-                names,
-                dataset,
-                settings.batch_size,
-                config.data.image_size,
-                settings.token_search_steps,
-                settings.token_search_step_size,
-            )
-        results[run_name], test_names[run_name] = result, list(names)
+            test_faces = other_faces or test_set(paths, faces)
+            result = evaluate_run(run_name, config.runs[run_name], model, paths, test_faces)
+        results[run_name], test_names[run_name] = result, list(test_faces.names)
         log.info("run %s: metrics in %s", run_name, paths.images / "metrics.json")
     if results:
         print(metrics_table([r.metrics for r in results.values()]))
     if args.compare and results:
-        compare_runs(results, test_names, images, dataset, out)
+        compare_runs(results, test_names, test_faces.images, test_faces.description, out)
     return 0
 
 

@@ -83,3 +83,37 @@ def test_overrides_are_typed_and_routed(tmp_path):
         load_config(path, [], ["c"])
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config(path, ["epochs"], ["a"])
+
+
+def test_one_set_of_defaults_the_model_constructors_default_to_the_run_settings():
+    """RunConfig's defaults are the shipped recipe; every model and layer constructor defaults to the same."""
+    import inspect
+
+    from vqvae_class_keras import Decoder, Encoder, ReconstructionModel, VectorQuantizerEMA
+    from vqvae_faces.config import RunConfig
+    from vqvae_faces.model_settings import MODEL_CLASSES, model_arguments
+
+    def defaults(*classes):
+        return {
+            name: list(p.default) if isinstance(p.default, tuple) else p.default
+            for cls in classes
+            for name, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+
+    for name, model_class in MODEL_CLASSES.items():
+        run = RunConfig(model=name)
+        arguments = model_arguments(run, channels=3, data_variance=None, seed=None)
+        expected = defaults(ReconstructionModel, model_class)
+        assert {key: expected[key] for key in arguments} == arguments, name
+    run = RunConfig()
+    encoder, decoder = defaults(Encoder), defaults(Decoder)
+    assert (encoder["filters"], encoder["activation"]) == (run.encoder_filters, run.activation)
+    assert (decoder["filters"], decoder["output_activation"]) == (run.decoder_filters, run.output_activation)
+    assert encoder["residual_hidden_channels"] == decoder["residual_hidden_channels"] == run.residual_hidden_channels
+    quantizer = defaults(VectorQuantizerEMA)
+    assert (quantizer["commitment_cost"], quantizer["decay"], quantizer["epsilon"]) == (
+        run.commitment_cost,
+        run.ema_decay,
+        run.ema_epsilon,
+    )

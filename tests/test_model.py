@@ -18,7 +18,16 @@ from vqvae_class_keras import (
 from vqvae_faces import model_settings
 from vqvae_faces.config import load_config
 
-TINY = dict(encoder_filters=[8, 16], decoder_filters=[16, 8], num_residual_blocks=1, residual_hidden_channels=8)
+# A tiny trunk with the textbook objective (ReLU, plain MSE, no SSIM term, which needs images of 11+ pixels).
+TINY = dict(
+    encoder_filters=[8, 16],
+    decoder_filters=[16, 8],
+    num_residual_blocks=1,
+    residual_hidden_channels=8,
+    activation="relu",
+    reconstruction_loss="mse",
+    ssim_weight=0.0,
+)
 
 
 def images(n=8, size=16, channels=3, seed=0):
@@ -83,7 +92,11 @@ def test_layer_get_config_round_trip(layer):
 
 def test_trunk_options_shape_the_layers():
     model = VQVAE(
-        image_channels=3, embedding_dim=4, num_embeddings=16, decoder_residual_blocks=3, activation="silu", **TINY
+        image_channels=3,
+        embedding_dim=4,
+        num_embeddings=16,
+        decoder_residual_blocks=3,
+        **{**TINY, "activation": "silu"},
     )
     model.build((None, 16, 16, 3))
     assert len(model.encoder.blocks) == 1 and len(model.decoder.blocks) == 3
@@ -91,7 +104,7 @@ def test_trunk_options_shape_the_layers():
     block = model.decoder.blocks[0]
     np.testing.assert_allclose(keras.ops.convert_to_numpy(block.act(x)), x / (1 + np.exp(-x)), rtol=1e-6)
     with pytest.raises(ValueError, match="received reconstruction_loss='l1'"):
-        VQVAE(image_channels=3, reconstruction_loss="l1", **TINY)
+        VQVAE(image_channels=3, **{**TINY, "reconstruction_loss": "l1"})
 
 
 def test_clipped_output_is_clipped_forward_and_straight_through_backward():
@@ -213,6 +226,8 @@ def one_latent_model():
         residual_hidden_channels=2,
         activation="relu",
         output_activation="clip",
+        reconstruction_loss="mse",
+        ssim_weight=0.0,
     )
     model.build((1, 2, 2, 1))
     for weight in model.encoder.weights + model.decoder.weights:

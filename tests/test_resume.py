@@ -107,12 +107,12 @@ def test_nan_loss_retries_from_the_checkpoint_with_a_lower_learning_rate(lfw_tre
     faces = lfw_files.load_faces(config.data, tmp_path / "cache", [])
     real_fit, rates = training._fit, []
 
-    def diverge_once(model, run, paths, *args):
-        rates.append((run.learning_rate, float(model.optimizer.learning_rate.numpy())))
+    def diverge_once(model, job):
+        rates.append((job.run.learning_rate, float(model.optimizer.learning_rate.numpy())))
         if len(rates) == 1:
-            real_fit(model, dataclasses.replace(run, epochs=1), paths, *args)
+            real_fit(model, dataclasses.replace(job, run=dataclasses.replace(job.run, epochs=1)))
             raise LossDiverged("the loss became NaN or infinite in epoch 2 (simulated).")
-        return real_fit(model, run, paths, *args)
+        return real_fit(model, job)
 
     monkeypatch.setattr(training, "_fit", diverge_once)
     training.train_run(config, "vqvae", faces, tmp_path)
@@ -149,8 +149,8 @@ def test_nan_loss_after_the_last_retry_is_a_clear_error(lfw_tree, tmp_path, monk
     faces = lfw_files.load_faces(config.data, tmp_path / "cache", [])
     rates = []
 
-    def always_diverge(model, run, *args):
-        rates.append(run.learning_rate)
+    def always_diverge(model, job):
+        rates.append(job.run.learning_rate)
         raise LossDiverged("the loss became NaN or infinite in epoch 1 (simulated).")
 
     monkeypatch.setattr(training, "_fit", always_diverge)
@@ -171,30 +171,30 @@ def rewrite_model_config(path, edit):
             archive.writestr(name, data)
 
 
-def test_checkpoint_from_before_a_new_setting_still_matches(tmp_path):
-    """Compatibility comes from the constructor arguments saved in the model: an argument an older
-    checkpoint lacks counts as the constructor's default (relu, mse, decoder blocks as the encoder's)."""
-    config = load_config(None, TINY_RUN + ["activation=relu", "reconstruction_loss=mse"], ["vqvae"])
+def test_compatibility_comes_from_the_model_saved_in_the_checkpoint(tmp_path):
+    """The constructor arguments inside latest.keras are compared with the settings: architecture and
+    objective must match, the quantizer's training policy may change, and a checkpoint saved before a
+    setting existed is refused with a message naming it (what it was trained with is unknown)."""
+    config = load_config(None, TINY_RUN, ["vqvae"])
     paths = run_folder.RunPaths.for_run(tmp_path, "vqvae")
     model = model_settings.build_model(config.runs["vqvae"], 3, None, 0)
     model.build((None, 16, 16, 3))
     callbacks.save_model_atomically(model, paths.latest_model)
-
-    def drop_new_settings(saved):
-        for key in ("activation", "decoder_residual_blocks", "reconstruction_loss"):
-            del saved[key]
-
-    rewrite_model_config(paths.latest_model, drop_new_settings)
     run_folder.check_compatible(paths, config, "vqvae")
-    silu = load_config(None, TINY_RUN + ["activation=silu", "reconstruction_loss=mse"], ["vqvae"])
-    with pytest.raises(ConfigError, match="activation: checkpoint 'relu', config 'silu'"):
-        run_folder.check_compatible(paths, silu, "vqvae")
-    wider = load_config(None, TINY_RUN + ["activation=relu", "reconstruction_loss=mse", "embedding_dim=8"], ["vqvae"])
+    run_folder.check_compatible(paths, load_config(None, TINY_RUN + ["ema_decay=0.9", "seed=7"], ["vqvae"]), "vqvae")
+    relu = load_config(None, TINY_RUN + ["activation=relu"], ["vqvae"])
+    with pytest.raises(ConfigError, match="activation: checkpoint 'silu', config 'relu'"):
+        run_folder.check_compatible(paths, relu, "vqvae")
+    wider = load_config(None, TINY_RUN + ["embedding_dim=8"], ["vqvae"])
     with pytest.raises(ConfigError, match="embedding_dim: checkpoint 4, config 8"):
         run_folder.check_compatible(paths, wider, "vqvae")
-    # the quantizer's training policy may change on resume
-    run_folder.check_compatible(
-        paths,
-        load_config(None, TINY_RUN + ["activation=relu", "reconstruction_loss=mse", "ema_decay=0.9"], ["vqvae"]),
-        "vqvae",
-    )
+    vae = load_config(None, TINY_RUN + ["model=vae"], ["vqvae"])
+    with pytest.raises(ConfigError, match="model: checkpoint 'VQVAE', config 'vae'"):
+        run_folder.check_compatible(paths, vae, "vqvae")
+
+    def drop_l1_weight(saved):
+        del saved["l1_weight"]
+
+    rewrite_model_config(paths.latest_model, drop_l1_weight)
+    with pytest.raises(ConfigError, match=r"l1_weight: not recorded in the checkpoint \(saved by an older version\)"):
+        run_folder.check_compatible(paths, config, "vqvae")

@@ -132,8 +132,8 @@ class RunConfig:
     """
 
     model: Literal["vqvae", "vae"] = "vqvae"
-    epochs: int = 30
-    max_train_minutes: Optional[float] = None
+    epochs: int = 40
+    max_train_minutes: Optional[float] = 30.0
     batch_size: int = 8
     learning_rate: float = 3e-3
     lr_schedule: Literal["cosine", "linear", "constant"] = "linear"
@@ -152,7 +152,7 @@ class RunConfig:
     activation: Literal["relu", "silu", "gelu"] = "silu"
     output_activation: Literal["sigmoid", "clip"] = "sigmoid"
     reconstruction_loss: Literal["mse", "psnr"] = "psnr"
-    ssim_weight: float = 0.0
+    ssim_weight: float = 0.01
     l1_weight: float = 0.0
     embedding_dim: int = 16
     num_embeddings: int = 512
@@ -165,7 +165,7 @@ class RunConfig:
     token_search_step_size: float = 1.5e-3
     normalize_by_variance: bool = False
     latent_dim: int = 16
-    kl_beta: float = 1.0
+    kl_beta: float = 0.01
     mixed_precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
     jit_compile: bool = False
     snapshot_every: int = 5

@@ -17,6 +17,7 @@ import tensorflow as tf
 from vqvae_class_keras import VAE, VQVAE
 from vqvae_faces import lfw_files, pipeline, visualize
 from vqvae_faces.atomic_files import save_npz_atomically, write_json_atomically
+from vqvae_faces.config import RunConfig
 from vqvae_faces.errors import CheckpointError, EvaluationError
 from vqvae_faces.model_settings import load_model
 from vqvae_faces.run_folder import RunPaths, read_state
@@ -124,26 +125,29 @@ class EvaluationResult:
     sampled_quality: Optional[dict[str, np.ndarray]] = None
 
 
+@dataclass(frozen=True)
+class TestFaces:
+    """Faces to evaluate on: uint8 images (N, H, W, C), never augmented; their file names (N,);
+    and what they are (recorded in metrics.json as `dataset`)."""
+
+    images: np.ndarray
+    names: np.ndarray
+    description: str
+
+
 def evaluate_run(
-    run_name: str,
-    model: keras.Model,
-    paths: RunPaths,
-    images: np.ndarray,
-    names: np.ndarray,
-    dataset: str,
-    batch_size: int,
-    image_size: int,
-    token_search_steps: int = 0,
-    token_search_step_size: float = 0.0,
+    run_name: str, run: RunConfig, model: keras.Model, paths: RunPaths, faces: TestFaces
 ) -> EvaluationResult:
-    """Evaluate a trained run on `images` (uint8, never augmented); write tokens, pictures, metrics.json.
+    """Evaluate a trained run on `faces`; write tokens, pictures and metrics.json.
 
     For a VQ-VAE the test faces are encoded to tokens (searched with
-    `token_search_steps` decoder steps when > 0, see `VQVAE.search_tokens`),
+    `run.token_search_steps` decoder steps when > 0, see `VQVAE.search_tokens`),
     saved to `checkpoints/<run>/tokens.npz`, and the reconstructions are decoded
     from those saved tokens. With a search, the quality of the encoder's nearest
     codes is reported beside it (`psnr_nearest_codes`, `ssim_nearest_codes`).
     """
+    images, names, dataset, batch_size = faces.images, faces.names, faces.description, run.batch_size
+    token_search_steps, token_search_step_size = run.token_search_steps, run.token_search_step_size
     expected = tuple(model.get_build_config()["input_shape"][1:]) if model.get_build_config() else None
     if expected and tuple(expected) != tuple(images.shape[1:]):
         raise EvaluationError(
@@ -197,7 +201,7 @@ def evaluate_run(
     metrics["train_images_per_second"] = state.get("train_images_per_second")
     metrics["train_seconds"] = state.get("train_seconds")
     metrics["epochs_trained"] = state.get("epochs_done")
-    metrics["image_size"] = image_size
+    metrics["image_size"] = int(images.shape[1])
     write_json_atomically(metrics, paths.images / "metrics.json")
     save_npz_atomically(paths.checkpoints / "test_quality.npz", compressed=True, names=np.asarray(names), **quality)
     count = min(PREVIEW_FACES, len(images))
@@ -248,7 +252,11 @@ def metrics_table(all_metrics: list[dict]) -> str:
     return frame.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
-def test_set(run_paths: RunPaths, faces: lfw_files.FaceSet) -> tuple[np.ndarray, np.ndarray]:
-    """The run's saved test split, as (images, names)."""
+def test_set(run_paths: RunPaths, faces: lfw_files.FaceSet) -> TestFaces:
+    """The run's saved test split of `faces`."""
     split = lfw_files.load_split(run_paths.split, faces)
-    return faces.subset(split["test"]), faces.names[split["test"]]
+    return TestFaces(
+        faces.subset(split["test"]),
+        faces.names[split["test"]],
+        faces.description + " (identity-disjoint test split)",
+    )

@@ -7,7 +7,6 @@ arguments every `.keras` file stores.
 
 from __future__ import annotations
 
-import inspect
 import json
 import zipfile
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Optional
 
 import keras
 
-from vqvae_class_keras import VAE, VQVAE, ReconstructionModel
+from vqvae_class_keras import VAE, VQVAE
 from vqvae_faces.config import RunConfig
 from vqvae_faces.errors import CheckpointError
 
@@ -94,23 +93,21 @@ def saved_model_config(path: Path) -> Optional[dict]:
 def model_mismatches(saved: dict, run: RunConfig) -> list[str]:
     """Differences between a saved model's constructor arguments and what `run` would build.
 
-    Arguments in `RESUMABLE_MODEL_ARGUMENTS` may differ; an argument the saved
-    model lacks (saved before it existed) counts as the constructor's default.
+    Arguments in `RESUMABLE_MODEL_ARGUMENTS` may differ. An argument the saved
+    model does not record (it was saved before the argument existed) is a
+    difference too: what it was trained with is unknown.
     """
     model_class = MODEL_CLASSES[run.model]
     if saved["class_name"] != model_class.__name__:
         return [f"model: checkpoint {saved['class_name']!r}, config {run.model!r}"]
-    defaults = {
-        name: parameter.default
-        for cls in (ReconstructionModel, model_class)
-        for name, parameter in inspect.signature(cls.__init__).parameters.items()
-        if parameter.default is not inspect.Parameter.empty
-    }
     mismatches = []
     for key, wanted in model_arguments(run, channels=0, data_variance=None, seed=0).items():
         if key in RESUMABLE_MODEL_ARGUMENTS or key == "image_channels":
             continue
-        found = saved["config"].get(key, defaults.get(key))
+        if key not in saved["config"]:
+            mismatches.append(f"{key}: not recorded in the checkpoint (saved by an older version)")
+            continue
+        found = saved["config"][key]
         if key == "data_variance":
             key, found, wanted = "normalize_by_variance", found is not None, run.normalize_by_variance
         if isinstance(found, tuple):

@@ -14,6 +14,7 @@ import re
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -152,17 +153,63 @@ def policy_callbacks(model, run: RunConfig, clock: TrainingClock, learning_rate:
     return callbacks
 
 
-def _callbacks(model, run: RunConfig, paths: RunPaths, train_count: int, snapshot_images, state, seed, schedule):
-    """The training-policy callbacks; `schedule` holds the global batch size, base learning rate and,
-    for multi-worker runs, the strategy whose workers must share one clock."""
+@dataclass(frozen=True)
+class Schedule:
+    """How one run is spread over the replicas.
+
+    global_batch: `batch_size` x replicas; learning_rate: the base rate (scaled by the
+    replicas when `scale_learning_rate`); workers_strategy: the strategy whose workers
+    must share one clock and whole batches (multi-worker runs only, else None).
+    """
+
+    global_batch: int
+    learning_rate: float
+    workers_strategy: Optional[tf.distribute.Strategy]
+
+    @classmethod
+    def for_run(cls, run: RunConfig, config: ExperimentConfig, strategy: tf.distribute.Strategy) -> "Schedule":
+        replicas = strategy.num_replicas_in_sync
+        multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        return cls(
+            global_batch=run.batch_size * replicas,
+            learning_rate=run.learning_rate * (replicas if config.scale_learning_rate else 1),
+            workers_strategy=strategy if multi_worker else None,
+        )
+
+
+@dataclass(frozen=True)
+class FitJob:
+    """Everything one call of `model.fit` works from: the settings, the run folder, the faces and
+    their split, the state it resumes from (None for a fresh start) and the schedule."""
+
+    config: ExperimentConfig
+    run: RunConfig
+    paths: RunPaths
+    faces: FaceSet
+    split: dict
+    state: Optional[dict]
+    schedule: Schedule
+
+    @property
+    def initial_epoch(self) -> int:
+        return self.state["epochs_done"] if self.state else 0
+
+    @property
+    def train_images(self) -> np.ndarray:
+        return self.faces.subset(self.split["train"])
+
+
+def _callbacks(model, job: FitJob, snapshot_images: np.ndarray):
+    """The training-policy callbacks, and the clock, throughput meter and checkpoint among them."""
+    run, paths, state = job.run, job.paths, job.state
     clock = TrainingClock(
         run.epochs,
         run.max_train_minutes,
         previous_seconds=(state or {}).get("train_seconds", 0.0),
-        strategy=schedule["workers_strategy"],
+        strategy=job.schedule.workers_strategy,
     )
-    callbacks = [clock] + policy_callbacks(model, run, clock, schedule["learning_rate"], seed)
-    throughput = ThroughputMeter(schedule["global_batch"], train_count)
+    callbacks = [clock] + policy_callbacks(model, run, clock, job.schedule.learning_rate, job.config.seed)
+    throughput = ThroughputMeter(job.schedule.global_batch, len(job.split["train"]))
     checkpoint = TrainingCheckpoint(
         paths.checkpoints,
         clock,
@@ -238,7 +285,7 @@ def train_run(
 
 def _train_locked(config, run_name, faces, paths, retrain, strategy):
     run = config.runs[run_name]
-    schedule = _schedule(run, config, strategy)
+    schedule = Schedule.for_run(run, config, strategy)
     try:
         state = starting_state(paths, retrain)
     except OnlyBestModel:
@@ -275,20 +322,17 @@ def _train_locked(config, run_name, faces, paths, retrain, strategy):
             train_images = faces.subset(split["train"])
             variance = float(np.var(train_images / 255.0)) if run.normalize_by_variance else None
             with strategy.scope():
-                model = build_model(run, faces.channels, variance, config.seed, schedule["learning_rate"])
+                model = build_model(run, faces.channels, variance, config.seed, schedule.learning_rate)
                 model.build((None,) + faces.images.shape[1:])
-            initial_epoch = 0
         else:
             split = load_split(paths.split, faces)
-            train_images = faces.subset(split["train"])
             with strategy.scope():
                 model = load_model(paths.latest_model)
-            model.optimizer.learning_rate.assign(schedule["learning_rate"])
+            model.optimizer.learning_rate.assign(schedule.learning_rate)
             # Under mixed_float16 the optimizer is a LossScaleOptimizer: clipping belongs to the Adam inside,
             # which sees the unscaled gradients.
             getattr(model.optimizer, "inner_optimizer", model.optimizer).global_clipnorm = run.gradient_clipnorm
-            initial_epoch = state["epochs_done"]
-            log.info("resuming run %s from epoch %d (%s)", run_name, initial_epoch, paths.latest_model)
+            log.info("resuming run %s from epoch %d (%s)", run_name, state["epochs_done"], paths.latest_model)
         log.info(
             "run %s: %s, %s, %d train / %d val / %d test images (identity-disjoint), %d parameters, "
             "global batch %d (%d replica(s) x %d)",
@@ -299,46 +343,37 @@ def _train_locked(config, run_name, faces, paths, retrain, strategy):
             len(split["val"]),
             len(split["test"]),
             model.count_params(),
-            schedule["global_batch"],
+            schedule.global_batch,
             strategy.num_replicas_in_sync,
             run.batch_size,
         )
-        _fit(model, run, paths, faces, split, train_images, state, initial_epoch, config, schedule)
+        _fit(model, FitJob(config, run, paths, faces, split, state, schedule))
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
 
 
-def _schedule(run: RunConfig, config: ExperimentConfig, strategy: tf.distribute.Strategy) -> dict:
-    """Global batch size, base learning rate, and the strategy whose workers must share one
-    clock and whole batches (multi-worker runs only, else None)."""
-    replicas = strategy.num_replicas_in_sync
-    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-    return {
-        "global_batch": run.batch_size * replicas,
-        "learning_rate": run.learning_rate * (replicas if config.scale_learning_rate else 1),
-        "workers_strategy": strategy if multi_worker else None,
-    }
-
-
-def _fit(model, run, paths, faces, split, train_images, state, initial_epoch, config, schedule):
+def _fit(model, job: FitJob) -> None:
+    """Train `model` as `job` says, then write the final state and the training curves."""
+    config, run, paths, state, schedule = job.config, job.run, job.paths, job.state, job.schedule
+    faces, train_images = job.faces, job.train_images
     augmenter = None
     if config.data.augmentation.enabled:
         augmenter = pipeline.FaceAugmenter(config.data.augmentation, config.data.image_size, faces.channels)
         augmenter = augmenter if augmenter.names else None
-    whole_batches = schedule["workers_strategy"] is not None
+    whole_batches = schedule.workers_strategy is not None
     train_ds = pipeline.make_training_dataset(
         train_images,
-        schedule["global_batch"],
+        schedule.global_batch,
         config.seed,
-        initial_epoch,
+        job.initial_epoch,
         run.epochs,
         augmenter,
         drop_remainder=whole_batches,
     )
-    val_images = faces.subset(split["val"])
+    val_images = faces.subset(job.split["val"])
     val_ds = None
-    if len(val_images) >= (schedule["global_batch"] if whole_batches else 1):
-        val_ds = pipeline.make_dataset(val_images, schedule["global_batch"], drop_remainder=whole_batches)
+    if len(val_images) >= (schedule.global_batch if whole_batches else 1):
+        val_ds = pipeline.make_dataset(val_images, schedule.global_batch, drop_remainder=whole_batches)
     snapshot_images = (val_images if len(val_images) else train_images)[:SNAPSHOT_FACES].astype(np.float32) / 255.0
     if augmenter is not None:
         originals = train_images[:SNAPSHOT_FACES].astype(np.float32) / 255.0
@@ -349,22 +384,20 @@ def _fit(model, run, paths, faces, split, train_images, state, initial_epoch, co
             paths.images.parent / "augmentations.png",
             title="training augmentation (fresh each epoch)",
         )
-    callbacks, clock, throughput, checkpoint = _callbacks(
-        model, run, paths, len(train_images), snapshot_images, state, config.seed, schedule
-    )
+    callbacks, clock, throughput, checkpoint = _callbacks(model, job, snapshot_images)
     try:
         model.fit(
             train_ds,
             validation_data=val_ds,
             epochs=run.epochs,
-            initial_epoch=initial_epoch,
-            steps_per_epoch=pipeline.steps_per_epoch(len(train_images), schedule["global_batch"], whole_batches),
+            initial_epoch=job.initial_epoch,
+            steps_per_epoch=pipeline.steps_per_epoch(len(train_images), schedule.global_batch, whole_batches),
             callbacks=callbacks,
             shuffle=False,
             verbose=1 if sys.stdout.isatty() else 2,
         )
     except WORKER_LOST_ERRORS as error:
-        if schedule["workers_strategy"] is None:
+        if schedule.workers_strategy is None:
             raise
         raise WorkerLost(lost_worker_message(str(error), os.environ.get("TF_CONFIG") or "{}")) from None
     if checkpoint.divergence is not None:

@@ -35,6 +35,9 @@ def make_model():
         decoder_filters=[16, 8],
         num_residual_blocks=1,
         residual_hidden_channels=8,
+        activation="relu",
+        reconstruction_loss="mse",  # a per-batch weighting would differ between one device and two replicas
+        ssim_weight=0.0,
         embedding_dim=4,
         num_embeddings=16,
         decay=0.8,
