@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import IMAGES_PER_PERSON, PEOPLE, write_lfw_tree
+from conftest import IMAGES_PER_PERSON, PEOPLE, face_image, write_lfw_tree
 from PIL import Image
 
 from vqvae_faces import lfw_files, pipeline
@@ -216,7 +216,24 @@ def test_missing_path_and_empty_folders(tmp_path):
         lfw_files.load_faces(settings(tmp_path / "file.txt"), tmp_path / "c", [])
 
 
-def test_malicious_archive_members_are_skipped(tmp_path):
+@pytest.mark.parametrize("change", ["changed", "added"])
+def test_cache_is_rebuilt_when_a_source_file_changes_or_is_added(tmp_path, change):
+    tree = write_lfw_tree(tmp_path / "src", people=PEOPLE[:3], per_person=2)
+    first = lfw_files.load_faces(settings(tree, image_size=16), tmp_path / "cache", [])
+    target = tree / PEOPLE[2] / f"{PEOPLE[2]}_{1 if change == 'changed' else 7:04d}.jpg"
+    Image.fromarray(255 - face_image(4242)).save(target)
+    again = lfw_files.load_faces(settings(tree, image_size=16), tmp_path / "cache", [])
+    assert len(list((tmp_path / "cache").glob("faces-*.npz"))) == 2, "a second cache for the new contents"
+    name = f"{PEOPLE[2]}/{target.name}"
+    index = list(again.names).index(name)
+    assert len(again) == len(first) + (change == "added")
+    if change == "changed":
+        assert not np.array_equal(again.images[index], first.images[list(first.names).index(name)])
+    reloaded = lfw_files.load_faces(settings(tree, image_size=16), tmp_path / "cache", [])
+    np.testing.assert_array_equal(reloaded.images, again.images)
+
+
+def test_malicious_archive_members_are_skipped(tmp_path, monkeypatch):
     tree = write_lfw_tree(tmp_path / "src", people=PEOPLE[:3], per_person=2)
     payload = (tree / PEOPLE[0] / f"{PEOPLE[0]}_0001.jpg").read_bytes()
     with tarfile.open(tmp_path / "evil.tar", "w") as handle:
@@ -227,13 +244,18 @@ def test_malicious_archive_members_are_skipped(tmp_path):
         link = tarfile.TarInfo("lfw-deepfunneled/Evil/Evil_0002.jpg")
         link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
         handle.addfile(link)
-    before = set(p for p in tmp_path.rglob("*"))
+    # Work from a folder inside tmp_path, so anything written relative to the working folder,
+    # '../escape' included, would land in tmp_path, which is watched whole.
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = set(tmp_path.rglob("*"))
     faces = lfw_files.load_faces(settings(tmp_path / "evil.tar", image_size=16), tmp_path / "cache", [])
     assert list(faces.names) == ["Evil/Evil_0001.jpg"]
     assert faces.skipped["unsafe archive member (link, absolute path or '..')"] == 3
-    created = set(p for p in tmp_path.rglob("*")) - before
-    assert all(p.is_relative_to(tmp_path / "cache") for p in created)
-    assert not (tmp_path.parent / "escape").exists()
+    created = set(tmp_path.rglob("*")) - before
+    assert created and all(p.is_relative_to(tmp_path / "cache") for p in created), created
+    assert not Path("/abs/Evil").exists()
 
 
 def test_links_out_of_the_data_folder_or_nowhere_are_skipped(tmp_path, monkeypatch):

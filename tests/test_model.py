@@ -186,6 +186,11 @@ def test_the_train_step_compiles_with_xla():
     model.build(x.shape)
     history = model.fit(x, epochs=1, batch_size=4, verbose=0)
     assert np.isfinite(history.history["loss"][0])
+    assert model.jit_compile, "Keras kept XLA on (it turns it off silently for models it cannot compile)"
+    # XLA itself compiles the train step: its HLO holds the whole step, the quantizer's sample included.
+    step = tf.function(model.train_step, jit_compile=True)
+    hlo = step.experimental_get_compiler_ir(tf.constant(x[:4]))(stage="hlo")
+    assert "HloModule" in hlo and "sort" in hlo, "the data sample's argsort is part of the compiled step"
 
 
 def per_image_mse(model, x, tokens):
@@ -279,7 +284,8 @@ def test_training_reduces_the_loss_and_uses_codes():
     model.build(x.shape)
     history = model.fit(x, epochs=30, batch_size=8, verbose=0).history
     assert history["reconstruction_loss"][-1] < 0.5 * history["reconstruction_loss"][0]
-    assert history["active_code_fraction"][-1] > 0.1
+    # over seeds 0-3 the last batch used 11 to 14 of the 16 codes
+    assert history["active_code_fraction"][-1] >= 0.5
 
 
 def test_vae_kl_matches_closed_form():
@@ -296,14 +302,28 @@ def test_vae_kl_matches_closed_form():
     np.testing.assert_array_equal(model(x).numpy(), model(x).numpy())
 
 
-def test_vae_posterior_sample_is_mean_plus_scaled_noise():
+def test_vae_latent_samples_have_the_posterior_mean_and_deviation():
+    """An independent check of `sample_latents`: over 4,000 seeds, hand-set means (-1, 0, 2.5) and
+    deviations (0.1, 1, 3) come back within 4 standard errors."""
+    mean = tf.constant([[-1.0, 0.0, 2.5]])
+    deviation = np.array([0.1, 1.0, 3.0])
+    log_variance = tf.constant(np.log(deviation**2)[None], tf.float32)
+    draws = np.concatenate(
+        [VAE.sample_latents(mean, log_variance, tf.constant([3, i], tf.int64)).numpy() for i in range(4000)]
+    )
+    np.testing.assert_array_less(np.abs(draws.mean(axis=0) - [-1.0, 0.0, 2.5]), 4 * deviation / np.sqrt(4000))
+    np.testing.assert_allclose(draws.std(axis=0), deviation, rtol=4 / np.sqrt(2 * 4000))
+    again = VAE.sample_latents(mean, log_variance, tf.constant([3, 0], tf.int64)).numpy()
+    np.testing.assert_array_equal(again, draws[:1])  # a seed always draws the same sample
+
+
+def test_vae_posterior_sample_decodes_a_sample_of_the_posterior():
     x = images(n=4)
     model = VAE(image_channels=3, latent_dim=4, seed=0, **TINY)
     model.build(x.shape)
     seed = tf.constant([0, 7], tf.int64)
     mean, log_variance = model.posterior(x)
-    noise = tf.random.stateless_normal(mean.shape, seed=seed)
-    expected = model.decoder(mean + tf.exp(0.5 * log_variance) * noise).numpy()
+    expected = model.decoder(VAE.sample_latents(mean, log_variance, seed)).numpy()
     sample = model.decode_posterior_sample(tf.constant(x), seed).numpy()
     np.testing.assert_allclose(sample, expected, atol=1e-6)
     other = model.decode_posterior_sample(tf.constant(x), tf.constant([0, 8], tf.int64)).numpy()

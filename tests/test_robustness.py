@@ -58,7 +58,8 @@ def test_random_configs_give_config_errors_only(tmp_path, run, data):
     try:
         config = load_config(path)
     except ConfigError as error:
-        assert str(error)
+        # the message names where the mistake is: a key of the run or of the data settings
+        assert re.search(r"'?(runs\.r|data)[.=\[']|^runs\.r\b", str(error)), str(error)
         return
     assert config.runs["r"].num_embeddings >= 2 and config.data.image_size % config.runs["r"].downsampling_factor == 0
 

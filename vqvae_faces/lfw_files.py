@@ -83,8 +83,17 @@ class FaceSet:
 # ---------------------------------------------------------------- sources
 
 
+BUNDLED = "bundled"
+
+
 def resolve_source(path: Optional[str], search_dirs: list[Path]) -> Optional[Path]:
-    """The LFW folder or archive to read, or None for the bundled subset."""
+    """The LFW folder or archive to read, or None for the bundled subset.
+
+    `path` None searches `search_dirs` for `DEFAULT_SOURCE_NAMES`; `"bundled"`
+    asks for the bundled faces whatever lies there.
+    """
+    if path == BUNDLED:
+        return None
     if path:
         source = Path(path).expanduser()
         if not source.exists():
