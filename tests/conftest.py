@@ -34,6 +34,7 @@ TINY_RUN = [
     "max_train_minutes=null",
     "snapshot_every=1",
     "data.augmentation.enabled=true",
+    "token_search_steps=2",  # the search has its own tests; one end-to-end check uses the full 50 steps
 ]
 
 

@@ -15,6 +15,9 @@ import tensorflow as tf
 
 from vqvae_faces.config import AugmentationConfig
 
+# Augmentation runs in the input pipeline on float32 images, whatever the model's mixed-precision policy.
+FLOAT32 = "float32"
+
 
 def _stateless_seeds(seed):
     """A `keras.random.SeedGenerator` whose draws are derived from one seed tensor (2,).
@@ -54,30 +57,38 @@ class FaceAugmenter:
         self.noise_stddev = settings.noise_stddev
         self.layers = []
         if settings.flip:
-            self.layers.append(layers.RandomFlip("horizontal"))
+            self.layers.append(layers.RandomFlip("horizontal", dtype=FLOAT32))
         if settings.brightness:
-            self.layers.append(layers.RandomBrightness(settings.brightness, value_range=unit))
+            self.layers.append(layers.RandomBrightness(settings.brightness, value_range=unit, dtype=FLOAT32))
         if settings.contrast:
-            self.layers.append(layers.RandomContrast(settings.contrast, value_range=unit))
+            self.layers.append(layers.RandomContrast(settings.contrast, value_range=unit, dtype=FLOAT32))
         if settings.sharpness:
             half = settings.sharpness / 2
-            self.layers.append(layers.RandomSharpness((0.5 - half, 0.5 + half), value_range=unit))
+            self.layers.append(layers.RandomSharpness((0.5 - half, 0.5 + half), value_range=unit, dtype=FLOAT32))
         if settings.saturation and channels == 3:
             low, high = 1.0 - settings.saturation, 1.0 + settings.saturation
-            self.layers.append(layers.RandomSaturation((low / (1 + low), high / (1 + high)), value_range=unit))
+            self.layers.append(
+                layers.RandomSaturation((low / (1 + low), high / (1 + high)), value_range=unit, dtype=FLOAT32)
+            )
         if settings.rotation_degrees:
-            self.layers.append(layers.RandomRotation(settings.rotation_degrees / 360.0, fill_mode="reflect"))
+            self.layers.append(
+                layers.RandomRotation(settings.rotation_degrees / 360.0, fill_mode="reflect", dtype=FLOAT32)
+            )
         if settings.translation_pixels:
             shift = settings.translation_pixels / image_size
-            self.layers.append(layers.RandomTranslation(shift, shift, fill_mode="reflect"))
+            self.layers.append(layers.RandomTranslation(shift, shift, fill_mode="reflect", dtype=FLOAT32))
         if settings.blur_sigma:
             self.layers.append(
                 layers.RandomGaussianBlur(
-                    factor=(1.0, 1.0), kernel_size=3, sigma=(0.1, settings.blur_sigma), value_range=unit
+                    factor=(1.0, 1.0),
+                    kernel_size=3,
+                    sigma=(0.1, settings.blur_sigma),
+                    value_range=unit,
+                    dtype=FLOAT32,
                 )
             )
         if settings.zoom:
-            self.layers.append(layers.RandomZoom((-settings.zoom, 0.0), fill_mode="reflect"))
+            self.layers.append(layers.RandomZoom((-settings.zoom, 0.0), fill_mode="reflect", dtype=FLOAT32))
 
     @property
     def names(self) -> list[str]:
