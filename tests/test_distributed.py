@@ -13,24 +13,31 @@ import numpy as np
 import pytest
 from conftest import ROOT, TINY_RUN
 
-from vqvae_faces import training
+import vqvae_face_main
+from vqvae_faces import lfw_files, training
+from vqvae_faces.config import DataConfig
 
 HELPER = ROOT / "tests" / "helpers" / "mirrored_codebook.py"
 
 
-def codebooks(codebook_init, folder):
-    command = [sys.executable, str(HELPER), codebook_init, str(folder)]
+@pytest.fixture(scope="module")
+def codebooks(tmp_path_factory):
+    """{codebook_init: (single-device codebooks, mirrored codebooks)} after each training step."""
+    command = [sys.executable, str(HELPER), str(tmp_path_factory.mktemp("mirrored"))]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads(result.stdout.strip().splitlines()[-1])
-    assert record["replicas"] == 2
-    assert record["reload_difference"] < 1e-5, "the mirrored checkpoint reloads on one device, same outputs"
-    return [np.array(step) for step in record["single"]], [np.array(step) for step in record["mirrored"]]
+    records = json.loads(result.stdout.strip().splitlines()[-1])
+    found = {}
+    for init, record in records.items():
+        assert record["replicas"] == 2
+        assert record["reload_difference"] < 1e-5, "the mirrored checkpoint reloads on one device, same outputs"
+        found[init] = [np.array(step) for step in record["single"]], [np.array(step) for step in record["mirrored"]]
+    return found
 
 
 @pytest.mark.parametrize("codebook_init", ["uniform", "data"])
-def test_mirrored_codebook_is_identical_on_every_replica(codebook_init, tmp_path):
-    single, mirrored = codebooks(codebook_init, tmp_path)
+def test_mirrored_codebook_is_identical_on_every_replica(codebooks, codebook_init):
+    single, mirrored = codebooks[codebook_init]
     assert len(mirrored) == 3
     for step in mirrored:
         assert step.shape == (2, 16, 4)
@@ -49,17 +56,35 @@ def free_port() -> int:
         return handle.getsockname()[1]
 
 
-def test_two_workers_write_one_checkpoint_that_a_single_process_evaluates(tmp_path):
+def recomputed_psnr(out):
+    """Mean test PSNR recomputed with NumPy from tokens.npz, best.keras and the bundled faces."""
+    import keras
+
+    import vqvae_class_keras  # noqa: F401  (registers the model classes)
+
+    split = json.loads((out / "checkpoints" / "vqvae" / "split.json").read_text())
+    faces = lfw_files.load_bundled_faces(DataConfig(image_size=16))
+    originals = faces.images[[list(faces.names).index(name) for name in split["test"]]] / 255.0
+    tokens = np.load(out / "checkpoints" / "vqvae" / "tokens.npz")["tokens"].astype(np.int32)
+    model = keras.saving.load_model(out / "checkpoints" / "vqvae" / "best.keras", safe_mode=True)
+    mse = ((model.decode_tokens(tokens).numpy() - originals) ** 2).mean(axis=(1, 2, 3))
+    return float(np.mean(10 * np.log10(1 / mse)))
+
+
+def test_two_workers_write_one_checkpoint_that_a_single_process_evaluates(tmp_path, caplog):
+    """Each worker gets its own --out: the chief's receives the run, the other worker's stays empty."""
     cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
-    command = [sys.executable, str(ROOT / "vqvae_face_main.py"), "--out", str(tmp_path), "--run", "vqvae"]
-    command += [item for setting in TINY_RUN for item in ("--set", setting)]
+    outs = [tmp_path / "chief", tmp_path / "worker"]
+    settings = [item for setting in TINY_RUN for item in ("--set", setting)]
     # A time budget shorter than the epochs: both workers must stop at the same step.
-    command += ["--set", "max_train_minutes=0.05", "--set", "epochs=40"]
+    settings += ["--set", "max_train_minutes=0.05", "--set", "epochs=40", "--data", "bundled", "--run", "vqvae"]
     workers = []
-    for index in range(2):
+    for index, out in enumerate(outs):
+        out.mkdir()
+        command = [sys.executable, str(ROOT / "vqvae_face_main.py"), "--out", str(out), *settings]
         env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
         workers.append(
-            subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            subprocess.Popen(command, env=env, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )
     try:
         outputs = [worker.communicate(timeout=300) for worker in workers]
@@ -71,28 +96,21 @@ def test_two_workers_write_one_checkpoint_that_a_single_process_evaluates(tmp_pa
     logs = "\n".join(f"--- worker {i}:\n{stderr[-3000:]}" for i, (_, stderr) in enumerate(outputs))
     assert [worker.returncode for worker in workers] == [0, 0], logs
     assert "distribution: multi_worker" in outputs[0][1] and "with 2 replica(s)" in outputs[0][1]
-    folder = tmp_path / "checkpoints" / "vqvae"
+    assert list(outs[1].iterdir()) == [], "the non-chief worker writes nothing into its --out"
+    folder = outs[0] / "checkpoints" / "vqvae"
     assert (folder / "best.keras").is_file() and (folder / "latest.keras").is_file()
     state = json.loads((folder / "state.json").read_text())
     assert state["stopped_by"] == "time limit" and 1 <= state["epochs_done"] < 40
-    single = subprocess.run(
-        [*command, "--eval"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={k: v for k, v in os.environ.items() if k != "TF_CONFIG"},
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
-    metrics = json.loads((tmp_path / "images_saved" / "vqvae" / "metrics.json").read_text())
-    assert metrics["num_test_images"] == 10 and metrics["psnr"] > 0
+    caplog.set_level("INFO")
+    assert vqvae_face_main.main(["--out", str(outs[0]), *settings, "--eval"]) == 0
+    metrics = json.loads((outs[0] / "images_saved" / "vqvae" / "metrics.json").read_text())
+    assert metrics["num_test_images"] == 10
+    assert metrics["psnr"] == pytest.approx(recomputed_psnr(outs[0]), rel=1e-5)
     # Resume the two-replica run on one device with 3 s more than it has used (a first epoch
     # on a busy machine can overrun a fixed budget).
-    single_env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    longer = [*command, "--set", f"max_train_minutes={state['train_seconds'] / 60 + 0.05:.4f}"]
-    resumed = subprocess.run(longer, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=single_env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "continuing from epoch" in resumed.stderr and "with 1 replica(s)" in resumed.stderr
+    longer = ["--set", f"max_train_minutes={state['train_seconds'] / 60 + 0.05:.4f}"]
+    assert vqvae_face_main.main(["--out", str(outs[0]), *settings, *longer]) == 0
+    assert "continuing from epoch" in caplog.text and "with 1 replica(s)" in caplog.text
     assert json.loads((folder / "state.json").read_text())["epochs_done"] > state["epochs_done"]
 
 
@@ -109,7 +127,7 @@ def start_workers(command, folder, count=2):
 
 def test_a_dead_worker_ends_the_chief_with_a_message_naming_it(tmp_path):
     command = [sys.executable, str(ROOT / "vqvae_face_main.py"), "--out", str(tmp_path), "--run", "vqvae"]
-    command += [item for setting in TINY_RUN for item in ("--set", setting)]
+    command += [item for setting in TINY_RUN for item in ("--set", setting)] + ["--data", "bundled"]
     command += ["--set", "epochs=500", "--set", "collective_timeout_seconds=20"]
     cluster, (chief, worker) = start_workers(command, tmp_path)
     latest = tmp_path / "checkpoints" / "vqvae" / "latest.keras"

@@ -1,5 +1,6 @@
 """Train a tiny VQ-VAE a few steps on one device and with MirroredStrategy over two
-logical CPUs, from the same initial weights; print the codebooks as JSON.
+logical CPUs, from the same initial weights, for both codebook initialisations; print
+the codebooks as JSON. Usage: mirrored_codebook.py FOLDER (where checkpoints go).
 
 Run as a separate process: logical devices must be configured before TensorFlow starts.
 """
@@ -23,11 +24,11 @@ import numpy as np  # noqa: E402
 from vqvae_class_keras import VQVAE  # noqa: E402
 
 STEPS = 3
-CODEBOOK_INIT = sys.argv[1] if len(sys.argv) > 1 else "uniform"
+FOLDER = sys.argv[1]
 images = np.random.default_rng(0).random((STEPS * 16, 16, 16, 3)).astype("float32")
 
 
-def make_model():
+def make_model(codebook_init):
     keras.utils.set_random_seed(0)
     model = VQVAE(
         image_channels=3,
@@ -41,7 +42,7 @@ def make_model():
         embedding_dim=4,
         num_embeddings=16,
         decay=0.8,
-        codebook_init=CODEBOOK_INIT,
+        codebook_init=codebook_init,
         seed=0,
     )
     model.compile(optimizer=keras.optimizers.SGD(0.05))
@@ -60,22 +61,26 @@ class RecordCodebook(keras.callbacks.Callback):
         self.steps.append([np.asarray(c.numpy()).tolist() for c in copies])
 
 
-single = make_model()
-initial = single.get_weights()
-strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-with strategy.scope():
-    mirrored = make_model()
-mirrored.set_weights(initial)
-records = {}
-for name, model in (("single", single), ("mirrored", mirrored)):
-    recorder = RecordCodebook()
-    dataset = tf.data.Dataset.from_tensor_slices(images).batch(16)
-    model.fit(dataset, epochs=1, callbacks=[recorder], verbose=0, shuffle=False)
-    records[name] = recorder.steps
-checkpoint = os.path.join(sys.argv[2], "mirrored.keras") if len(sys.argv) > 2 else None
-reload_difference = None
-if checkpoint:
+def compare(codebook_init):
+    """Codebooks after each step on one device and on two replicas, and a reload check of the latter."""
+    single = make_model(codebook_init)
+    initial = single.get_weights()
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        mirrored = make_model(codebook_init)
+    mirrored.set_weights(initial)
+    records = {}
+    for name, model in (("single", single), ("mirrored", mirrored)):
+        recorder = RecordCodebook()
+        dataset = tf.data.Dataset.from_tensor_slices(images).batch(16)
+        model.fit(dataset, epochs=1, callbacks=[recorder], verbose=0, shuffle=False)
+        records[name] = recorder.steps
+    checkpoint = os.path.join(FOLDER, f"mirrored-{codebook_init}.keras")
     mirrored.save(checkpoint)
     reloaded = keras.saving.load_model(checkpoint, safe_mode=True)
     reload_difference = float(np.abs(reloaded.predict(images, verbose=0) - mirrored.predict(images, verbose=0)).max())
-print(json.dumps({"replicas": strategy.num_replicas_in_sync, "reload_difference": reload_difference, **records}))
+    return {"replicas": strategy.num_replicas_in_sync, "reload_difference": reload_difference, **records}
+
+
+# Both codebook initialisations in one process: TensorFlow starts once.
+print(json.dumps({init: compare(init) for init in ("uniform", "data")}))
