@@ -346,3 +346,23 @@ def test_gradient_clipnorm_bounds_the_global_norm_adam_sees(clipnorm):
     expected = 0.1 * clipnorm / np.sqrt(n) if clipnorm else 0.3
     for momentum in momentums:
         np.testing.assert_allclose(momentum, expected, rtol=1e-5)
+
+
+def test_the_token_search_in_evaluate_run_handles_a_partial_last_batch(tmp_path):
+    """10 faces in batches of 4 (4 + 4 + 2): every face gets the tokens a search of that face alone finds,
+    and the saved grids, names and metrics cover all 10."""
+    from vqvae_faces.config import RunConfig
+    from vqvae_faces.evaluation import TestFaces, evaluate_run
+    from vqvae_faces.run_folder import RunPaths
+
+    x = smooth_images(10)
+    model = trained(VQVAE(image_channels=3, embedding_dim=4, num_embeddings=16, seed=0, **TINY), x)
+    faces = TestFaces((x * 255).round().astype(np.uint8), np.array([f"p{i}/p{i}_0001.jpg" for i in range(10)]), "ten")
+    run = RunConfig(batch_size=4, token_search_steps=5, token_search_step_size=0.05)
+    result = evaluate_run("vqvae", run, model, RunPaths.for_run(tmp_path, "vqvae"), faces)
+    scaled = faces.images.astype(np.float32) / 255.0
+    alone = np.concatenate([model.search_tokens(tf.constant(scaled[i : i + 1]), 5, 0.05).numpy() for i in range(10)])
+    np.testing.assert_array_equal(result.tokens, alone)
+    saved = np.load(tmp_path / "checkpoints" / "vqvae" / "tokens.npz")
+    np.testing.assert_array_equal(saved["tokens"], alone)
+    assert list(saved["names"]) == list(faces.names) and result.metrics["num_test_images"] == 10

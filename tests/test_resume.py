@@ -69,10 +69,11 @@ def kill_after_first_checkpoint(lfw_tree, out):
 def test_sigkill_then_rerun_matches_an_uninterrupted_run(lfw_tree, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     whole.mkdir(), killed.mkdir()
-    reference = subprocess.run(command(lfw_tree, whole), capture_output=True, text=True, timeout=300)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-
+    # The uninterrupted reference runs alongside the run that is killed.
+    reference = subprocess.Popen(command(lfw_tree, whole), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     partial_history = kill_after_first_checkpoint(lfw_tree, killed)
+    _, reference_log = reference.communicate(timeout=300)
+    assert reference.returncode == 0, reference_log[-3000:]
     assert len(partial_history) < EPOCHS, "the kill must land before the run ends"
 
     leftover = killed / "checkpoints" / "vqvae" / "best.partial.4242.keras"
@@ -91,8 +92,10 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(lfw_tree, tmp_path):
 
     history = {out.name: pd.read_csv(out / "checkpoints" / "vqvae" / "history.csv") for out in (whole, killed)}
     assert list(history["killed"]["epoch"]) == list(range(EPOCHS)), "no epoch logged twice or lost"
+    # The logged values are epoch means that Keras accumulates in float32 metric variables; they may
+    # round differently in their last bit, so they get a tolerance of one float32 ulp.
     for column in ("loss", "val_loss", "perplexity", "revived_codes", "commitment_cost", "learning_rate"):
-        np.testing.assert_array_equal(history["killed"][column], history["whole"][column], err_msg=column)
+        np.testing.assert_allclose(history["killed"][column], history["whole"][column], rtol=2e-7, err_msg=column)
 
 
 def test_a_state_json_one_write_behind_latest_keras_yields_to_the_counters_inside_it(tmp_path, caplog):

@@ -166,3 +166,17 @@ def test_no_pickle_anywhere_in_the_package():
     pattern = re.compile(r"\bimport pickle\b|\bcPickle\b|allow_pickle\s*=\s*True|safe_mode\s*=\s*False|\bdill\b")
     offenders = [str(p) for p in sources if pattern.search(p.read_text())]
     assert offenders == []
+
+
+def test_early_stopping_after_patience_epochs_without_improvement(tmp_path):
+    model = TinyModel()
+    model(keras.ops.zeros((1, 2)))
+    checkpoint = TrainingCheckpoint(tmp_path, TrainingClock(total_epochs=10), patience=2)
+    checkpoint.set_model(model)
+    # best at epoch 2 (0.5); epochs 3 and 4 do not improve on it, so training stops after epoch 4
+    for epoch, loss in enumerate([1.0, 0.5, 0.6, 0.55]):
+        assert not checkpoint.early_stopped, f"stopped before epoch {epoch + 1}"
+        checkpoint.on_epoch_end(epoch, {"loss": loss, "val_loss": loss})
+    assert checkpoint.early_stopped and model.stop_training
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert (state["best"], state["best_epoch"], state["wait"], state["epochs_done"]) == (0.5, 2, 2, 4)
