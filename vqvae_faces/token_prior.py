@@ -1,0 +1,339 @@
+"""Autoregressive priors over a VQ-VAE's token grids: p(t_1, ..., t_n) in raster order.
+
+Two architectures, both causal by construction and Keras-serializable:
+
+  * `GatedPixelCNN` (van den Oord et al. 2016, "Conditional Image Generation with PixelCNN
+    Decoders"): a vertical stack that sees only the rows above and a horizontal stack that
+    sees the row so far, so there is no blind spot. Sampling runs one full pass per token.
+  * `CausalTransformer`: pre-norm transformer blocks over the raster sequence with learned
+    row and column embeddings. Sampling keeps each layer's keys and values, so a token
+    costs one step, not a full pass.
+
+Both take int token grids (B, h, w) and return logits (B, h, w, K) where position i's
+logits depend only on the tokens before i. `log_likelihood` gives exact per-grid log
+probabilities, `sample_tokens` draws grids with temperature, top-k and top-p, seeded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers, ops
+
+PACKAGE = "vqvae_faces"
+
+
+class TokenPrior(keras.Model):
+    """What both priors share: the loss (mean negative log-likelihood in nats per token),
+    exact log-likelihoods and seeded sampling.
+
+    Subclasses implement `call(tokens) -> logits (B, h, w, K)` and, when they have a
+    faster path, `sample_tokens`.
+
+    Args:
+        num_embeddings: K, the size of the token alphabet.
+        grid_size: (h, w) of the token grids.
+    """
+
+    def __init__(self, num_embeddings, grid_size, **kwargs):
+        super().__init__(**kwargs)
+        if num_embeddings < 2:
+            raise ValueError(f"num_embeddings must be >= 2, received num_embeddings={num_embeddings}")
+        grid_size = tuple(int(v) for v in grid_size)
+        if len(grid_size) != 2 or min(grid_size) < 1:
+            raise ValueError(f"grid_size must be (rows, columns) >= 1, received grid_size={grid_size}")
+        self.num_embeddings = num_embeddings
+        self.grid_size = grid_size
+        self.nll_tracker = keras.metrics.Mean(name="loss")
+        self.bits_tracker = keras.metrics.Mean(name="bits_per_token")
+
+    @property
+    def metrics(self):
+        return [self.nll_tracker, self.bits_tracker]
+
+    def token_log_probs(self, tokens):
+        """log p(t_i | t_<i) in nats for every position: (B, h, w) int -> (B, h, w) float32."""
+        logits = ops.cast(self(tokens), "float32")
+        log_probs = ops.log_softmax(logits, axis=-1)
+        return ops.take_along_axis(log_probs, ops.cast(tokens, "int32")[..., None], axis=-1)[..., 0]
+
+    def log_likelihood(self, tokens):
+        """log p(grid) in nats, exact: (B, h, w) int -> (B,)."""
+        return ops.sum(self.token_log_probs(tokens), axis=(1, 2))
+
+    def _nll(self, tokens):
+        return -ops.mean(self.token_log_probs(tokens))
+
+    def train_step(self, tokens):
+        with tf.GradientTape() as tape:
+            loss = self._nll(tokens)
+        gradients = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply(gradients, self.trainable_variables)
+        return self._record(loss)
+
+    def test_step(self, tokens):
+        return self._record(self._nll(tokens))
+
+    def _record(self, loss):
+        self.nll_tracker.update_state(loss)
+        self.bits_tracker.update_state(loss / math.log(2.0))
+        return {"loss": self.nll_tracker.result(), "bits_per_token": self.bits_tracker.result()}
+
+    def sample_tokens(self, count, seed, temperature=1.0, top_k=None, top_p=None):
+        """`count` grids (count, h, w) int32, one full pass per token (the reference path).
+
+        `seed` is a stateless seed, int tensor (2,): the same seed gives the same grids.
+        """
+        rows, columns = self.grid_size
+        tokens = tf.zeros((count, rows, columns), tf.int32)
+        for position in range(rows * columns):
+            row, column = divmod(position, columns)
+            logits = ops.cast(self(tokens), "float32")[:, row, column]
+            chosen = choose_tokens(
+                logits, tf.random.experimental.stateless_fold_in(seed, position), temperature, top_k, top_p
+            )
+            tokens = tf.tensor_scatter_nd_update(
+                tokens,
+                tf.stack([tf.range(count), tf.fill([count], row), tf.fill([count], column)], axis=1),
+                chosen,
+            )
+        return tokens
+
+    def get_config(self):
+        return {**super().get_config(), "num_embeddings": self.num_embeddings, "grid_size": list(self.grid_size)}
+
+
+def choose_tokens(logits, seed, temperature=1.0, top_k=None, top_p=None):
+    """Draw one token per row of `logits` (B, K): softened by `temperature`, restricted to the
+    `top_k` most likely tokens and to the smallest set whose probability reaches `top_p`.
+    Returns (B,) int32; a pure function of `seed` (int tensor (2,))."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, received temperature={temperature}")
+    logits = tf.cast(logits, tf.float32) / temperature
+    if top_k is not None:
+        kth = tf.math.top_k(logits, k=int(top_k)).values[:, -1:]
+        logits = tf.where(logits < kth, -np.inf, logits)
+    if top_p is not None:
+        ordered = tf.sort(logits, axis=-1, direction="DESCENDING")
+        cumulative = tf.cumsum(tf.nn.softmax(ordered, axis=-1), axis=-1)
+        # keep every token at least as likely as the one where the cumulative mass reaches top_p
+        cutoff_index = tf.reduce_sum(tf.cast(cumulative < top_p, tf.int32), axis=-1, keepdims=True)
+        cutoff = tf.gather(ordered, cutoff_index, batch_dims=1)
+        logits = tf.where(logits < cutoff, -np.inf, logits)
+    return tf.random.stateless_categorical(logits, 1, seed, dtype=tf.int32)[:, 0]
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GatedPixelCNN(TokenPrior):
+    """Gated PixelCNN over token grids, without the blind spot.
+
+    The vertical stack's features at row i see the rows up to i (every column); they reach
+    the horizontal stack shifted down one row, so position (i, j) gets all of rows < i
+    within the receptive field. The horizontal stack at (i, j) sees row i up to column
+    j-1 in the first layer and up to column j after it (its input then no longer holds
+    t_ij). Both use gated activations tanh(a) * sigmoid(b); the horizontal stack is residual.
+
+    Args:
+        num_embeddings, grid_size: see `TokenPrior`.
+        channels: width of both stacks.
+        num_layers: gated layers.
+        kernel_size: odd width of the convolutions (the vertical ones are kernel_size // 2 + 1 high).
+
+    Input shape: (B, h, w) int tokens. Output shape: (B, h, w, K) logits.
+    """
+
+    def __init__(self, num_embeddings, grid_size, channels=128, num_layers=8, kernel_size=3, **kwargs):
+        super().__init__(num_embeddings, grid_size, **kwargs)
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 1, received kernel_size={kernel_size}")
+        self.channels, self.num_layers, self.kernel_size = channels, num_layers, kernel_size
+        half = kernel_size // 2
+        self.embed = layers.Embedding(num_embeddings, channels, name="embed")
+        self.vertical = [layers.Conv2D(2 * channels, (half + 1, kernel_size)) for _ in range(num_layers)]
+        self.horizontal = [layers.Conv2D(2 * channels, (1, half + 1)) for _ in range(num_layers)]
+        self.vertical_to_horizontal = [layers.Conv2D(2 * channels, 1) for _ in range(num_layers)]
+        self.horizontal_out = [layers.Conv2D(channels, 1) for _ in range(num_layers)]
+        self.head = layers.Conv2D(num_embeddings, 1, name="head")
+
+    def call(self, tokens):
+        x = self.embed(ops.cast(tokens, "int32"))
+        half = self.kernel_size // 2
+        vertical, horizontal = x, x
+        for index in range(self.num_layers):
+            # output row i sees rows i-half .. i of the stack below
+            v = self.vertical[index](ops.pad(vertical, [[0, 0], [half, 0], [half, half], [0, 0]]))
+            # ... and reaches the horizontal stack from the row above: rows < i only
+            v_above = ops.pad(v, [[0, 0], [1, 0], [0, 0], [0, 0]])[:, :-1]
+            # the first layer sees columns j-half-1 .. j-1, later ones j-half .. j (their input excludes t_ij)
+            if index == 0:
+                h = self.horizontal[index](ops.pad(horizontal, [[0, 0], [0, 0], [half + 1, 0], [0, 0]]))[:, :, :-1]
+            else:
+                h = self.horizontal[index](ops.pad(horizontal, [[0, 0], [0, 0], [half, 0], [0, 0]]))
+            h = h + self.vertical_to_horizontal[index](v_above)
+            vertical = _gate(v)
+            update = self.horizontal_out[index](_gate(h))
+            horizontal = update if index == 0 else horizontal + update
+        return self.head(ops.relu(horizontal))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "channels": self.channels,
+            "num_layers": self.num_layers,
+            "kernel_size": self.kernel_size,
+        }
+
+
+def _gate(x):
+    a, b = ops.split(x, 2, axis=-1)
+    return ops.tanh(a) * ops.sigmoid(b)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class CausalTransformer(TokenPrior):
+    """A decoder-only transformer over the raster sequence of a token grid.
+
+    Position p's input is the token at p - 1 (a learned start vector at p = 0) plus
+    learned row and column embeddings of p; causal self-attention lets it see inputs
+    0..p, so its logits depend on tokens before p only. `sample_tokens` caches each
+    layer's keys and values and runs one position per step.
+
+    Args:
+        num_embeddings, grid_size: see `TokenPrior`.
+        width: model width; num_heads: attention heads (width divisible by it);
+        num_layers: transformer blocks; mlp_ratio: hidden width of each MLP / width.
+
+    Input shape: (B, h, w) int tokens. Output shape: (B, h, w, K) logits.
+    """
+
+    def __init__(self, num_embeddings, grid_size, width=128, num_heads=4, num_layers=4, mlp_ratio=4, **kwargs):
+        super().__init__(num_embeddings, grid_size, **kwargs)
+        if width % num_heads:
+            raise ValueError(f"width must be divisible by num_heads, received width={width}, num_heads={num_heads}")
+        self.width, self.num_heads, self.num_layers, self.mlp_ratio = width, num_heads, num_layers, mlp_ratio
+        rows, columns = self.grid_size
+        self.embed = layers.Embedding(num_embeddings, width, name="embed")
+        self.start = layers.Embedding(1, width, embeddings_initializer="zeros", name="start")  # input of position 0
+        self.row_embed = layers.Embedding(rows, width, name="row_embed")
+        self.column_embed = layers.Embedding(columns, width, name="column_embed")
+        self.blocks = [_Block(width, num_heads, mlp_ratio, name=f"block_{i}") for i in range(num_layers)]
+        self.norm = layers.LayerNormalization(epsilon=1e-5, name="norm")
+        self.head = layers.Dense(num_embeddings, name="head")
+
+    def _inputs(self, previous_tokens, positions):
+        """Embedded inputs for `positions` (n,) given the tokens before them (B, n), -1 = start."""
+        columns = self.grid_size[1]
+        embedded = self.embed(ops.maximum(previous_tokens, 0))
+        start = self.start(ops.zeros_like(previous_tokens))
+        embedded = ops.where((previous_tokens < 0)[..., None], start, embedded)
+        place = self.row_embed(positions // columns) + self.column_embed(positions % columns)
+        return embedded + place[None]
+
+    def call(self, tokens):
+        rows, columns = self.grid_size
+        flat = ops.reshape(ops.cast(tokens, "int32"), (-1, rows * columns))
+        previous = ops.concatenate([-ops.ones_like(flat[:, :1]), flat[:, :-1]], axis=1)
+        x = self._inputs(previous, ops.arange(rows * columns))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.norm(x))
+        return ops.reshape(logits, (-1, rows, columns, self.num_embeddings))
+
+    def sample_tokens(self, count, seed, temperature=1.0, top_k=None, top_p=None):
+        """`count` grids (count, h, w) int32 with cached keys and values: one position per step."""
+        rows, columns = self.grid_size
+        length = rows * columns
+        head_width = self.width // self.num_heads
+        caches = [
+            (
+                tf.zeros((count, self.num_heads, length, head_width)),
+                tf.zeros((count, self.num_heads, length, head_width)),
+            )
+            for _ in self.blocks
+        ]
+        previous = -tf.ones((count, 1), tf.int32)
+        chosen_all = []
+        for position in range(length):
+            x = self._inputs(previous, tf.constant([position]))
+            new_caches = []
+            for block, cache in zip(self.blocks, caches):
+                x, cache = block.step(x, cache, position)
+                new_caches.append(cache)
+            caches = new_caches
+            logits = self.head(self.norm(x))[:, 0]
+            chosen = choose_tokens(
+                logits, tf.random.experimental.stateless_fold_in(seed, position), temperature, top_k, top_p
+            )
+            chosen_all.append(chosen)
+            previous = chosen[:, None]
+        return tf.reshape(tf.stack(chosen_all, axis=1), (count, rows, columns))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "width": self.width,
+            "num_heads": self.num_heads,
+            "num_layers": self.num_layers,
+            "mlp_ratio": self.mlp_ratio,
+        }
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class _Block(layers.Layer):
+    """Pre-norm causal self-attention and MLP, with a step for cached decoding.
+
+    Input/Output shape: (B, n, width).
+    """
+
+    def __init__(self, width, num_heads, mlp_ratio, **kwargs):
+        super().__init__(**kwargs)
+        self.width, self.num_heads, self.mlp_ratio = width, num_heads, mlp_ratio
+        self.norm_1 = layers.LayerNormalization(epsilon=1e-5)
+        self.norm_2 = layers.LayerNormalization(epsilon=1e-5)
+        self.qkv = layers.Dense(3 * width)
+        self.project = layers.Dense(width)
+        self.mlp_in = layers.Dense(mlp_ratio * width, activation="gelu")
+        self.mlp_out = layers.Dense(width)
+
+    def _heads(self, x):
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        x = ops.reshape(x, (batch, length, self.num_heads, self.width // self.num_heads))
+        return ops.transpose(x, (0, 2, 1, 3))
+
+    def _merge(self, x):
+        batch, length = ops.shape(x)[0], ops.shape(x)[2]
+        return ops.reshape(ops.transpose(x, (0, 2, 1, 3)), (batch, length, self.width))
+
+    def _attend(self, queries, keys, values, mask):
+        scale = 1.0 / math.sqrt(self.width // self.num_heads)
+        scores = ops.matmul(queries, ops.transpose(keys, (0, 1, 3, 2))) * scale
+        scores = ops.where(mask, scores, -1e9)
+        return ops.matmul(ops.softmax(scores, axis=-1), values)
+
+    def call(self, x):
+        length = ops.shape(x)[1]
+        q, k, v = ops.split(self.qkv(self.norm_1(x)), 3, axis=-1)
+        causal = ops.arange(length)[:, None] >= ops.arange(length)[None, :]
+        attended = self._attend(self._heads(q), self._heads(k), self._heads(v), causal[None, None])
+        x = x + self.project(self._merge(attended))
+        return x + self.mlp_out(self.mlp_in(self.norm_2(x)))
+
+    def step(self, x, cache, position):
+        """One position (B, 1, width) with the keys and values of the earlier ones in `cache`
+        ((B, heads, n, head_width) each); returns the output and the updated cache."""
+        q, k, v = ops.split(self.qkv(self.norm_1(x)), 3, axis=-1)
+        keys, values = cache
+        length = keys.shape[2]
+        at = tf.one_hot(position, length)[None, None, :, None]
+        keys = keys * (1.0 - at) + at * self._heads(k)
+        values = values * (1.0 - at) + at * self._heads(v)
+        visible = (tf.range(length) <= position)[None, None, None, :]
+        attended = self._attend(self._heads(q), keys, values, visible)
+        x = x + self.project(self._merge(attended))
+        return x + self.mlp_out(self.mlp_in(self.norm_2(x))), (keys, values)
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width, "num_heads": self.num_heads, "mlp_ratio": self.mlp_ratio}
