@@ -93,7 +93,11 @@ class TokenPrior(keras.Model):
             row, column = divmod(position, columns)
             logits = ops.cast(self(tokens), "float32")[:, row, column]
             chosen = choose_tokens(
-                logits, tf.random.experimental.stateless_fold_in(seed, position), temperature, top_k, top_p
+                logits,
+                tf.random.experimental.stateless_fold_in(seed, tf.constant(position, tf.int64)),
+                temperature,
+                top_k,
+                top_p,
             )
             tokens = tf.tensor_scatter_nd_update(
                 tokens,
@@ -243,33 +247,42 @@ class CausalTransformer(TokenPrior):
         return ops.reshape(logits, (-1, rows, columns, self.num_embeddings))
 
     def sample_tokens(self, count, seed, temperature=1.0, top_k=None, top_p=None):
-        """`count` grids (count, h, w) int32 with cached keys and values: one position per step."""
+        """`count` grids (count, h, w) int32 with cached keys and values: one position per step.
+
+        The whole loop over positions is one compiled graph (a `tf.while_loop`), so a token
+        costs a single pass of the blocks over one position.
+        """
         rows, columns = self.grid_size
         length = rows * columns
-        head_width = self.width // self.num_heads
-        caches = [
-            (
-                tf.zeros((count, self.num_heads, length, head_width)),
-                tf.zeros((count, self.num_heads, length, head_width)),
+        empty = tf.zeros((count, self.num_heads, length, self.width // self.num_heads))
+
+        def body(position, previous, caches, drawn):
+            chosen, caches = self._sample_step(previous, caches, position, seed, temperature, top_k, top_p)
+            return position + 1, chosen[:, None], caches, drawn.write(position, chosen)
+
+        @tf.function
+        def sample():
+            start = (
+                tf.constant(0),
+                -tf.ones((count, 1), tf.int32),
+                tuple((empty, empty) for _ in self.blocks),
+                tf.TensorArray(tf.int32, size=length),
             )
-            for _ in self.blocks
-        ]
-        previous = -tf.ones((count, 1), tf.int32)
-        chosen_all = []
-        for position in range(length):
-            x = self._inputs(previous, tf.constant([position]))
-            new_caches = []
-            for block, cache in zip(self.blocks, caches):
-                x, cache = block.step(x, cache, position)
-                new_caches.append(cache)
-            caches = new_caches
-            logits = self.head(self.norm(x))[:, 0]
-            chosen = choose_tokens(
-                logits, tf.random.experimental.stateless_fold_in(seed, position), temperature, top_k, top_p
-            )
-            chosen_all.append(chosen)
-            previous = chosen[:, None]
-        return tf.reshape(tf.stack(chosen_all, axis=1), (count, rows, columns))
+            *_, drawn = tf.while_loop(lambda position, *_: position < length, body, start)
+            return tf.transpose(drawn.stack())
+
+        return tf.reshape(sample(), (count, rows, columns))
+
+    def _sample_step(self, previous, caches, position, seed, temperature, top_k, top_p):
+        """Draw the token at `position` (int32 scalar) from the previous token (B, 1) and the caches."""
+        x = self._inputs(previous, tf.reshape(position, [1]))
+        updated = []
+        for block, cache in zip(self.blocks, caches):
+            x, cache = block.step(x, cache, position)
+            updated.append(cache)
+        logits = self.head(self.norm(x))[:, 0]
+        step_seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(position, tf.int64))
+        return choose_tokens(logits, step_seed, temperature, top_k, top_p), tuple(updated)
 
     def get_config(self):
         return {

@@ -1,0 +1,62 @@
+"""Sampling speed of the token priors: faces/s for a batch of token grids, cached vs full-pass.
+
+The transformer's cached path runs one compiled step per token; the full-pass path (the only
+one the PixelCNN has) runs the whole network once per token. Sizes are those of the default
+VQ-VAE's tokens: a 16x16 grid of 512 codes. Untrained weights: speed does not depend on them.
+
+    python bench/bench_prior.py [--batch 64] [--passes 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np  # noqa: E402 (after common, which sets the TensorFlow environment)
+import tensorflow as tf  # noqa: E402
+from common import report
+
+from vqvae_faces.token_prior import CausalTransformer, GatedPixelCNN  # noqa: E402
+
+GRID, K = (16, 16), 512
+
+
+def full_pass_faces_per_second(model, batch: int, passes: int) -> float:
+    """A full-pass sampler runs the model once per token: faces/s = batch / (tokens x one pass)."""
+    tokens = np.zeros((batch, *GRID), np.int32)
+    forward = tf.function(model.call)
+    forward(tokens)
+    started = time.perf_counter()
+    for _ in range(passes):
+        forward(tokens)
+    per_pass = (time.perf_counter() - started) / passes
+    return batch / (GRID[0] * GRID[1] * per_pass)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--passes", type=int, default=4)
+    args = parser.parse_args()
+    transformer = CausalTransformer(K, GRID, width=128, num_heads=4, num_layers=4)
+    pixelcnn = GatedPixelCNN(K, GRID, channels=128, num_layers=8)
+    for model in (transformer, pixelcnn):
+        model(np.zeros((1, *GRID), np.int32))
+    transformer.sample_tokens(args.batch, tf.constant([0, 0], tf.int64))  # traces the step
+    started = time.perf_counter()
+    transformer.sample_tokens(args.batch, tf.constant([0, 1], tf.int64))
+    cached = args.batch / (time.perf_counter() - started)
+    baseline = full_pass_faces_per_second(transformer, args.batch, args.passes)
+    rows = [
+        {"sampler": "transformer, cached keys/values", "faces_per_second": cached, "ratio": cached / baseline},
+        {"sampler": "transformer, full pass per token", "faces_per_second": baseline, "ratio": 1.0},
+    ]
+    pixel = full_pass_faces_per_second(pixelcnn, args.batch, args.passes)
+    rows.append(
+        {"sampler": "gated PixelCNN, full pass per token", "faces_per_second": pixel, "ratio": pixel / baseline}
+    )
+    report("bench_prior", rows, vars(args))
+
+
+if __name__ == "__main__":
+    main()
