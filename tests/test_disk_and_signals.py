@@ -1,0 +1,100 @@
+"""Faults of whole runs in real conditions: a full disk at every write, and SIGTERM from a scheduler.
+
+Kept apart from `test_faults.py` so the two long tests run beside the others on a second worker.
+"""
+
+import errno
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from conftest import PEOPLE, ROOT, write_lfw_tree
+from test_faults import FAST, info_logs, main  # noqa: F401  (info_logs is an autouse fixture)
+
+from vqvae_faces import atomic_files
+
+
+def assert_whole(folder: Path) -> None:
+    """Every file the program wrote is complete: no partial files, every format parses."""
+    assert not list(folder.rglob("*.partial.*"))
+    for path in folder.rglob("*"):
+        if path.suffix == ".keras":
+            assert zipfile.ZipFile(path).testzip() is None, path
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".csv":
+            pd.read_csv(path)
+        elif path.suffix == ".npz":
+            with np.load(path) as arrays:
+                list(arrays.values())
+
+
+def test_a_full_disk_at_any_write_ends_in_one_line_and_the_next_run_resumes(tmp_path, monkeypatch, caplog):
+    tree = write_lfw_tree(tmp_path / "data", people=PEOPLE[:5], per_person=2)
+    out = tmp_path / "out"
+    real_replace = atomic_files.fsync_replace
+    failing = {"name": None}
+
+    def replace(tmp, final):
+        if failing["name"] and re.fullmatch(failing["name"], Path(final).name):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(tmp, final)
+
+    monkeypatch.setattr(atomic_files, "fsync_replace", replace)
+    steps = [
+        (r"faces-.*\.npz", []),
+        ("split.json", []),
+        ("config.json", []),
+        ("history.csv", []),
+        ("latest.keras", []),
+        ("best.keras", []),
+        ("state.json", []),
+        ("tokens.npz", []),
+        ("metrics.json", []),
+        ("codebook_usage.png", []),
+        ("report.html", ["--compare"]),
+    ]
+    for name, args in steps:
+        failing["name"] = name
+        caplog.clear()
+        assert main(out, tree, "--set", "epochs=1", *args) == 2, name
+        message = caplog.records[-1].getMessage()
+        assert message.startswith("cannot write ") and "No space left on device" in message, message
+        written = re.match(r"cannot write (.*?): No space", message).group(1)
+        assert re.fullmatch(name, Path(written).name), (name, written)
+        assert "Traceback" not in caplog.text
+        assert_whole(out)
+    failing["name"] = None
+    caplog.clear()
+    assert main(out, tree, "--set", "epochs=2", "--compare") == 0
+    assert "resuming run vqvae from epoch 1" in caplog.text
+    assert json.loads((out / "checkpoints" / "vqvae" / "state.json").read_text())["epochs_done"] == 2
+    assert (out / "images_saved" / "compare" / "report.html").is_file()
+
+
+def test_sigterm_keeps_the_last_epoch_exits_143_and_the_run_resumes(tmp_path):
+    tree = write_lfw_tree(tmp_path / "data", people=PEOPLE[:5], per_person=2)
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "vqvae_face_main.py"), "--out", str(out), "--data", str(tree)]
+    command += ["--run", "vqvae"] + [item for s in FAST + ["epochs=500"] for item in ("--set", s)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    latest = out / "checkpoints" / "vqvae" / "latest.keras"
+    deadline = time.monotonic() + 120
+    while not latest.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr[-2000:]
+    assert "terminated (SIGTERM)" in stderr and "Traceback" not in stderr
+    done = json.loads(zipfile.ZipFile(latest).read("training_state.json"))["epochs_done"]
+    assert 1 <= done < 500
+    resumed = subprocess.run(command + ["--set", f"epochs={done + 1}"], capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming run vqvae from epoch {done}" in resumed.stderr
