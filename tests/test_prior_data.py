@@ -50,3 +50,12 @@ def test_another_checkpoint_or_other_faces_get_their_own_cache(tmp_path):
     other_split = lfw_files.split_by_person(faces.persons, 0.1, 0.1, seed=1)
     assert prior_data.tokens_cache_path(tmp_path, tmp_path / "a.keras", faces, other_split, False) != first
     assert prior_data.tokens_cache_path(tmp_path, tmp_path / "a.keras", faces, split, True) != first
+
+
+def test_an_empty_split_has_no_grids_of_the_right_shape(tmp_path):
+    faces = lfw_files.load_bundled_faces(DataConfig(image_size=16))
+    split = lfw_files.split_by_person(faces.persons, 0.1, 0.1, seed=0)
+    split["val"] = split["val"][:0]
+    model = saved_model(tmp_path / "a.keras", seed=0)
+    tokens = prior_data.tokenize_splits(model, tmp_path / "a.keras", faces, split, tmp_path / "cache", 8)
+    assert tokens["val"].shape == (0, 4, 4) and tokens["train"].shape == (len(split["train"]), 4, 4)

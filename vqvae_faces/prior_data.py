@@ -97,10 +97,8 @@ def tokenize_splits(
 
 def _tokenize(model, images: np.ndarray, batch_size: int) -> np.ndarray:
     """uint8 faces (N, H, W, C) -> int16 nearest-code grids (N, h, w)."""
-    if not len(images):
-        return np.zeros((0, 0, 0), np.int16)
-    batches = [
-        model.encode_to_tokens(batch).numpy()
-        for batch in pipeline.make_dataset(np.ascontiguousarray(images), batch_size)
-    ]
-    return np.concatenate(batches).astype(np.int16)
+    if not len(images):  # an empty split (val_fraction 0): no faces, but the grid's shape
+        grid = model.encode_to_tokens(np.zeros((1, *images.shape[1:]), np.float32)).shape[1:]
+        return np.zeros((0, *grid), np.int16)
+    dataset = pipeline.make_dataset(np.ascontiguousarray(images), batch_size)
+    return np.concatenate([model.encode_to_tokens(batch).numpy() for batch in dataset]).astype(np.int16)
