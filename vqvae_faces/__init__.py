@@ -11,4 +11,6 @@ Layers, each importing only those before it:
   visualize                     pictures
   training                      one run's training
   evaluation, compare           metrics and the codec comparison
+  token_prior                   autoregressive priors over token grids (PixelCNN, transformer)
+  prior_data, prior_metrics     the grids a prior learns (cached per checkpoint); its code length, copying
 """
