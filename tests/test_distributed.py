@@ -155,7 +155,7 @@ def test_a_dead_worker_ends_the_chief_with_a_message_naming_it(tmp_path):
 
 def test_lost_worker_message_names_the_task_in_the_error():
     text = "aborted: The following tasks are unhealthy (stopped sending heartbeats):\n/job:worker/replica:0/task:2"
-    config = json.dumps({"cluster": {"worker": ["a:1", "b:2", "c:3"]}, "task": {"type": "worker", "index": 0}})
+    config = {"cluster": {"worker": ["a:1", "b:2", "c:3"]}, "task": {"type": "worker", "index": 0}}
     assert training.lost_worker_message(text, config).startswith("multi-worker training stopped: worker 2 (c:3) did")
     unnamed = training.lost_worker_message("Deadline Exceeded", config)
     assert unnamed.startswith("multi-worker training stopped: worker 1 (b:2), worker 2 (c:3) did not answer")

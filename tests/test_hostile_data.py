@@ -2,6 +2,7 @@
 
 import io
 import logging
+import os
 import tarfile
 import time
 import tracemalloc
@@ -74,7 +75,7 @@ def test_decodes_in_flight_are_bounded(monkeypatch):
     monkeypatch.setattr(lfw_files, "decode_face", decode)
     names, faces = lfw_files._decode_all(members(), settings(image_size=16), {})
     assert len(faces) == 300
-    workers = min(8, __import__("os").cpu_count() or 1)
+    workers = min(8, os.cpu_count() or 1)
     assert max(ahead) <= workers * lfw_files.DECODES_IN_FLIGHT_PER_WORKER + workers
 
 

@@ -34,7 +34,7 @@ def test_grids_are_the_nearest_codes_of_each_split_and_come_from_the_cache_next_
         assert list(tokens.names[part]) == list(faces.names[split[part]])
         assert tokens[part].dtype == np.int16 and tokens[part].shape == (len(split[part]), 4, 4)
     calls = []
-    monkeypatch.setattr(prior_data, "_tokenize", lambda *args: calls.append(1))
+    monkeypatch.setattr(prior_data, "tokenize", lambda *args: calls.append(1))
     again = prior_data.tokenize_splits(model, tmp_path / "a.keras", faces, split, tmp_path / "cache", 7, flipped=True)
     assert calls == [] and "from cache" in caplog.text
     np.testing.assert_array_equal(again["train"], tokens["train"])

@@ -92,8 +92,6 @@ class DeadCodeRevival(keras.callbacks.Callback):
         seed=0,
     ):
         super().__init__()
-        if source not in ("encoder", "codes"):
-            raise ValueError(f"source must be 'encoder' or 'codes', received source={source!r}")
         self.quantizer = quantizer
         self.every_n_batches = every_n_batches
         self.seed = tf.constant([seed, 1], tf.int64)
@@ -318,6 +316,7 @@ class ReconstructionSnapshots(keras.callbacks.Callback):
         self.every = every
         self.save_grid = save_grid
         self.tensorboard_dir = tensorboard_dir
+        self.writer = None  # created at the first snapshot, then reused
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every == 0:
@@ -331,8 +330,10 @@ class ReconstructionSnapshots(keras.callbacks.Callback):
             )
             if self.tensorboard_dir is not None:
                 pairs = np.concatenate([self.images, np.clip(reconstructions, 0.0, 1.0)], axis=1)
-                with tf.summary.create_file_writer(str(self.tensorboard_dir)).as_default():
+                self.writer = self.writer or tf.summary.create_file_writer(str(self.tensorboard_dir))
+                with self.writer.as_default():
                     tf.summary.image("original over reconstruction", pairs, step=epoch, max_outputs=len(pairs))
+                self.writer.flush()
 
 
 TRAINING_STATE_ENTRY = "training_state.json"

@@ -64,6 +64,9 @@ def tokenize(model: VQVAE, images: np.ndarray, batch_size: int, search_steps: in
         return model.search_tokens(batch, search_steps, step_size)
 
     encode = tf.function(search if search_steps > 0 else model.encode_to_tokens)
+    if not len(images):  # e.g. an empty validation split: no grids, but of the grid's shape
+        grid = model.encode_to_tokens(np.zeros((1, *images.shape[1:]), np.float32)).shape[1:]
+        return np.zeros((0, *grid), np.int16)
     grids, done, next_report = [], 0, len(images) / SEARCH_PROGRESS_REPORTS
     for batch in pipeline.make_dataset(images, batch_size):
         grids.append(encode(batch).numpy())

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vqvae_faces import pipeline
 from vqvae_faces.atomic_files import save_npz_atomically
+from vqvae_faces.evaluation import tokenize
 from vqvae_faces.lfw_files import SPLIT_PARTS, FaceSet, images_fingerprint
 
 log = logging.getLogger("vqvae_faces.prior_data")
@@ -84,21 +84,12 @@ def tokenize_splits(
     for part in SPLIT_PARTS:
         images = faces.subset(split[part])
         names[part] = faces.names[split[part]]
-        grids[part] = _tokenize(model, images, batch_size)
+        grids[part] = tokenize(model, images, batch_size)
         if flipped:
-            grids[f"{part}_flipped"] = _tokenize(model, images[:, :, ::-1], batch_size)
+            grids[f"{part}_flipped"] = tokenize(model, np.ascontiguousarray(images[:, :, ::-1]), batch_size)
             names[f"{part}_flipped"] = names[part]
         log.info("tokenized %d %s faces with %s", len(images), part, checkpoint)
     arrays = {f"grids_{part}": grid for part, grid in grids.items()}
     arrays.update({f"names_{part}": name for part, name in names.items()})
     save_npz_atomically(path, compressed=True, **arrays)
     return TokenSplits(grids, names)
-
-
-def _tokenize(model, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """uint8 faces (N, H, W, C) -> int16 nearest-code grids (N, h, w)."""
-    if not len(images):  # an empty split (val_fraction 0): no faces, but the grid's shape
-        grid = model.encode_to_tokens(np.zeros((1, *images.shape[1:]), np.float32)).shape[1:]
-        return np.zeros((0, *grid), np.int16)
-    dataset = pipeline.make_dataset(np.ascontiguousarray(images), batch_size)
-    return np.concatenate([model.encode_to_tokens(batch).numpy() for batch in dataset]).astype(np.int16)

@@ -113,20 +113,32 @@ def exclusive_run_lock(folder: Path):
     return run_lock(folder, exclusive=True)
 
 
-def read_state(paths: RunPaths) -> Optional[dict]:
-    """`state.json`, or None when it is missing or unreadable (a corrupt one is moved aside with a warning)."""
-    if not paths.state.is_file():
+def _read_record(path: Path, extract, consequence: str = ""):
+    """`extract(parsed JSON of path)`, or None when the file is missing or unreadable.
+
+    `extract` returns the value, or raises `KeyError`/`TypeError`/`ValueError` when the
+    JSON is not the expected record; such a file is moved aside with a warning (plus
+    `consequence`), so it is kept for the user and out of the program's way.
+    """
+    if not path.is_file():
         return None
     try:
-        state = json.loads(paths.state.read_text(encoding="utf-8"))
-        if isinstance(state, dict) and isinstance(state.get("epochs_done"), int):
-            return state
-        problem = "not a training state"
-    except (ValueError, UnicodeDecodeError) as error:
-        problem = str(error)
-    kept = move_aside(paths.state)
-    log.warning("%s is corrupt (%s); moved it to %s", paths.state, problem, kept.name)
-    return None
+        return extract(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as error:
+        kept = move_aside(path)
+        log.warning("%s is corrupt (%s); moved it to %s.%s", path, error, kept.name, consequence)
+        return None
+
+
+def _training_state(record):
+    if not isinstance(record, dict) or not isinstance(record.get("epochs_done"), int):
+        raise ValueError("not a training state")
+    return record
+
+
+def read_state(paths: RunPaths) -> Optional[dict]:
+    """`state.json`, or None when it is missing or unreadable (a corrupt one is moved aside with a warning)."""
+    return _read_record(paths.state, _training_state)
 
 
 def resumable_state(paths: RunPaths) -> Optional[dict]:
@@ -205,25 +217,16 @@ def check_compatible(paths: RunPaths, config: ExperimentConfig, run_name: str) -
         )
 
 
+def _data_settings(record):
+    if not isinstance(record["data"], dict):
+        raise TypeError("no data settings")
+    return record["data"]
+
+
 def _saved_data_settings(paths: RunPaths) -> Optional[dict]:
     """The data settings in `config.json`; None when there is none (a corrupt one is moved aside)."""
-    if not paths.resolved_config.is_file():
-        return None
-    try:
-        data = json.loads(paths.resolved_config.read_text(encoding="utf-8"))["data"]
-        if isinstance(data, dict):
-            return data
-        problem = "no data settings"
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as error:
-        problem = str(error)
-    kept = move_aside(paths.resolved_config)
-    log.warning(
-        "%s is corrupt (%s); moved it to %s. The data settings the run was trained with cannot be checked.",
-        paths.resolved_config,
-        problem,
-        kept.name,
-    )
-    return None
+    consequence = " The data settings the run was trained with cannot be checked."
+    return _read_record(paths.resolved_config, _data_settings, consequence)
 
 
 def budget_raised(state: dict, run: RunConfig) -> bool:

@@ -66,6 +66,11 @@ def choose_precision(setting: str) -> str:
     return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
 
 
+def tf_config() -> dict:
+    """The TF_CONFIG environment variable, parsed ({} when it is not set)."""
+    return json.loads(os.environ.get("TF_CONFIG") or "{}")
+
+
 def choose_strategy(setting: str, collective_timeout_seconds: Optional[float] = None) -> tf.distribute.Strategy:
     """The tf.distribute strategy for `distribution`.
 
@@ -77,7 +82,7 @@ def choose_strategy(setting: str, collective_timeout_seconds: Optional[float] = 
     raises `tf.errors.DeadlineExceededError` instead of blocking forever.
     """
     if setting == "auto":
-        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+        cluster = tf_config().get("cluster", {})
         if len(cluster.get("worker", [])) + len(cluster.get("chief", [])) > 1:
             setting = "multi_worker"
         elif len(tf.config.list_physical_devices("GPU")) > 1:
@@ -102,14 +107,13 @@ def choose_strategy(setting: str, collective_timeout_seconds: Optional[float] = 
 WORKER_LOST_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError)
 
 
-def lost_worker_message(error_text: str, tf_config: str) -> str:
+def lost_worker_message(error_text: str, config: dict) -> str:
     """One line naming the workers a failed collective operation waited for.
 
     TensorFlow names tasks as `/job:worker/replica:0/task:N`; each other worker
-    named in `error_text` is looked up in TF_CONFIG's cluster. When none is
-    named, every other worker is listed as a suspect.
+    named in `error_text` is looked up in the cluster of `config` (TF_CONFIG).
+    When none is named, every other worker is listed as a suspect.
     """
-    config = json.loads(tf_config)
     cluster, task = config.get("cluster", {}), config.get("task", {})
     me = (task.get("type"), task.get("index"))
     named = {(job, int(index)) for job, index in re.findall(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)", error_text)}
@@ -124,8 +128,8 @@ def lost_worker_message(error_text: str, tf_config: str) -> str:
 
 
 def is_chief() -> bool:
-    """True unless TF_CONFIG makes this process a non-chief worker (see `vqvae_face_main.train_as_worker`)."""
-    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    """True unless TF_CONFIG makes this process a non-chief worker (see `train_as_worker`)."""
+    config = tf_config()
     task = config.get("task", {})
     if not task:
         return True
@@ -399,7 +403,7 @@ def _fit(model, job: FitJob) -> None:
     except WORKER_LOST_ERRORS as error:
         if schedule.workers_strategy is None:
             raise
-        raise WorkerLost(lost_worker_message(str(error), os.environ.get("TF_CONFIG") or "{}")) from None
+        raise WorkerLost(lost_worker_message(str(error), tf_config())) from None
     if checkpoint.divergence is not None:
         kept = f"epoch {checkpoint.epochs_done}" if checkpoint.epochs_done else "none yet: the run starts over"
         raise LossDiverged(
