@@ -3,6 +3,7 @@
     python vqvae_face_main.py                       # every run in experiment.json, embedded faces
     python vqvae_face_main.py --data lfw-deepfunneled.tgz --run vqvae
     python vqvae_face_main.py --eval                # evaluate saved checkpoints only
+    python vqvae_face_main.py --sample 64           # new faces from the trained token prior
     python vqvae_face_main.py --set epochs=2 --set data.image_size=32
 
 Expected mistakes (bad config, missing data, no checkpoint, NaN loss, a corrupt
@@ -51,6 +52,13 @@ def parse_args(argv):
         "on the same test faces; writes images_saved/compare/",
     )
     parser.add_argument(
+        "--sample",
+        type=int,
+        default=None,
+        metavar="N",
+        help="draw N new faces from each selected prior run (no training); writes images_saved/<run>/samples.*",
+    )
+    parser.add_argument(
         "--retrain", action="store_true", help="train selected runs from scratch, discarding their checkpoints"
     )
     parser.add_argument(
@@ -89,7 +97,7 @@ def flag_overrides(args) -> list[str]:
         overrides.append(f"data.path={json.dumps(args.data)}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
-    if args.eval:
+    if args.eval or args.sample is not None:
         overrides.append("enable_training=false")
     return overrides
 
@@ -97,6 +105,7 @@ def flag_overrides(args) -> list[str]:
 def run(args) -> int:
     from vqvae_faces import lfw_files
     from vqvae_faces.config import load_config
+    from vqvae_faces.errors import ConfigError
 
     config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     config = load_config(config_path, args.overrides + flag_overrides(args), args.runs)
@@ -111,10 +120,20 @@ def run(args) -> int:
         run_names = config.compare
     else:
         run_names = list(config.runs)
+    run_names = config.training_order(run_names)
+    if args.sample is not None:
+        run_names = [name for name in run_names if config.runs[name].model == "prior"]
+        if args.sample < 1 or not run_names:
+            raise ConfigError(
+                f"--sample {args.sample}: needs N >= 1 and a prior run among the selected runs "
+                f"(prior runs: {sorted(n for n, r in config.runs.items() if r.model == 'prior')})."
+            )
     out = Path(args.out)
 
     from vqvae_faces import training
+    from vqvae_faces import prior_evaluation
     from vqvae_faces.evaluation import TestFaces, evaluate_run, load_trained_model, metrics_table, test_set
+    from vqvae_faces.prior_data import load_prior_source
     from vqvae_faces.run_folder import RunPaths, check_compatible, run_lock
 
     if config.deterministic:
@@ -145,14 +164,31 @@ def run(args) -> int:
             training.train_run(config, run_name, faces, out, retrain=args.retrain, strategy=strategy)
         # A shared lock: other evaluations may read the run at once, a trainer may not rewrite it.
         lock = run_lock(paths.checkpoints, exclusive=False) if paths.checkpoints.is_dir() else None
+        run = config.runs[run_name]
         with lock or contextlib.nullcontext():
             model, _ = load_trained_model(paths, run_name)
             test_faces = other_faces or test_set(paths, faces)
-            result = evaluate_run(run_name, config.runs[run_name], model, paths, test_faces)
+            if run.model != "prior":
+                result = evaluate_run(run_name, run, model, paths, test_faces)
+                results[run_name], test_names[run_name] = result, list(test_faces.names)
+                log.info("run %s: metrics in %s", run_name, paths.images / "metrics.json")
+                continue
+            source = load_prior_source(config, run_name, faces, out)
+            training_faces = faces.subset(source.split["train"])
+            if args.sample is not None:
+                prior_evaluation.write_samples(
+                    run_name, model, source.vqvae, args.sample, run.sampling, config.seed, training_faces, paths
+                )
+                continue
+            result = prior_evaluation.evaluate_prior(
+                run_name, run, model, paths, source, test_faces, training_faces, config.seed, other_faces is not None
+            )
         results[run_name], test_names[run_name] = result, list(test_faces.names)
         log.info("run %s: metrics in %s", run_name, paths.images / "metrics.json")
     if results:
         print(metrics_table([r.metrics for r in results.values()]))
+        for line in filter(None, (prior_evaluation.describe(r.metrics) for r in results.values())):
+            print(line)
     if args.compare and results:
         compare_runs(results, test_names, test_faces.images, test_faces.description, out)
     return 0

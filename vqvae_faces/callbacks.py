@@ -336,6 +336,35 @@ class ReconstructionSnapshots(keras.callbacks.Callback):
                 self.writer.flush()
 
 
+class SampleSnapshots(keras.callbacks.Callback):
+    """Every `every` epochs, draw `count` token grids from the prior being trained and save
+    them decoded (to `folder/epoch_XXXX.png`, and to TensorBoard when `tensorboard_dir` is given).
+
+    Args:
+        decode: int token grids (N, h, w) -> images (N, H, W, C) in [0, 1] (the VQ-VAE's decoder).
+        count: grids per snapshot; seed: the same seed every time, so the pictures show the
+            prior changing, not the random draw.
+    """
+
+    def __init__(self, decode, count: int, folder: Path, every: int, save_grid, seed: int, tensorboard_dir=None):
+        super().__init__()
+        self.decode, self.count, self.folder, self.every = decode, count, Path(folder), every
+        self.save_grid, self.seed, self.tensorboard_dir = save_grid, seed, tensorboard_dir
+        self.writer = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every:
+            return
+        grids = self.model.sample_tokens(self.count, tf.constant([self.seed, 0], tf.int64))
+        images = np.clip(keras.ops.convert_to_numpy(self.decode(grids)), 0.0, 1.0)
+        self.save_grid([images], ["sample"], self.folder / f"epoch_{epoch + 1:04d}.png", title=f"epoch {epoch + 1}")
+        if self.tensorboard_dir is not None:
+            self.writer = self.writer or tf.summary.create_file_writer(str(self.tensorboard_dir))
+            with self.writer.as_default():
+                tf.summary.image("samples", images, step=epoch, max_outputs=len(images))
+            self.writer.flush()
+
+
 TRAINING_STATE_ENTRY = "training_state.json"
 
 

@@ -183,6 +183,15 @@ def build_table(
                     result.quality,
                 )
             )
+        elif m.get("tokens_from"):
+            rows.append(
+                _row(
+                    f"VQ-VAE ({m['tokens_from']}) + prior ({name})",
+                    "nearest codes; ideal code length -log2 p(tokens) under the prior",
+                    m["bits_per_image"],
+                    result.quality,
+                )
+            )
         else:
             rows.append(
                 _row(
@@ -255,6 +264,8 @@ def write_html(folder: Path, table: pd.DataFrame, run_images: dict[str, Path], d
             f"<h2>Run {html.escape(name)}</h2>",
             _embedded_png(run_folder / "training_curves.png"),
             _embedded_png(run_folder / "codebook_usage.png"),
+            _embedded_png(run_folder / "samples.png"),
+            _embedded_png(run_folder / "nearest_training_faces.png"),
         ]
     page = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>vqvae-faces comparison</title>"

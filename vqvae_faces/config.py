@@ -123,15 +123,78 @@ class RevivalConfig:
 
 
 @dataclass
+class PriorConfig:
+    """The token prior's architecture (`token_prior.py`) and its training data.
+
+    "transformer" is `CausalTransformer` (width, num_heads, num_layers, mlp_ratio);
+    "pixelcnn" is `GatedPixelCNN` (width as channels, num_layers, kernel_size).
+    `flipped_faces` adds the tokens of the mirrored training faces to the training data.
+    """
+
+    architecture: Literal["transformer", "pixelcnn"] = "transformer"
+    width: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    mlp_ratio: int = 4
+    kernel_size: int = 3
+    flipped_faces: bool = True
+
+    def validate(self, path: str) -> None:
+        _check_range(path, "width", self.width, 8, 4096)
+        _check_range(path, "num_layers", self.num_layers, 1, 64)
+        _check_range(path, "num_heads", self.num_heads, 1, 64)
+        if self.width % self.num_heads:
+            raise ConfigError(f"{path}.width={self.width} must be divisible by {path}.num_heads={self.num_heads}.")
+        _check_range(path, "mlp_ratio", self.mlp_ratio, 1, 16)
+        if self.kernel_size % 2 == 0:
+            raise ConfigError(f"{path}.kernel_size={self.kernel_size} must be odd.")
+        _check_range(path, "kernel_size", self.kernel_size, 1, 15)
+
+
+@dataclass
+class SamplingConfig:
+    """How a token prior draws new faces (`--sample N`, and the samples `--eval` measures).
+
+    Each token is drawn from the prior's distribution divided by `temperature` and
+    restricted to the `top_k` most likely tokens and to the smallest set whose
+    probability reaches `top_p` (null: no restriction). `eval_samples` faces are
+    drawn for the memorisation check and the speed; `fid_samples` for the FID, which
+    needs `inception_weights`: a Keras InceptionV3 weights file (null: FID not computed).
+    """
+
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    batch_size: int = 64
+    eval_samples: int = 256
+    fid_samples: int = 2000
+    inception_weights: Optional[str] = None
+
+    def validate(self, path: str) -> None:
+        _check_range(path, "temperature", self.temperature, 0.01, 100.0)
+        if self.top_k is not None:
+            _check_range(path, "top_k", self.top_k, 1, 1 << 15)
+        if self.top_p is not None:
+            _check_range(path, "top_p", self.top_p, 0.01, 1.0)
+        _check_range(path, "batch_size", self.batch_size, 1, 65536)
+        _check_range(path, "eval_samples", self.eval_samples, 2, 10**6)
+        _check_range(path, "fid_samples", self.fid_samples, 2, 10**6)
+
+
+@dataclass
 class RunConfig:
     """One named training run: a model, its size and its training policy.
 
-    `model` selects "vqvae" or "vae"; quantizer keys (num_embeddings,
+    `model` selects "vqvae", "vae" or "prior"; quantizer keys (num_embeddings,
     commitment_cost, ema_*, codebook_init, annealing, revival) only
-    matter for "vqvae", `latent_dim` and `kl_beta` only for "vae".
+    matter for "vqvae", `latent_dim` and `kl_beta` only for "vae". A "prior"
+    learns the token grids of the VQ-VAE run named by `tokens_from`, with the
+    architecture in `prior` and the sampling settings in `sampling`; the
+    autoencoder keys do not apply to it, and the training-policy keys start from
+    `MODEL_DEFAULTS["prior"]`.
     """
 
-    model: Literal["vqvae", "vae"] = "vqvae"
+    model: Literal["vqvae", "vae", "prior"] = "vqvae"
     epochs: int = 40
     max_train_minutes: Optional[float] = 30.0
     batch_size: int = 8
@@ -171,8 +234,18 @@ class RunConfig:
     snapshot_every: int = 5
     annealing: AnnealingConfig = field(default_factory=AnnealingConfig)
     revival: RevivalConfig = field(default_factory=RevivalConfig)
+    tokens_from: Optional[str] = None
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def validate(self, path: str) -> None:
+        if (self.model == "prior") != (self.tokens_from is not None):
+            raise ConfigError(
+                f"{path}.tokens_from={self.tokens_from!r} with model={self.model!r}: a \"prior\" run names the "
+                "VQ-VAE run whose tokens it learns (tokens_from), and only a prior does."
+            )
+        self.prior.validate(f"{path}.prior")
+        self.sampling.validate(f"{path}.sampling")
         _check_range(path, "epochs", self.epochs, 1, 10**6)
         if self.max_train_minutes is not None:
             _check_range(path, "max_train_minutes", self.max_train_minutes, 0.01, 10**6)
@@ -255,6 +328,15 @@ class ExperimentConfig:
             if not name or any(c in name for c in "/\\.") or name.startswith("-"):
                 raise ConfigError(f"runs: run name {name!r} must be a plain folder name.")
             run.validate(f"runs.{name}")
+            if run.model == "prior":
+                source = self.runs.get(run.tokens_from)
+                if source is None or source.model != "vqvae":
+                    vqvae_runs = sorted(n for n, r in self.runs.items() if r.model == "vqvae")
+                    raise ConfigError(
+                        f"runs.{name}.tokens_from={run.tokens_from!r} must name a VQ-VAE run of this config "
+                        f"(VQ-VAE runs: {vqvae_runs})."
+                    )
+                continue
             if self.data.image_size % run.downsampling_factor:
                 raise ConfigError(
                     f"data.image_size={self.data.image_size} is not divisible by the "
@@ -267,6 +349,39 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def token_alphabet(self, prior_run: str) -> tuple[int, tuple[int, int]]:
+        """(K, (rows, columns)): the codes and grid of the tokens a prior run learns."""
+        source = self.runs[self.runs[prior_run].tokens_from]
+        side = self.data.image_size // source.downsampling_factor
+        return source.num_embeddings, (side, side)
+
+    def training_order(self, run_names: list[str]) -> list[str]:
+        """`run_names` with each prior after the VQ-VAE run it learns from (when that is among them)."""
+        ordered: list[str] = []
+        for name in run_names:
+            source = self.runs[name].tokens_from
+            if source in run_names and source not in ordered:
+                ordered.append(source)
+            if name not in ordered:
+                ordered.append(name)
+        return ordered
+
+
+# Training-policy defaults that differ by model kind, applied to the keys a run does not set.
+# A token prior is a classifier over K codes at every grid cell: larger batches, a gentler
+# learning rate and looser clipping than the autoencoders' recipe (experiments/SETTINGS.md).
+MODEL_DEFAULTS = {
+    "prior": {
+        "batch_size": 32,
+        "learning_rate": 1e-3,
+        "lr_schedule": "cosine",
+        "lr_final_fraction": 0.05,
+        "gradient_clipnorm": 1.0,
+        "patience": 5,
+        "divergence_ratio": 2.0,
+    },
+}
 
 
 def _check_range(path: str, key: str, value, low, high) -> None:
@@ -409,17 +524,22 @@ def load_config(
                 if not isinstance(raw["runs"][name], dict):
                     continue
                 _assign(raw["runs"][name], parts, value)
+    for run in raw["runs"].values():
+        if isinstance(run, dict):
+            for key, value in MODEL_DEFAULTS.get(run.get("model"), {}).items():
+                run.setdefault(key, value)
     config = _build(ExperimentConfig, raw, "")
     config.validate()
     return config
 
 
-def save_resolved_config(config: ExperimentConfig, run_name: str, path: Path) -> None:
-    """Write the shared settings and one run's resolved settings as JSON."""
+def save_resolved_config(config: ExperimentConfig, run_name: str, path: Path, **extra) -> None:
+    """Write the shared settings and one run's resolved settings as JSON (plus `extra` records)."""
     resolved = {
         "seed": config.seed,
         "data": dataclasses.asdict(config.data),
         "run_name": run_name,
         "run": dataclasses.asdict(config.runs[run_name]),
+        **extra,
     }
     write_json_atomically(resolved, path)

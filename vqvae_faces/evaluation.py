@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -26,6 +27,17 @@ log = logging.getLogger("vqvae_faces.eval")
 
 PREVIEW_FACES = 10
 SEARCH_PROGRESS_REPORTS = 10  # log lines per token search
+
+# Each model's compiled encode and decode functions, traced once and reused by every call.
+_COMPILED: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
+
+
+def compiled(model: keras.Model, method: str):
+    """`tf.function(getattr(model, method))`, created once per model and method."""
+    functions = _COMPILED.setdefault(model, {})
+    if method not in functions:
+        functions[method] = tf.function(getattr(model, method))
+    return functions[method]
 
 
 def image_quality(originals: np.ndarray, reconstructions: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
@@ -63,7 +75,7 @@ def tokenize(model: VQVAE, images: np.ndarray, batch_size: int, search_steps: in
     def search(batch):
         return model.search_tokens(batch, search_steps, step_size)
 
-    encode = tf.function(search if search_steps > 0 else model.encode_to_tokens)
+    encode = tf.function(search) if search_steps > 0 else compiled(model, "encode_to_tokens")
     if not len(images):  # e.g. an empty validation split: no grids, but of the grid's shape
         grid = model.encode_to_tokens(np.zeros((1, *images.shape[1:]), np.float32)).shape[1:]
         return np.zeros((0, *grid), np.int16)
@@ -79,7 +91,7 @@ def tokenize(model: VQVAE, images: np.ndarray, batch_size: int, search_steps: in
 
 def decode(model: VQVAE, tokens: np.ndarray, batch_size: int) -> np.ndarray:
     """int token grids (N, h, w) -> float32 reconstructions (N, H, W, C)."""
-    decode_fn = tf.function(model.decode_tokens)
+    decode_fn = compiled(model, "decode_tokens")
     dataset = tf.data.Dataset.from_tensor_slices(tokens.astype(np.int32)).batch(batch_size)
     return np.concatenate([decode_fn(batch).numpy() for batch in dataset]).astype(np.float32)
 

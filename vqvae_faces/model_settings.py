@@ -17,20 +17,44 @@ import keras
 from vqvae_class_keras import VAE, VQVAE
 from vqvae_faces.config import RunConfig
 from vqvae_faces.errors import CheckpointError
+from vqvae_faces.token_prior import CausalTransformer, GatedPixelCNN
 
 # Constructor arguments of a saved model that may differ from the current settings when it is
 # resumed or evaluated: the quantizer's training policy and the seed of its random draws. Every
 # other argument is architecture or training objective and must match (see `model_mismatches`).
 RESUMABLE_MODEL_ARGUMENTS = frozenset({"commitment_cost", "decay", "epsilon", "codebook_init", "seed"})
 MODEL_CLASSES = {"vqvae": VQVAE, "vae": VAE}
+PRIOR_CLASSES = {"transformer": CausalTransformer, "pixelcnn": GatedPixelCNN}
+# A prior's token alphabet follows from its VQ-VAE run, whose checkpoint the prior's
+# config.json records (see `run_folder.check_compatible`); the rest of its arguments must match.
+DERIVED_PRIOR_ARGUMENTS = frozenset({"num_embeddings", "grid_size"})
 
 
-def model_arguments(run: RunConfig, channels: int, data_variance: Optional[float], seed: int) -> dict:
-    """The constructor arguments of the model class `MODEL_CLASSES[run.model]` for the run's settings.
+def model_class(run: RunConfig) -> type:
+    """The Keras model class a run trains."""
+    return PRIOR_CLASSES[run.prior.architecture] if run.model == "prior" else MODEL_CLASSES[run.model]
+
+
+def model_arguments(
+    run: RunConfig,
+    channels: int,
+    data_variance: Optional[float],
+    seed: int,
+    tokens: tuple[int, tuple[int, int]] = (2, (1, 1)),
+) -> dict:
+    """The constructor arguments of `model_class(run)` for the run's settings.
 
     The one place that maps settings to a model: a new model setting is a constructor
-    argument plus its entry here (and its `RunConfig` field).
+    argument plus its entry here (and its `RunConfig` field). `tokens` is a prior's
+    (K, (rows, columns)), from `ExperimentConfig.token_alphabet`.
     """
+    if run.model == "prior":
+        num_embeddings, grid_size = tokens
+        p = run.prior
+        shared = dict(num_embeddings=num_embeddings, grid_size=list(grid_size), num_layers=p.num_layers)
+        if p.architecture == "transformer":
+            return dict(width=p.width, num_heads=p.num_heads, mlp_ratio=p.mlp_ratio, **shared)
+        return dict(channels=p.width, kernel_size=p.kernel_size, **shared)
     trunk = dict(
         image_channels=channels,
         encoder_filters=list(run.encoder_filters),
@@ -61,10 +85,15 @@ def model_arguments(run: RunConfig, channels: int, data_variance: Optional[float
 
 
 def build_model(
-    run: RunConfig, channels: int, data_variance: Optional[float], seed: int, learning_rate: Optional[float] = None
+    run: RunConfig,
+    channels: int,
+    data_variance: Optional[float],
+    seed: int,
+    learning_rate: Optional[float] = None,
+    tokens: tuple[int, tuple[int, int]] = (2, (1, 1)),
 ) -> keras.Model:
     """A fresh, compiled model for `run` (the dtype policy and strategy scope must already be set)."""
-    model = MODEL_CLASSES[run.model](**model_arguments(run, channels, data_variance, seed))
+    model = model_class(run)(**model_arguments(run, channels, data_variance, seed, tokens))
     optimizer = keras.optimizers.Adam(learning_rate or run.learning_rate, global_clipnorm=run.gradient_clipnorm)
     model.compile(optimizer=optimizer, jit_compile=run.jit_compile)
     return model
@@ -97,12 +126,12 @@ def model_mismatches(saved: dict, run: RunConfig) -> list[str]:
     model does not record (it was saved before the argument existed) is a
     difference too: what it was trained with is unknown.
     """
-    model_class = MODEL_CLASSES[run.model]
-    if saved["class_name"] != model_class.__name__:
-        return [f"model: checkpoint {saved['class_name']!r}, config {run.model!r}"]
+    wanted_class = model_class(run)
+    if saved["class_name"] != wanted_class.__name__:
+        return [f"model: checkpoint {saved['class_name']!r}, config {run.model!r} ({wanted_class.__name__})"]
     mismatches = []
     for key, wanted in model_arguments(run, channels=0, data_variance=None, seed=0).items():
-        if key in RESUMABLE_MODEL_ARGUMENTS or key == "image_channels":
+        if key in RESUMABLE_MODEL_ARGUMENTS or key in DERIVED_PRIOR_ARGUMENTS or key == "image_channels":
             continue
         if key not in saved["config"]:
             mismatches.append(f"{key}: not recorded in the checkpoint (saved by an older version)")

@@ -149,6 +149,26 @@ def make_dataset(images: np.ndarray, batch_size: int, drop_remainder: bool = Fal
     return _distribute_by_data(dataset.map(lambda index: _scaled(pool, index), num_parallel_calls=tf.data.AUTOTUNE))
 
 
+def _epoch_batches(count: int, batch_size: int, seed: int, first_epoch: int, epochs: int, drop_remainder: bool):
+    """(batch seed, indices) for each batch of epochs `first_epoch` .. `epochs - 1`.
+
+    Each epoch is a fresh permutation of range(count); the permutation and each
+    batch's seed are pure functions of (`seed`, epoch, batch).
+    """
+    positions = tf.range(count, dtype=tf.int64)
+    base = tf.constant([seed, 0], tf.int64)
+
+    def one_epoch(epoch):
+        epoch_seed = tf.random.experimental.stateless_fold_in(base, epoch)
+        order = tf.random.experimental.stateless_shuffle(positions, seed=epoch_seed)
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=drop_remainder)
+        return batches.enumerate().map(
+            lambda step, index: (tf.random.experimental.stateless_fold_in(epoch_seed, step + 1), index)
+        )
+
+    return tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch)
+
+
 def make_training_dataset(
     images: np.ndarray,
     batch_size: int,
@@ -169,16 +189,6 @@ def make_training_dataset(
     augmentation.
     """
     pool = tf.convert_to_tensor(images, dtype=tf.uint8)
-    positions = tf.range(len(images), dtype=tf.int64)
-    base = tf.constant([seed, 0], tf.int64)
-
-    def one_epoch(epoch):
-        epoch_seed = tf.random.experimental.stateless_fold_in(base, epoch)
-        order = tf.random.experimental.stateless_shuffle(positions, seed=epoch_seed)
-        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=drop_remainder)
-        return batches.enumerate().map(
-            lambda step, index: (tf.random.experimental.stateless_fold_in(epoch_seed, step + 1), index)
-        )
 
     def load(batch_seed, index):
         batch = _scaled(pool, index)
@@ -186,5 +196,21 @@ def make_training_dataset(
             batch = augmenter(batch, batch_seed)
         return batch
 
-    dataset = tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch)
-    return _distribute_by_data(dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE))
+    batches = _epoch_batches(len(images), batch_size, seed, first_epoch, epochs, drop_remainder)
+    return _distribute_by_data(batches.map(load, num_parallel_calls=tf.data.AUTOTUNE))
+
+
+def make_token_dataset(grids: np.ndarray, batch_size: int, drop_remainder: bool = False):
+    """int32 token grids (B, h, w) in file order, batched (a prior's validation and evaluation)."""
+    dataset = tf.data.Dataset.from_tensor_slices(grids.astype(np.int32)).batch(batch_size, drop_remainder=drop_remainder)
+    return _distribute_by_data(dataset)
+
+
+def make_token_training_dataset(
+    grids: np.ndarray, batch_size: int, seed: int, first_epoch: int, epochs: int, drop_remainder: bool = False
+):
+    """A prior's training batches of int32 token grids (B, h, w), shuffled per epoch like
+    `make_training_dataset`, so a resumed prior run sees the batches an uninterrupted one would."""
+    pool = tf.convert_to_tensor(grids.astype(np.int32))
+    batches = _epoch_batches(len(grids), batch_size, seed, first_epoch, epochs, drop_remainder)
+    return _distribute_by_data(batches.map(lambda _, index: tf.gather(pool, index)))

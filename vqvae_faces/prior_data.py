@@ -18,8 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from vqvae_faces.atomic_files import save_npz_atomically
-from vqvae_faces.evaluation import tokenize
-from vqvae_faces.lfw_files import SPLIT_PARTS, FaceSet, images_fingerprint
+from vqvae_faces.config import ExperimentConfig
+from vqvae_faces.errors import TrainingError
+from vqvae_faces.evaluation import load_trained_model, tokenize
+from vqvae_faces.lfw_files import SPLIT_PARTS, FaceSet, images_fingerprint, load_split
+from vqvae_faces.run_folder import RunPaths, file_digest, run_lock
 
 log = logging.getLogger("vqvae_faces.prior_data")
 
@@ -39,15 +42,6 @@ class TokenSplits:
 
     def __getitem__(self, part: str) -> np.ndarray:
         return self.grids[part]
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 (hex, 16 digits) of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def tokens_cache_path(cache_dir: Path, checkpoint: Path, faces: FaceSet, split: dict, flipped: bool) -> Path:
@@ -80,16 +74,60 @@ def tokenize_splits(
             return TokenSplits(grids, names)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
             log.warning("token cache %s is unreadable (%s); tokenizing again", path, error or type(error).__name__)
-    grids, names = {}, {}
-    for part in SPLIT_PARTS:
-        images = faces.subset(split[part])
-        names[part] = faces.names[split[part]]
-        grids[part] = tokenize(model, images, batch_size)
-        if flipped:
-            grids[f"{part}_flipped"] = tokenize(model, np.ascontiguousarray(images[:, :, ::-1]), batch_size)
-            names[f"{part}_flipped"] = names[part]
-        log.info("tokenized %d %s faces with %s", len(images), part, checkpoint)
+    # One encoder pass over every split (and the mirrored faces), then cut into the parts.
+    parts = [(part, split[part], False) for part in SPLIT_PARTS]
+    parts += [(f"{part}_flipped", split[part], True) for part in SPLIT_PARTS] if flipped else []
+    images = np.concatenate(
+        [faces.subset(index)[:, :, ::-1] if mirror else faces.subset(index) for _, index, mirror in parts]
+    )
+    every_grid = tokenize(model, np.ascontiguousarray(images), batch_size)
+    grids, names, start = {}, {}, 0
+    for part, index, _ in parts:
+        grids[part], names[part] = every_grid[start : start + len(index)], faces.names[index]
+        start += len(index)
+    log.info("tokenized %d faces (every split%s) with %s", len(images), " and its mirror" if flipped else "", checkpoint)
     arrays = {f"grids_{part}": grid for part, grid in grids.items()}
     arrays.update({f"names_{part}": name for part, name in names.items()})
     save_npz_atomically(path, compressed=True, **arrays)
     return TokenSplits(grids, names)
+
+
+@dataclass(frozen=True)
+class PriorSource:
+    """What a prior run learns from: its VQ-VAE (model, checkpoint file and the file's digest),
+    that run's split of the faces, and the token grids of every split."""
+
+    vqvae: object
+    checkpoint: Path
+    digest: str
+    split: dict
+    tokens: TokenSplits
+
+
+def load_prior_source(config: ExperimentConfig, run_name: str, faces: FaceSet, out: Path) -> PriorSource:
+    """Load the VQ-VAE run a prior learns from (`tokens_from`) and tokenize its splits (cached).
+
+    The prior keeps the VQ-VAE's split, so its test faces are the VQ-VAE's test faces.
+    A `TrainingError` naming the VQ-VAE run when it has no trained model.
+    """
+    run = config.runs[run_name]
+    source = RunPaths.for_run(out, run.tokens_from)
+    if not (source.best_model.is_file() or source.latest_model.is_file()):
+        raise TrainingError(
+            f"run {run_name!r} learns the tokens of VQ-VAE run {run.tokens_from!r}, which has no trained model in "
+            f"{source.checkpoints}: train it first (python vqvae_face_main.py --run {run.tokens_from})."
+        )
+    with run_lock(source.checkpoints, exclusive=False):  # nobody retrains the VQ-VAE while it is read
+        model, checkpoint = load_trained_model(source, run.tokens_from)
+        split = load_split(source.split, faces)
+        tokens = tokenize_splits(
+            model,
+            checkpoint,
+            faces,
+            split,
+            out / "checkpoints" / "data_cache",
+            config.runs[run.tokens_from].batch_size * 8,
+            flipped=run.prior.flipped_faces,
+        )
+        digest = file_digest(checkpoint)
+    return PriorSource(model, checkpoint, digest, split, tokens)

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -70,6 +71,23 @@ class RunPaths:
     @property
     def tensorboard(self) -> Path:
         return self.checkpoints / "tensorboard"
+
+    def sibling(self, run_name: str) -> "RunPaths":
+        """The folders of another run under the same --out."""
+        return RunPaths(self.checkpoints.parent / run_name, self.images.parent / run_name)
+
+    def trained_model(self) -> Optional[Path]:
+        """The model file evaluation uses: best.keras, else latest.keras; None when neither exists."""
+        return next((path for path in (self.best_model, self.latest_model) if path.is_file()), None)
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 (hex, 16 digits) of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 @contextlib.contextmanager
@@ -209,12 +227,27 @@ def check_compatible(paths: RunPaths, config: ExperimentConfig, run_name: str) -
             for key in DATA_KEYS
             if key in saved_data and saved_data[key] != current[key]
         ]
+    run = config.runs[run_name]
+    vqvae_model = paths.sibling(run.tokens_from).trained_model() if run.model == "prior" else None
+    recorded = _read_record(paths.resolved_config, _tokens_checkpoint) if vqvae_model else None
+    if recorded and file_digest(vqvae_model) != recorded:
+        raise ConfigError(
+            f"run {run_name!r} in {paths.checkpoints} learned the tokens of another model of run {run.tokens_from!r} "
+            f"(digest {recorded}; {vqvae_model} is now {file_digest(vqvae_model)}): its tokens changed, so pass "
+            "--retrain to train the prior again."
+        )
     if mismatches:
         raise ConfigError(
             f"run {run_name!r} in {paths.checkpoints} was trained with different settings ("
             + "; ".join(mismatches)
             + "). Restore those settings, or pass --retrain to start it over."
         )
+
+
+def _tokens_checkpoint(record):
+    if not isinstance(record, dict):
+        raise TypeError("not a run's settings")
+    return record.get("tokens_checkpoint")
 
 
 def _data_settings(record):

@@ -32,6 +32,7 @@ from vqvae_faces.callbacks import (
     LearningRateDecay,
     LossDiverged,
     ReconstructionSnapshots,
+    SampleSnapshots,
     ThroughputMeter,
     TrainingCheckpoint,
     TrainingClock,
@@ -40,6 +41,7 @@ from vqvae_faces.config import ExperimentConfig, RunConfig, save_resolved_config
 from vqvae_faces.errors import WorkerLost
 from vqvae_faces.lfw_files import FaceSet, load_split, save_split, split_by_person
 from vqvae_faces.model_settings import build_model, load_model
+from vqvae_faces.prior_data import PriorSource, load_prior_source
 from vqvae_faces.run_folder import (
     OnlyBestModel,
     RunPaths,
@@ -184,7 +186,8 @@ class Schedule:
 @dataclass(frozen=True)
 class FitJob:
     """Everything one call of `model.fit` works from: the settings, the run folder, the faces and
-    their split, the state it resumes from (None for a fresh start) and the schedule."""
+    their split, the state it resumes from (None for a fresh start) and the schedule; for a
+    prior, the VQ-VAE and token grids it learns from."""
 
     config: ExperimentConfig
     run: RunConfig
@@ -193,6 +196,7 @@ class FitJob:
     split: dict
     state: Optional[dict]
     schedule: Schedule
+    prior: Optional[PriorSource] = None
 
     @property
     def initial_epoch(self) -> int:
@@ -202,8 +206,15 @@ class FitJob:
     def train_images(self) -> np.ndarray:
         return self.faces.subset(self.split["train"])
 
+    @property
+    def train_grids(self) -> np.ndarray:
+        """A prior's training grids: the training faces' tokens, then those of the mirrored faces."""
+        tokens = self.prior.tokens
+        parts = ["train", "train_flipped"] if self.run.prior.flipped_faces else ["train"]
+        return np.concatenate([tokens[part] for part in parts])
 
-def _callbacks(model, job: FitJob, snapshot_images: np.ndarray):
+
+def _callbacks(model, job: FitJob, snapshots: keras.callbacks.Callback, train_count: int):
     """The training-policy callbacks, and the clock, throughput meter and checkpoint among them."""
     run, paths, state = job.run, job.paths, job.state
     clock = TrainingClock(
@@ -213,7 +224,7 @@ def _callbacks(model, job: FitJob, snapshot_images: np.ndarray):
         strategy=job.schedule.workers_strategy,
     )
     callbacks = [clock] + policy_callbacks(model, run, clock, job.schedule.learning_rate, job.config.seed)
-    throughput = ThroughputMeter(job.schedule.global_batch, len(job.split["train"]))
+    throughput = ThroughputMeter(job.schedule.global_batch, train_count)
     checkpoint = TrainingCheckpoint(
         paths.checkpoints,
         clock,
@@ -224,13 +235,7 @@ def _callbacks(model, job: FitJob, snapshot_images: np.ndarray):
     )
     callbacks += [
         throughput,
-        ReconstructionSnapshots(
-            snapshot_images,
-            paths.images,
-            run.snapshot_every,
-            visualize.save_image_grid,
-            tensorboard_dir=paths.tensorboard / "reconstructions",
-        ),
+        snapshots,
         keras.callbacks.TensorBoard(str(paths.tensorboard), write_graph=False, update_freq="epoch"),
         HistoryLog(paths.history, read_history(paths.history, state["epochs_done"]) if state else None),
         checkpoint,
@@ -247,10 +252,14 @@ def train_as_worker(
     epoch) and throws its own files away: only the chief writes checkpoints.
     """
     with tempfile.TemporaryDirectory(prefix="vqvae-worker-") as scratch:
-        chief_folder = RunPaths.for_run(out, run_name).checkpoints
-        if chief_folder.is_dir() and not retrain:
-            target = RunPaths.for_run(Path(scratch), run_name).checkpoints
-            shutil.copytree(chief_folder, target, ignore=shutil.ignore_patterns("train.lock", "data_cache"))
+        copied = [run_name] if not retrain else []
+        if config.runs[run_name].tokens_from:  # a prior: the worker tokenizes with the chief's VQ-VAE
+            copied.append(config.runs[run_name].tokens_from)
+        for name in copied:
+            chief_folder = RunPaths.for_run(out, name).checkpoints
+            if chief_folder.is_dir():
+                target = RunPaths.for_run(Path(scratch), name).checkpoints
+                shutil.copytree(chief_folder, target, ignore=shutil.ignore_patterns("train.lock", "tensorboard"))
         train_run(config, run_name, faces, Path(scratch), retrain=retrain, strategy=strategy)
 
 
@@ -315,11 +324,20 @@ def _train_locked(config, run_name, faces, paths, retrain, strategy):
         unfinished.unlink()
     paths.images.mkdir(parents=True, exist_ok=True)
 
+    prior = load_prior_source(config, run_name, faces, paths.checkpoints.parent.parent) if run.tokens_from else None
     keras.utils.set_random_seed(config.seed)
     policy = choose_precision(run.mixed_precision)
     keras.mixed_precision.set_dtype_policy(policy)
     try:
-        if state is None:
+        if state is None and prior is not None:
+            split = prior.split  # the VQ-VAE's: the prior is tested on the faces the VQ-VAE never saw
+            save_split(paths.split, faces, split)
+            save_resolved_config(config, run_name, paths.resolved_config, tokens_checkpoint=prior.digest)
+            alphabet = config.token_alphabet(run_name)
+            with strategy.scope():
+                model = build_model(run, 0, None, config.seed, schedule.learning_rate, tokens=alphabet)
+                model(np.zeros((1, *alphabet[1]), np.int32))
+        elif state is None:
             split = split_by_person(faces.persons, config.data.val_fraction, config.data.test_fraction, config.seed)
             save_split(paths.split, faces, split)
             save_resolved_config(config, run_name, paths.resolved_config)
@@ -351,14 +369,14 @@ def _train_locked(config, run_name, faces, paths, retrain, strategy):
             strategy.num_replicas_in_sync,
             run.batch_size,
         )
-        _fit(model, FitJob(config, run, paths, faces, split, state, schedule))
+        _fit(model, FitJob(config, run, paths, faces, split, state, schedule, prior))
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
 
 
-def _fit(model, job: FitJob) -> None:
-    """Train `model` as `job` says, then write the final state and the training curves."""
-    config, run, paths, state, schedule = job.config, job.run, job.paths, job.state, job.schedule
+def _image_inputs(job: FitJob):
+    """An autoencoder's training and validation datasets, training-set size and snapshot callback."""
+    config, run, paths, schedule = job.config, job.run, job.paths, job.schedule
     faces, train_images = job.faces, job.train_images
     augmenter = None
     if config.data.augmentation.enabled:
@@ -388,14 +406,52 @@ def _fit(model, job: FitJob) -> None:
             paths.images.parent / "augmentations.png",
             title="training augmentation (fresh each epoch)",
         )
-    callbacks, clock, throughput, checkpoint = _callbacks(model, job, snapshot_images)
+    snapshots = ReconstructionSnapshots(
+        snapshot_images,
+        paths.images,
+        run.snapshot_every,
+        visualize.save_image_grid,
+        tensorboard_dir=paths.tensorboard / "reconstructions",
+    )
+    return train_ds, val_ds, len(train_images), snapshots
+
+
+def _token_inputs(job: FitJob):
+    """A prior's training and validation datasets of token grids, training-set size and snapshot callback."""
+    config, run, schedule = job.config, job.run, job.schedule
+    whole_batches = schedule.workers_strategy is not None
+    train_grids, val_grids = job.train_grids, job.prior.tokens["val"]
+    train_ds = pipeline.make_token_training_dataset(
+        train_grids, schedule.global_batch, config.seed, job.initial_epoch, run.epochs, drop_remainder=whole_batches
+    )
+    val_ds = None
+    if len(val_grids) >= (schedule.global_batch if whole_batches else 1):
+        val_ds = pipeline.make_token_dataset(val_grids, schedule.global_batch, drop_remainder=whole_batches)
+    snapshots = SampleSnapshots(
+        job.prior.vqvae.decode_tokens,
+        SNAPSHOT_FACES,
+        job.paths.images,
+        run.snapshot_every,
+        visualize.save_image_grid,
+        config.seed,
+        tensorboard_dir=job.paths.tensorboard / "samples",
+    )
+    return train_ds, val_ds, len(train_grids), snapshots
+
+
+def _fit(model, job: FitJob) -> None:
+    """Train `model` as `job` says, then write the final state and the training curves."""
+    run, paths, state, schedule = job.run, job.paths, job.state, job.schedule
+    whole_batches = schedule.workers_strategy is not None
+    train_ds, val_ds, train_count, snapshots = (_token_inputs if job.prior else _image_inputs)(job)
+    callbacks, clock, throughput, checkpoint = _callbacks(model, job, snapshots, train_count)
     try:
         model.fit(
             train_ds,
             validation_data=val_ds,
             epochs=run.epochs,
             initial_epoch=job.initial_epoch,
-            steps_per_epoch=pipeline.steps_per_epoch(len(train_images), schedule.global_batch, whole_batches),
+            steps_per_epoch=pipeline.steps_per_epoch(train_count, schedule.global_batch, whole_batches),
             callbacks=callbacks,
             shuffle=False,
             verbose=1 if sys.stdout.isatty() else 2,

@@ -1,0 +1,221 @@
+"""A trained token prior at work: drawing new faces (`--sample`) and its figures (`--eval`).
+
+Samples are token grids drawn from the prior and decoded by its VQ-VAE. The figures:
+code length (bits per token and per face) of held-out faces' tokens, the memorisation
+check of samples against the training faces, sampling speed, and the FID of samples
+and of reconstructions when an Inception network is at hand (`fid.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from vqvae_faces import fid, prior_metrics, visualize
+from vqvae_faces.atomic_files import save_npz_atomically, write_json_atomically
+from vqvae_faces.config import RunConfig, SamplingConfig
+from vqvae_faces.evaluation import EvaluationResult, TestFaces, decode, image_quality, tokenize
+from vqvae_faces.pipeline import make_token_dataset
+from vqvae_faces.prior_data import PriorSource
+from vqvae_faces.run_folder import RunPaths, read_state
+
+log = logging.getLogger("vqvae_faces.prior")
+
+GRID_COLUMNS = 8  # faces per row of samples.png
+NEAREST_PAIRS = 16  # samples shown beside their nearest training face
+
+
+def log_likelihoods(prior: keras.Model, grids: np.ndarray, batch_size: int) -> np.ndarray:
+    """log p(grid) in nats of each token grid (N, h, w) -> (N,) float64."""
+    compute = tf.function(prior.log_likelihood)
+    values = [compute(batch).numpy() for batch in make_token_dataset(grids, batch_size)]
+    return np.concatenate(values).astype(np.float64) if values else np.zeros(0)
+
+
+def draw_samples(
+    prior: keras.Model, vqvae: keras.Model, count: int, settings: SamplingConfig, seed: int, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """`count` token grids drawn in batches of `settings.batch_size`, and their decoded faces.
+
+    Batch i is drawn with the stateless seed (seed, i + 1): the same seed and batch
+    size give the same faces. Returns grids (count, h, w) int16, images
+    (count, H, W, C) float32 in [0, 1] and the seconds spent drawing the grids
+    (decoding excluded).
+    """
+    bar = keras.utils.Progbar(count, unit_name="face") if progress else None
+    grids, seconds = [], 0.0
+    for number, start in enumerate(range(0, count, settings.batch_size)):
+        size = min(settings.batch_size, count - start)
+        started = time.perf_counter()
+        batch = prior.sample_tokens(
+            size, tf.constant([seed, number + 1], tf.int64), settings.temperature, settings.top_k, settings.top_p
+        )
+        grids.append(np.asarray(batch).astype(np.int16))
+        seconds += time.perf_counter() - started
+        if bar is not None:
+            bar.add(size)
+    grids = np.concatenate(grids)
+    return grids, np.clip(decode(vqvae, grids, settings.batch_size), 0.0, 1.0), seconds
+
+
+def write_samples(
+    run_name: str,
+    prior: keras.Model,
+    vqvae: keras.Model,
+    count: int,
+    settings: SamplingConfig,
+    seed: int,
+    training_images: np.ndarray,
+    paths: RunPaths,
+) -> dict:
+    """`--sample N`: samples.png, samples.npz and nearest_training_faces.png in `paths.images`.
+
+    Returns what was written and the sampling speed.
+    """
+    grids, images, seconds = draw_samples(prior, vqvae, count, settings, seed)
+    paths.images.mkdir(parents=True, exist_ok=True)
+    save_npz_atomically(
+        paths.images / "samples.npz",
+        tokens=grids,
+        seed=np.int64(seed),
+        temperature=np.float64(settings.temperature),
+        top_k=np.int64(settings.top_k or 0),
+        top_p=np.float64(settings.top_p or 1.0),
+        batch_size=np.int64(settings.batch_size),
+    )
+    rows = [images[start : start + GRID_COLUMNS] for start in range(0, len(images), GRID_COLUMNS)]
+    rows = [row for row in rows if len(row) == len(rows[0])]
+    visualize.save_image_grid(
+        rows,
+        [""] * len(rows),
+        paths.images / "samples.png",
+        title=f"{run_name}: {len(rows) * len(rows[0])} samples, temperature {settings.temperature:g}"
+        + (f", top_k {settings.top_k}" if settings.top_k else "")
+        + (f", top_p {settings.top_p:g}" if settings.top_p else "")
+        + f", seed {seed}",
+    )
+    save_nearest_training_faces(images[:NEAREST_PAIRS], training_images, paths.images / "nearest_training_faces.png")
+    speed = count / seconds if seconds > 0 else None
+    log.info("run %s: %d samples in %s (%.1f faces/s)", run_name, count, paths.images, speed or math.nan)
+    return {"samples": count, "faces_per_second": speed, "folder": str(paths.images)}
+
+
+def save_nearest_training_faces(samples: np.ndarray, training_images: np.ndarray, path: Path) -> np.ndarray:
+    """Each sample above its nearest training face (Euclidean, pixels in [0, 1]); returns the distances."""
+    training = training_images.astype(np.float32) / 255.0
+    distances, indices = prior_metrics.nearest_distances(samples, training)
+    visualize.save_image_grid(
+        [samples, training[indices]],
+        ["sample", "nearest training face"],
+        path,
+        title="does the prior copy? each sample above the training face nearest to it",
+    )
+    return distances
+
+
+def evaluate_prior(
+    run_name: str,
+    run: RunConfig,
+    prior: keras.Model,
+    paths: RunPaths,
+    source: PriorSource,
+    faces: TestFaces,
+    training_images: np.ndarray,
+    seed: int,
+    other_data: bool = False,
+) -> EvaluationResult:
+    """The prior's figures on `faces` (tokenized with its VQ-VAE), written to metrics.json.
+
+    With the saved split (`other_data` False) the test tokens come from the token cache and
+    the validation figures are reported beside them; with `--test-data` the faces are
+    tokenized here. `quality` holds PSNR/SSIM of the faces decoded from those tokens, the
+    quality a file coded with this prior would have.
+    """
+    batch_size = run.sampling.batch_size
+    grids = tokenize(source.vqvae, faces.images, batch_size) if other_data else source.tokens["test"]
+    tokens_per_grid = int(np.prod(grids.shape[1:]))
+    metrics: dict = {
+        "run": run_name,
+        "model": type(prior).__name__,
+        "tokens_from": run.tokens_from,
+        "dataset": faces.description,
+        "num_test_images": len(grids),
+        "num_embeddings": prior.num_embeddings,
+        "token_grid": list(prior.grid_size),
+        "fixed_bits_per_image": tokens_per_grid * math.log2(prior.num_embeddings),
+    }
+    test = prior_metrics.code_length_summary(log_likelihoods(prior, grids, batch_size), tokens_per_grid)
+    metrics.update({f"test_{key}": value for key, value in test.items()})
+    metrics["bits_per_image"] = test["bits_per_face"]
+    if not other_data and len(source.tokens["val"]):
+        val = prior_metrics.code_length_summary(
+            log_likelihoods(prior, source.tokens["val"], batch_size), tokens_per_grid
+        )
+        metrics.update({f"val_{key}": value for key, value in val.items()})
+    originals = faces.images.astype(np.float32) / 255.0
+    reconstructions = np.clip(decode(source.vqvae, grids, batch_size), 0.0, 1.0)
+    quality = image_quality(originals, reconstructions)
+    metrics.update({name: float(values.mean()) for name, values in quality.items()})
+
+    samples_grids, samples, seconds = draw_samples(
+        prior, source.vqvae, run.sampling.eval_samples, run.sampling, seed, progress=False
+    )
+    metrics["sampling_faces_per_second"] = len(samples) / seconds
+    metrics["sampling_batch_size"] = run.sampling.batch_size
+    training = training_images.astype(np.float32) / 255.0
+    metrics["memorisation"] = prior_metrics.memorisation_check(samples, originals, training)
+    metrics["memorisation"]["num_samples"] = len(samples)
+    metrics.update(_fid(run, prior, source, originals, reconstructions, samples, seed))
+    state = read_state(paths) or {}
+    metrics["train_seconds"] = state.get("train_seconds")
+    metrics["epochs_trained"] = state.get("epochs_done")
+    metrics["train_images_per_second"] = state.get("train_images_per_second")
+    write_json_atomically(metrics, paths.images / "metrics.json")
+    save_nearest_training_faces(samples[:NEAREST_PAIRS], training_images, paths.images / "nearest_training_faces.png")
+    log.info(
+        "run %s: %.3f bits per token (%.0f per face) on %d test faces; %.1f samples/s",
+        run_name,
+        test["bits_per_token"],
+        test["bits_per_face"],
+        len(grids),
+        metrics["sampling_faces_per_second"],
+    )
+    return EvaluationResult(metrics, quality, reconstructions, grids)
+
+
+def _fid(run, prior, source, originals, reconstructions, samples, seed) -> dict:
+    """FID of `fid_samples` samples and of the reconstructions against the test faces, or nulls."""
+    weights = run.sampling.inception_weights
+    if weights is None:
+        log.info('FID not computed: set "sampling": {"inception_weights": PATH} to a Keras InceptionV3 weights file')
+        return {"fid_samples": None, "fid_reconstructions": None}
+    network = fid.inception_network(Path(weights))
+    real = fid.inception_features(network, originals)
+    more = run.sampling.fid_samples - len(samples)
+    if more > 0:
+        _, extra, _ = draw_samples(prior, source.vqvae, more, run.sampling, seed + 1, progress=True)
+        samples = np.concatenate([samples, extra])
+    return {
+        "fid_samples": fid.frechet_distance(real, fid.inception_features(network, samples)),
+        "fid_reconstructions": fid.frechet_distance(real, fid.inception_features(network, reconstructions)),
+        "fid_num_samples": len(samples),
+    }
+
+
+def describe(metrics: dict) -> Optional[str]:
+    """One line of a prior's headline figures for the console."""
+    if "test_bits_per_token" not in metrics:
+        return None
+    low, high = metrics["test_bits_per_token_ci95"]
+    return (
+        f"{metrics['run']}: {metrics['test_bits_per_token']:.3f} bits/token [{low:.3f}, {high:.3f}], "
+        f"{metrics['test_bits_per_face']:.0f} bits/face (fixed grid: {metrics['fixed_bits_per_image']:.0f}), "
+        f"{metrics['sampling_faces_per_second']:.1f} samples/s"
+    )
