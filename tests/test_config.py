@@ -90,8 +90,8 @@ def test_one_set_of_defaults_the_model_constructors_default_to_the_run_settings(
     import inspect
 
     from vqvae_class_keras import Decoder, Encoder, ReconstructionModel, VectorQuantizerEMA
-    from vqvae_faces.config import RunConfig
-    from vqvae_faces.model_settings import MODEL_CLASSES, model_arguments
+    from vqvae_faces.config import PriorConfig, RunConfig
+    from vqvae_faces.model_settings import MODEL_CLASSES, PRIOR_CLASSES, model_arguments
 
     def defaults(*classes):
         return {
@@ -106,6 +106,11 @@ def test_one_set_of_defaults_the_model_constructors_default_to_the_run_settings(
         arguments = model_arguments(run, channels=3, data_variance=None, seed=None)
         expected = defaults(ReconstructionModel, model_class)
         assert {key: expected[key] for key in arguments} == arguments, name
+    for architecture, prior_class in PRIOR_CLASSES.items():
+        run = RunConfig(model="prior", tokens_from="vqvae", prior=PriorConfig(architecture=architecture))
+        arguments = model_arguments(run, channels=3, data_variance=None, seed=None)
+        expected = defaults(prior_class)
+        assert {key: arguments[key] for key in expected} == expected, architecture
     run = RunConfig()
     encoder, decoder = defaults(Encoder), defaults(Decoder)
     assert (encoder["filters"], encoder["activation"]) == (run.encoder_filters, run.activation)

@@ -127,6 +127,16 @@ def load_trained_model(paths: RunPaths, run_name: str) -> tuple[keras.Model, Pat
     )
 
 
+def check_image_shape(run_name: str, model: keras.Model, images: np.ndarray) -> None:
+    """An `EvaluationError` when `images` (N, H, W, C) are not the shape `model` was trained on."""
+    expected = tuple(model.get_build_config()["input_shape"][1:]) if model.get_build_config() else None
+    if expected and tuple(expected) != tuple(images.shape[1:]):
+        raise EvaluationError(
+            f"run {run_name!r} was trained on images of shape {tuple(expected)} but the evaluation data has "
+            f"shape {tuple(images.shape[1:])}: use the data.image_size and data source it was trained with."
+        )
+
+
 @dataclass
 class EvaluationResult:
     """What `evaluate_run` measured: summary metrics, per-image quality, reconstructions (N, H, W, C),
@@ -163,12 +173,7 @@ def evaluate_run(
     """
     images, names, dataset, batch_size = faces.images, faces.names, faces.description, run.batch_size
     token_search_steps, token_search_step_size = run.token_search_steps, run.token_search_step_size
-    expected = tuple(model.get_build_config()["input_shape"][1:]) if model.get_build_config() else None
-    if expected and tuple(expected) != tuple(images.shape[1:]):
-        raise EvaluationError(
-            f"run {run_name!r} was trained on images of shape {tuple(expected)} but the evaluation data has "
-            f"shape {tuple(images.shape[1:])}: use the data.image_size and data source it was trained with."
-        )
+    check_image_shape(run_name, model, images)
     originals = images.astype(np.float32) / 255.0
     metrics: dict = {"run": run_name, "model": type(model).__name__, "dataset": dataset, "num_test_images": len(images)}
     tokens, sampled_quality = None, None

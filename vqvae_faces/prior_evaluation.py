@@ -21,7 +21,7 @@ import tensorflow as tf
 from vqvae_faces import fid, prior_metrics, visualize
 from vqvae_faces.atomic_files import save_npz_atomically, write_json_atomically
 from vqvae_faces.config import RunConfig, SamplingConfig
-from vqvae_faces.evaluation import EvaluationResult, TestFaces, decode, image_quality, tokenize
+from vqvae_faces.evaluation import EvaluationResult, TestFaces, check_image_shape, decode, image_quality, tokenize
 from vqvae_faces.pipeline import make_token_dataset
 from vqvae_faces.prior_data import PriorSource
 from vqvae_faces.run_folder import RunPaths, read_state
@@ -139,6 +139,7 @@ def evaluate_prior(
     quality a file coded with this prior would have.
     """
     batch_size = run.sampling.batch_size
+    check_image_shape(run.tokens_from, source.vqvae, faces.images)
     grids = tokenize(source.vqvae, faces.images, batch_size) if other_data else source.tokens["test"]
     tokens_per_grid = int(np.prod(grids.shape[1:]))
     metrics: dict = {

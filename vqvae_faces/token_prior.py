@@ -149,7 +149,7 @@ class GatedPixelCNN(TokenPrior):
     Input shape: (B, h, w) int tokens. Output shape: (B, h, w, K) logits.
     """
 
-    def __init__(self, num_embeddings, grid_size, channels=128, num_layers=8, kernel_size=3, **kwargs):
+    def __init__(self, num_embeddings, grid_size, channels=128, num_layers=4, kernel_size=3, **kwargs):
         super().__init__(num_embeddings, grid_size, **kwargs)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and >= 1, received kernel_size={kernel_size}")

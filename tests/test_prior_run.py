@@ -1,0 +1,210 @@
+"""End-to-end: a "prior" run beside its VQ-VAE run, through the command line a user runs.
+
+The module fixture trains a tiny VQ-VAE and a tiny prior once, in-process and with
+deterministic ops; each test works on its own copy of that folder.
+"""
+
+import json
+import math
+import shutil
+import zipfile
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from conftest import face_image
+from PIL import Image
+
+import vqvae_face_main
+from vqvae_faces import lfw_files
+from vqvae_faces.config import ConfigError, DataConfig, load_config
+
+PRIOR_EPOCHS = 2
+CONFIG = {
+    "deterministic": True,
+    "data": {"path": "bundled", "image_size": 16},
+    "runs": {
+        "vq": {
+            "model": "vqvae",
+            "encoder_filters": [8, 16],
+            "decoder_filters": [16, 8],
+            "residual_hidden_channels": 8,
+            "num_residual_blocks": 1,
+            "embedding_dim": 4,
+            "num_embeddings": 16,
+            "batch_size": 16,
+            "epochs": 1,
+            "max_train_minutes": None,
+            "token_search_steps": 0,
+        },
+        "pr": {
+            "model": "prior",
+            "tokens_from": "vq",
+            "epochs": PRIOR_EPOCHS,
+            "batch_size": 16,
+            "max_train_minutes": None,
+            "snapshot_every": 1,
+            "prior": {"width": 16, "num_layers": 1, "num_heads": 2},
+            "sampling": {"eval_samples": 8, "batch_size": 8},
+        },
+    },
+}
+
+
+def main(out, *args):
+    return vqvae_face_main.main(["--config", str(out / "experiment.json"), "--out", str(out), *args])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prior")
+    (out / "experiment.json").write_text(json.dumps(CONFIG))
+    assert main(out) == 0
+    return out
+
+
+@pytest.fixture
+def out(trained, tmp_path):
+    copy = tmp_path / "out"
+    shutil.copytree(trained, copy)
+    return copy
+
+
+@pytest.fixture(autouse=True)
+def info_logs(caplog):
+    caplog.set_level("INFO")
+
+
+def weights(path):
+    arrays = {}
+    with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as handle, h5py.File(handle) as store:
+        store.visititems(lambda name, item: arrays.update({name: item[()]}) if isinstance(item, h5py.Dataset) else None)
+    return arrays
+
+
+def test_the_prior_trains_after_its_vqvae_and_writes_every_file(trained):
+    for name in ("best.keras", "latest.keras", "state.json", "split.json", "config.json", "history.csv"):
+        assert (trained / "checkpoints" / "pr" / name).is_file(), name
+    for name in ("metrics.json", "training_curves.png", "nearest_training_faces.png", "epoch_0001.png"):
+        assert (trained / "images_saved" / "pr" / name).is_file(), name
+    state = json.loads((trained / "checkpoints" / "pr" / "state.json").read_text())
+    assert state["epochs_done"] == PRIOR_EPOCHS and state["monitor"] == "val_loss"
+    # the prior is tested on the VQ-VAE's test faces
+    split = {run: json.loads((trained / "checkpoints" / run / "split.json").read_text()) for run in ("vq", "pr")}
+    assert split["pr"]["test"] == split["vq"]["test"] and split["pr"]["train"] == split["vq"]["train"]
+    history = (trained / "checkpoints" / "pr" / "history.csv").read_text().splitlines()
+    assert "val_bits_per_token" in history[0] and len(history) == PRIOR_EPOCHS + 1
+
+
+def test_code_lengths_in_metrics_json_equal_an_independent_numpy_computation(trained):
+    """Tokens from the VQ-VAE's encoder, log-softmax in NumPy: the bits the metrics report."""
+    metrics = json.loads((trained / "images_saved" / "pr" / "metrics.json").read_text())
+    vqvae = keras.saving.load_model(trained / "checkpoints" / "vq" / "best.keras", safe_mode=True)
+    prior = keras.saving.load_model(trained / "checkpoints" / "pr" / "best.keras", safe_mode=True)
+    faces = lfw_files.load_bundled_faces(DataConfig(image_size=16))
+    split = lfw_files.load_split(trained / "checkpoints" / "pr" / "split.json", faces)
+    for part in ("test", "val"):
+        tokens = vqvae.encode_to_tokens(faces.subset(split[part]).astype(np.float32) / 255.0).numpy()
+        logits = np.asarray(prior(tokens), np.float64)
+        log_probs = logits - logits.max(-1, keepdims=True)
+        log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+        chosen = np.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
+        bits = -chosen.sum(axis=(1, 2)) / math.log(2.0)
+        assert metrics[f"{part}_num_faces"] == len(tokens)
+        assert metrics[f"{part}_bits_per_face"] == pytest.approx(bits.mean(), rel=1e-5)
+        assert metrics[f"{part}_bits_per_token"] == pytest.approx(bits.mean() / 16, rel=1e-5)
+        low, high = metrics[f"{part}_bits_per_face_ci95"]
+        assert low <= bits.mean() <= high
+    assert metrics["fixed_bits_per_image"] == 16 * 4  # 4x4 cells of log2(16) bits
+    assert metrics["fid_samples"] is None and metrics["fid_reconstructions"] is None  # no Inception weights given
+    check = metrics["memorisation"]
+    assert check["num_samples"] == 8 and 0.0 <= check["samples_nearer_than_held_out_5th_percentile"] <= 1.0
+    assert check["sample_to_training_median"] > 0 and metrics["sampling_faces_per_second"] > 0
+
+
+def test_a_killed_prior_resumes_to_the_weights_of_an_uninterrupted_run(out, trained):
+    """One epoch, then a rerun asking for two: bit for bit the fixture's two-epoch prior."""
+    shutil.rmtree(out / "checkpoints" / "pr")
+    assert main(out, "--run", "pr", "--set", "epochs=1") == 0
+    assert main(out, "--run", "pr") == 0
+    expected = weights(trained / "checkpoints" / "pr" / "latest.keras")
+    actual = weights(out / "checkpoints" / "pr" / "latest.keras")
+    assert expected.keys() == actual.keys() and any("optimizer" in name for name in expected)
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+
+
+def test_sample_writes_every_promised_file_and_repeats_with_its_seed(out, tmp_path):
+    assert main(out, "--sample", "10") == 0
+    folder = out / "images_saved" / "pr"
+    with np.load(folder / "samples.npz", allow_pickle=False) as saved:
+        first = dict(saved)
+    assert first["tokens"].shape == (10, 4, 4) and first["tokens"].min() >= 0 and first["tokens"].max() < 16
+    assert (int(first["seed"]), float(first["temperature"]), int(first["batch_size"])) == (1234, 1.0, 8)
+    for name in ("samples.png", "nearest_training_faces.png"):
+        assert (folder / name).stat().st_size > 1000
+    assert main(out, "--sample", "10") == 0
+    with np.load(folder / "samples.npz", allow_pickle=False) as saved:
+        np.testing.assert_array_equal(saved["tokens"], first["tokens"])
+    assert main(out, "--sample", "10", "--seed", "7", "--set", "sampling.top_k=1") == 0
+    with np.load(folder / "samples.npz", allow_pickle=False) as saved:
+        greedy = saved["tokens"]
+    assert (greedy == greedy[0]).all(), "top_k=1 always takes the most likely token: every sample is the same"
+
+
+def test_a_prior_without_a_trained_vqvae_is_one_line_naming_it(tmp_path, caplog):
+    (tmp_path / "experiment.json").write_text(json.dumps(CONFIG))
+    assert main(tmp_path, "--run", "pr") == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "VQ-VAE run 'vq'" in errors[0] and "train it first" in errors[0]
+
+
+def test_a_prior_of_tokens_that_changed_is_refused(out, caplog):
+    vq = out / "checkpoints" / "vq"
+    shutil.copy(vq / "latest.keras", vq / "best.keras")  # another model file: other tokens
+    assert main(out, "--eval", "--run", "pr") == 2
+    assert "its tokens changed" in caplog.text and "--retrain" in caplog.text
+
+
+def test_eval_on_other_people_tokenizes_them_with_the_vqvae(out, lfw_tree, tmp_path, caplog):
+    grey = tmp_path / "grey" / "lfw-deepfunneled"
+    for person in range(4):
+        (grey / f"Person_{person}").mkdir(parents=True)
+        for number in range(2):
+            picture = Image.fromarray(face_image(10 * person + number)).convert("L")
+            picture.save(grey / f"Person_{person}" / f"Person_{person}_{number + 1:04d}.png")
+    assert main(out, "--eval", "--run", "pr", "--test-data", str(grey)) == 0
+    metrics = json.loads((out / "images_saved" / "pr" / "metrics.json").read_text())
+    assert metrics["test_num_faces"] == 8 and "val_bits_per_face" not in metrics
+    assert "(all images)" in metrics["dataset"]
+    assert main(out, "--eval", "--run", "pr", "--test-data", str(lfw_tree)) == 2  # colour faces, grey VQ-VAE
+    assert "trained on images of shape (16, 16, 1)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "run, message",
+    [
+        ({"model": "prior"}, "tokens_from=None"),
+        ({"model": "prior", "tokens_from": "nothing"}, "must name a VQ-VAE run"),
+        ({"model": "prior", "tokens_from": "vae"}, "must name a VQ-VAE run"),
+        ({"model": "vqvae", "tokens_from": "vq"}, "only a prior does"),
+        ({"model": "prior", "tokens_from": "vq", "prior": {"width": 10, "num_heads": 4}}, "divisible"),
+    ],
+)
+def test_prior_settings_are_checked(tmp_path, run, message):
+    path = tmp_path / "experiment.json"
+    path.write_text(json.dumps({"runs": {"vq": {}, "vae": {"model": "vae"}, "p": run}}))
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_priors_get_their_own_training_defaults_and_train_after_their_vqvae(tmp_path):
+    path = tmp_path / "experiment.json"
+    path.write_text(json.dumps({"runs": {"p": {"model": "prior", "tokens_from": "vq"}, "vq": {}}}))
+    config = load_config(path)
+    assert (config.runs["p"].batch_size, config.runs["p"].learning_rate) == (32, 1e-3)
+    assert config.runs["vq"].batch_size == 8  # the autoencoder recipe is untouched
+    assert config.training_order(["p", "vq"]) == ["vq", "p"]
+    assert config.training_order(["p"]) == ["p"]  # a VQ-VAE that is not selected must be trained already
+    assert config.token_alphabet("p") == (512, (16, 16))
