@@ -384,6 +384,13 @@ class VectorQuantizerEMA(layers.Layer):
         indices = self.nearest_codes(ops.reshape(latents, (-1, self.embedding_dim)))
         return ops.reshape(indices, ops.shape(latents)[:-1])
 
+    def squared_distances(self, latents):
+        """|z - e_k|^2 to every code: (..., D) float -> (..., K) float32 (in code space when l2_normalize)."""
+        latents = self._as_code_space(latents)
+        codes = ops.convert_to_tensor(self.embeddings)
+        cross = ops.einsum("...d,kd->...k", latents, codes)
+        return ops.sum(ops.square(latents), axis=-1, keepdims=True) - 2.0 * cross + ops.sum(ops.square(codes), axis=1)
+
     def lookup(self, indices):
         """Codes for indices: (...) int -> (..., D) float32."""
         return ops.take(self.embeddings, ops.cast(indices, "int32"), axis=0)

@@ -4,6 +4,7 @@
     python vqvae_face_main.py --data lfw-deepfunneled.tgz --run vqvae
     python vqvae_face_main.py --eval                # evaluate saved checkpoints only
     python vqvae_face_main.py --sample 64           # new faces from the trained token prior
+    python vqvae_face_main.py --encode face.jpg     # face.vqf beside it; --decode face.vqf writes face.png
     python vqvae_face_main.py --set epochs=2 --set data.image_size=32
 
 Expected mistakes (bad config, missing data, no checkpoint, NaN loss, a corrupt
@@ -58,6 +59,17 @@ def parse_args(argv):
         metavar="N",
         help="draw N new faces from each selected prior run (no training); writes images_saved/<run>/samples.*",
     )
+    parser.add_argument("--encode", nargs="+", metavar="PHOTO", help="write PHOTO's .vqf file beside it (no training)")
+    parser.add_argument("--decode", nargs="+", metavar="FILE", help="write FILE.vqf's face as a .png beside it")
+    parser.add_argument("--to", default=None, metavar="DIR", help="folder for the files --encode/--decode write")
+    parser.add_argument("--overwrite", action="store_true", help="let --encode/--decode replace existing files")
+    parser.add_argument(
+        "--rate-lambda",
+        type=float,
+        default=None,
+        metavar="L",
+        help="--encode: bits traded for quality (codec.rate_lambda; 0 = nearest codes, larger = smaller files)",
+    )
     parser.add_argument(
         "--retrain", action="store_true", help="train selected runs from scratch, discarding their checkpoints"
     )
@@ -97,7 +109,9 @@ def flag_overrides(args) -> list[str]:
         overrides.append(f"data.path={json.dumps(args.data)}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
-    if args.eval or args.sample is not None:
+    if args.rate_lambda is not None:
+        overrides.append(f"codec.rate_lambda={args.rate_lambda}")
+    if args.eval or args.sample is not None or args.encode or args.decode:
         overrides.append("enable_training=false")
     return overrides
 
@@ -109,6 +123,8 @@ def run(args) -> int:
 
     config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     config = load_config(config_path, args.overrides + flag_overrides(args), args.runs)
+    if args.encode or args.decode:
+        return run_codec(args, config)
     search_dirs = [SCRIPT_DIR, Path.cwd()]
     # Path mistakes are reported here, before TensorFlow is loaded.
     lfw_files.resolve_source(config.data.path, search_dirs)
@@ -191,6 +207,21 @@ def run(args) -> int:
             print(line)
     if args.compare and results:
         compare_runs(results, test_names, test_faces.images, test_faces.description, out)
+    return 0
+
+
+def run_codec(args, config) -> int:
+    """--encode / --decode with the prior run (and its VQ-VAE) trained under --out."""
+    from vqvae_faces import codec_files
+
+    prior_run = codec_files.choose_prior_run(config, args.runs)
+    to = Path(args.to) if args.to else None
+    with codec_files.opened_codec(config, prior_run, Path(args.out)) as codec:
+        if args.encode:
+            rate_lambda = config.runs[prior_run].codec.rate_lambda
+            codec_files.encode_photos(codec, [Path(p) for p in args.encode], config, rate_lambda, to, args.overwrite)
+        if args.decode:
+            codec_files.decode_files(codec, [Path(p) for p in args.decode], to, args.overwrite)
     return 0
 
 

@@ -182,6 +182,24 @@ class SamplingConfig:
 
 
 @dataclass
+class CodecConfig:
+    """The `.vqf` codec of a prior run (`codec.py`).
+
+    `rate_lambda` trades size for quality: each token minimises its latent distance (in units
+    of the face's mean nearest-code distance) + rate_lambda x its code length in bits; 0 codes
+    the nearest codes. `--compare` encodes the test faces at each of `compare_lambdas`.
+    """
+
+    rate_lambda: float = 0.0
+    compare_lambdas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3, 1.0])
+
+    def validate(self, path: str) -> None:
+        _check_range(path, "rate_lambda", self.rate_lambda, 0.0, 1000.0)
+        for value in self.compare_lambdas:
+            _check_range(path, "compare_lambdas", value, 0.0, 1000.0)
+
+
+@dataclass
 class RunConfig:
     """One named training run: a model, its size and its training policy.
 
@@ -189,7 +207,7 @@ class RunConfig:
     commitment_cost, ema_*, codebook_init, annealing, revival) only
     matter for "vqvae", `latent_dim` and `kl_beta` only for "vae". A "prior"
     learns the token grids of the VQ-VAE run named by `tokens_from`, with the
-    architecture in `prior` and the sampling settings in `sampling`; the
+    architecture in `prior`, the sampling settings in `sampling` and its codec's in `codec`; the
     autoencoder keys do not apply to it, and the training-policy keys start from
     `MODEL_DEFAULTS["prior"]`.
     """
@@ -237,6 +255,7 @@ class RunConfig:
     tokens_from: Optional[str] = None
     prior: PriorConfig = field(default_factory=PriorConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
 
     def validate(self, path: str) -> None:
         if (self.model == "prior") != (self.tokens_from is not None):
@@ -246,6 +265,7 @@ class RunConfig:
             )
         self.prior.validate(f"{path}.prior")
         self.sampling.validate(f"{path}.sampling")
+        self.codec.validate(f"{path}.codec")
         _check_range(path, "epochs", self.epochs, 1, 10**6)
         if self.max_train_minutes is not None:
             _check_range(path, "max_train_minutes", self.max_train_minutes, 0.01, 10**6)

@@ -264,6 +264,45 @@ def decode_face(data: bytes, settings: DataConfig) -> np.ndarray | str:
     return array[..., None] if array.ndim == 2 else array
 
 
+def decode_photo(data: bytes, settings: DataConfig, channels: int) -> tuple[np.ndarray, Optional[str]]:
+    """A user's photo as the models see faces: (S, S, channels) uint8, and a note when it needed more than
+    the training crop, or None.
+
+    An LFW-style crop (`source_size` square) gets exactly the training crop and resize. Any
+    other photo is cut to its centre square, and that square is cropped by the same fraction
+    as an LFW image (`crop_border` / `source_size` each side) before the resize: right for a
+    face centred and framed like LFW's, worse for any other framing. A `DataError` when the
+    bytes are not an image this program reads.
+    """
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            width, height = image.size
+            if width * height > settings.max_image_pixels:
+                raise DataError(f"the image has {width}x{height} pixels, over max_image_pixels={settings.max_image_pixels}")
+            image.load()
+            picture = image.convert("L" if channels == 1 else "RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError):
+        raise DataError(f"not an image ({', '.join(IMAGE_FORMATS)} are read)") from None
+    except DataError:
+        raise
+    except Exception:
+        raise DataError("a corrupt or truncated image") from None
+    source = settings.source_size or min(width, height)
+    side = min(width, height)
+    note = None
+    if (width, height) != (source, source):
+        note = (
+            f"{width}x{height} pixels, not a {source}x{source} LFW-style crop: its centre square is cropped by "
+            f"{settings.crop_border / source:.0%} each side as LFW faces are; faces framed otherwise code worse"
+        )
+    left, top = (width - side) // 2, (height - side) // 2
+    border = round(side * settings.crop_border / source)
+    face = picture.crop((left + border, top + border, left + side - border, top + side - border))
+    face = face.resize((settings.image_size, settings.image_size), Image.BILINEAR)
+    array = np.asarray(face, dtype=np.uint8)
+    return (array[..., None] if array.ndim == 2 else array), note
+
+
 def _decode_all(members: Iterator[tuple[str, bytes]], settings: DataConfig, skipped: dict[str, int]):
     """Decode every member on a thread pool, in order.
 

@@ -246,6 +246,24 @@ class CausalTransformer(TokenPrior):
         logits = self.head(self.norm(x))
         return ops.reshape(logits, (-1, rows, columns, self.num_embeddings))
 
+    def empty_caches(self, count):
+        """Zero keys and values for `count` grids: one (keys, values) pair per block."""
+        rows, columns = self.grid_size
+        empty = tf.zeros((count, self.num_heads, rows * columns, self.width // self.num_heads))
+        return tuple((empty, empty) for _ in self.blocks)
+
+    def step_logits(self, previous, caches, position):
+        """Logits (B, K) of the token at `position` (int32 scalar) from the token before it
+        (B, 1), -1 at position 0, and the caches of the earlier positions; returns the
+        logits and the caches with this position added. The codec runs exactly this
+        computation when it encodes and when it decodes."""
+        x = self._inputs(previous, tf.reshape(position, [1]))
+        updated = []
+        for block, cache in zip(self.blocks, caches):
+            x, cache = block.step(x, cache, position)
+            updated.append(cache)
+        return ops.cast(self.head(self.norm(x))[:, 0], "float32"), tuple(updated)
+
     def sample_tokens(self, count, seed, temperature=1.0, top_k=None, top_p=None):
         """`count` grids (count, h, w) int32 with cached keys and values: one position per step.
 
@@ -254,10 +272,11 @@ class CausalTransformer(TokenPrior):
         """
         rows, columns = self.grid_size
         length = rows * columns
-        empty = tf.zeros((count, self.num_heads, length, self.width // self.num_heads))
 
         def body(position, previous, caches, drawn):
-            chosen, caches = self._sample_step(previous, caches, position, seed, temperature, top_k, top_p)
+            logits, caches = self.step_logits(previous, caches, position)
+            step_seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(position, tf.int64))
+            chosen = choose_tokens(logits, step_seed, temperature, top_k, top_p)
             return position + 1, chosen[:, None], caches, drawn.write(position, chosen)
 
         @tf.function
@@ -265,24 +284,13 @@ class CausalTransformer(TokenPrior):
             start = (
                 tf.constant(0),
                 -tf.ones((count, 1), tf.int32),
-                tuple((empty, empty) for _ in self.blocks),
+                self.empty_caches(count),
                 tf.TensorArray(tf.int32, size=length),
             )
             *_, drawn = tf.while_loop(lambda position, *_: position < length, body, start)
             return tf.transpose(drawn.stack())
 
         return tf.reshape(sample(), (count, rows, columns))
-
-    def _sample_step(self, previous, caches, position, seed, temperature, top_k, top_p):
-        """Draw the token at `position` (int32 scalar) from the previous token (B, 1) and the caches."""
-        x = self._inputs(previous, tf.reshape(position, [1]))
-        updated = []
-        for block, cache in zip(self.blocks, caches):
-            x, cache = block.step(x, cache, position)
-            updated.append(cache)
-        logits = self.head(self.norm(x))[:, 0]
-        step_seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(position, tf.int64))
-        return choose_tokens(logits, step_seed, temperature, top_k, top_p), tuple(updated)
 
     def get_config(self):
         return {

@@ -1,0 +1,241 @@
+"""The face codec: a VQ-VAE's token grid, range-coded with its token prior, in a `.vqf` file.
+
+Encoding: the encoder's latents are quantized position by position in raster order;
+at each position the prior's distribution given the tokens chosen so far is computed,
+the token minimising `distance to the code + rate_lambda x (-log2 p)` is chosen
+(the distance in units of the face's mean nearest-code distance)
+(`rate_lambda` 0: the nearest code), and the grid is range-coded (`constriction`) with
+those distributions. Decoding runs the same step of the prior with the tokens decoded so
+far, so both sides compute the same probabilities: the same function
+(`CausalTransformer.step_logits`) on inputs of the same shape (`CODEC_BATCH` grids,
+padded), converted to float64 the same way. The file carries a checksum of its tokens,
+so a decoder that ever computed other probabilities reports the file as undecodable
+instead of returning wrong faces.
+
+File layout (version 1), big-endian:
+
+    offset  bytes  field
+    0       2      magic b"VQ"
+    2       1      format version
+    3       2      fingerprint of the VQ-VAE's model file (first 16 bits of its SHA-256)
+    5       2      fingerprint of the prior's model file
+    7       1      token grid rows
+    8       1      token grid columns
+    9       2      checksum of the tokens (CRC-32 of the int16 grid, low 16 bits)
+    11      ...    range coder words (little-endian uint32), trailing zero bytes dropped
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+import constriction
+import numpy as np
+import tensorflow as tf
+
+from vqvae_faces.errors import UserFacingError
+
+MAGIC = b"VQ"
+FORMAT_VERSION = 1
+HEADER = struct.Struct(">2sBHHBBH")
+HEADER_BYTES = HEADER.size
+# Grids are coded in groups of this many, padded: every probability is computed on inputs of one shape.
+CODEC_BATCH = 16
+
+
+class CodecError(UserFacingError):
+    """A `.vqf` file that cannot be decoded: not a .vqf, truncated, corrupt, another version or other models."""
+
+
+@dataclass(frozen=True)
+class Fingerprints:
+    """16-bit fingerprints of the VQ-VAE's and the prior's model files, and where they came from."""
+
+    vqvae: int
+    prior: int
+    vqvae_file: str = ""
+    prior_file: str = ""
+
+    @classmethod
+    def from_digests(cls, vqvae_digest: str, prior_digest: str, vqvae_file: str = "", prior_file: str = ""):
+        """From `run_folder.file_digest` hex digests."""
+        return cls(int(vqvae_digest[:4], 16), int(prior_digest[:4], 16), vqvae_file, prior_file)
+
+
+def token_checksum(grid: np.ndarray) -> int:
+    """16-bit checksum of one token grid (h, w)."""
+    return zlib.crc32(np.ascontiguousarray(grid, dtype="<i2").tobytes()) & 0xFFFF
+
+
+def _model_family():
+    # perfect=False: constriction gives every symbol a nonzero probability after quantization,
+    # so even a token the prior thinks impossible can be coded.
+    return constriction.stream.model.Categorical(perfect=False)
+
+
+class FaceCodec:
+    """Encode face images to `.vqf` bytes and back, with a VQ-VAE and its `CausalTransformer` prior.
+
+    Args:
+        vqvae: the VQ-VAE whose tokens the prior learned.
+        prior: a `CausalTransformer` (the codec needs its one-position step).
+        fingerprints: written into every file and checked when decoding.
+    """
+
+    def __init__(self, vqvae, prior, fingerprints: Fingerprints):
+        if not hasattr(prior, "step_logits"):
+            raise UserFacingError(
+                f"the codec needs a prior with a one-position step (prior.architecture \"transformer\"); "
+                f"this prior is a {type(prior).__name__}."
+            )
+        self.vqvae, self.prior, self.fingerprints = vqvae, prior, fingerprints
+        self.grid = tuple(prior.grid_size)
+        self.length = self.grid[0] * self.grid[1]
+        self._step = tf.function(prior.step_logits)
+
+    # -- the shared step ------------------------------------------------------------------------
+
+    def _probabilities(self, previous: np.ndarray, caches, position: int):
+        """float64 distributions (CODEC_BATCH, K) of `position`, computed identically when encoding and decoding."""
+        logits, caches = self._step(
+            tf.constant(previous.reshape(CODEC_BATCH, 1), tf.int32), caches, tf.constant(position, tf.int32)
+        )
+        probabilities = tf.nn.softmax(logits, axis=-1).numpy().astype(np.float64)
+        return probabilities, caches
+
+    # -- encoding ---------------------------------------------------------------------------------
+
+    def choose_tokens(self, images: np.ndarray, rate_lambda: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens (N, h, w) int16 for uint8 images (N, H, W, C), and their code lengths in bits (N,).
+
+        With `rate_lambda` 0 the tokens are the encoder's nearest codes. Otherwise each
+        position takes the code minimising its squared latent distance (in units of the
+        face's mean nearest-code distance) + `rate_lambda` x (-log2 p(code | tokens before
+        it)): a larger `rate_lambda` gives shorter files and blurrier faces.
+        """
+        grids, bits = [], []
+        for start in range(0, len(images), CODEC_BATCH):
+            chunk = images[start : start + CODEC_BATCH]
+            tokens, lengths = self._choose_chunk(chunk, rate_lambda)
+            grids.append(tokens[: len(chunk)])
+            bits.append(lengths[: len(chunk)])
+        if not grids:
+            return np.zeros((0, *self.grid), np.int16), np.zeros(0)
+        return np.concatenate(grids), np.concatenate(bits)
+
+    def encode(self, images: np.ndarray, rate_lambda: float = 0.0) -> tuple[list[bytes], np.ndarray]:
+        """`.vqf` bytes of each uint8 image (N, H, W, C), and the token grids they hold (N, h, w)."""
+        files, grids = [], []
+        for start in range(0, len(images), CODEC_BATCH):
+            chunk = images[start : start + CODEC_BATCH]
+            tokens, _, probabilities = self._choose_chunk(chunk, rate_lambda, keep_probabilities=True)
+            for index in range(len(chunk)):
+                files.append(self._write(tokens[index], probabilities[index]))
+            grids.append(tokens[: len(chunk)])
+        return files, (np.concatenate(grids) if grids else np.zeros((0, *self.grid), np.int16))
+
+    def _latent_costs(self, images: np.ndarray) -> np.ndarray:
+        """Squared distances (CODEC_BATCH, L, K) from each position's latent to every code, in units of
+        the face's mean distance to its nearest codes (so `rate_lambda` means the same for every face)."""
+        padded = np.zeros((CODEC_BATCH, *images.shape[1:]), np.float32)
+        padded[: len(images)] = images.astype(np.float32) / 255.0
+        distances = self.vqvae.quantizer.squared_distances(self.vqvae.encoder(tf.constant(padded)))
+        distances = distances.numpy().astype(np.float64).reshape(CODEC_BATCH, self.length, -1)
+        scale = distances.min(axis=-1).mean(axis=-1)
+        return distances / np.maximum(scale, 1e-12)[:, None, None]
+
+    def _choose_chunk(self, images: np.ndarray, rate_lambda: float, keep_probabilities: bool = False):
+        padded = np.zeros((CODEC_BATCH, *images.shape[1:]), np.uint8)
+        padded[: len(images)] = images
+        if rate_lambda == 0.0:
+            nearest = self.vqvae.encode_to_tokens(tf.constant(padded, tf.float32) / 255.0).numpy()
+            nearest = nearest.reshape(CODEC_BATCH, self.length)
+        else:
+            costs = self._latent_costs(images)
+        tokens = np.zeros((CODEC_BATCH, self.length), np.int64)
+        bits = np.zeros(CODEC_BATCH)
+        kept = []
+        previous = -np.ones(CODEC_BATCH, np.int64)
+        caches = self.prior.empty_caches(CODEC_BATCH)
+        for position in range(self.length):
+            probabilities, caches = self._probabilities(previous, caches, position)
+            if rate_lambda == 0.0:
+                chosen = nearest[:, position]
+            else:
+                rate = -np.log2(np.maximum(probabilities, 1e-30))
+                chosen = np.argmin(costs[:, position] + rate_lambda * rate, axis=-1)
+            tokens[:, position] = chosen
+            bits -= np.log2(np.maximum(probabilities[np.arange(CODEC_BATCH), chosen], 1e-30))
+            if keep_probabilities:
+                kept.append(probabilities)
+            previous = chosen
+        grids = tokens.reshape(CODEC_BATCH, *self.grid).astype(np.int16)
+        if keep_probabilities:
+            return grids, bits, np.stack(kept, axis=1)
+        return grids, bits
+
+    def _write(self, grid: np.ndarray, probabilities: np.ndarray) -> bytes:
+        encoder = constriction.stream.queue.RangeEncoder()
+        encoder.encode(grid.reshape(-1).astype(np.int32), _model_family(), probabilities)
+        payload = encoder.get_compressed().astype("<u4").tobytes().rstrip(b"\0")
+        rows, columns = self.grid
+        header = HEADER.pack(
+            MAGIC, FORMAT_VERSION, self.fingerprints.vqvae, self.fingerprints.prior, rows, columns, token_checksum(grid)
+        )
+        return header + payload
+
+    # -- decoding ---------------------------------------------------------------------------------
+
+    def read_header(self, data: bytes, name: str) -> int:
+        """Check a file's header against this codec; returns its token checksum. `CodecError` otherwise."""
+        if len(data) < 3 or data[:2] != MAGIC:
+            raise CodecError(f"{name} is not a .vqf file (it does not start with {MAGIC!r}).")
+        if data[2] != FORMAT_VERSION:
+            raise CodecError(f"{name} is .vqf format version {data[2]}; this program reads version {FORMAT_VERSION}.")
+        if len(data) < HEADER_BYTES:
+            raise CodecError(f"{name} is truncated: {len(data)} bytes, shorter than the {HEADER_BYTES}-byte header.")
+        _, _, vqvae, prior, rows, columns, checksum = HEADER.unpack_from(data)
+        mine = self.fingerprints
+        if (vqvae, prior) != (mine.vqvae, mine.prior):
+            raise CodecError(
+                f"{name} was made with other models (VQ-VAE {vqvae:04x}, prior {prior:04x}) than these "
+                f"(VQ-VAE {mine.vqvae:04x} {mine.vqvae_file}, prior {mine.prior:04x} {mine.prior_file}); "
+                "decode it with the --out folder whose checkpoints made it."
+            )
+        if (rows, columns) != self.grid:
+            raise CodecError(f"{name} holds a {rows}x{columns} grid; these models use {self.grid[0]}x{self.grid[1]}.")
+        return checksum
+
+    def decode(self, files: list[bytes], names: list[str]) -> np.ndarray:
+        """Token grids (N, h, w) int16 of `.vqf` bytes; a `CodecError` naming the first bad file."""
+        checksums = [self.read_header(data, name) for data, name in zip(files, names)]
+        grids = []
+        for start in range(0, len(files), CODEC_BATCH):
+            grids.append(self._decode_chunk(files[start : start + CODEC_BATCH], names[start : start + CODEC_BATCH]))
+        grids = np.concatenate(grids) if grids else np.zeros((0, *self.grid), np.int16)
+        for grid, checksum, name in zip(grids, checksums, names):
+            if token_checksum(grid) != checksum:
+                raise CodecError(f"{name} is corrupt: its tokens do not match the checksum in its header.")
+        return grids
+
+    def _decode_chunk(self, files: list[bytes], names: list[str]) -> np.ndarray:
+        decoders = []
+        for data in files:
+            payload = data[HEADER_BYTES:]
+            payload += b"\0" * (-len(payload) % 4)
+            decoders.append(constriction.stream.queue.RangeDecoder(np.frombuffer(payload, "<u4").astype(np.uint32)))
+        tokens = np.zeros((CODEC_BATCH, self.length), np.int64)
+        previous = -np.ones(CODEC_BATCH, np.int64)
+        caches = self.prior.empty_caches(CODEC_BATCH)
+        family = _model_family()
+        for position in range(self.length):
+            probabilities, caches = self._probabilities(previous, caches, position)
+            for index, decoder in enumerate(decoders):
+                try:
+                    tokens[index, position] = decoder.decode(family, probabilities[index : index + 1])[0]
+                except Exception as error:  # the coder's own complaint about a damaged stream
+                    raise CodecError(f"{names[index]} is corrupt or truncated ({error}).") from None
+            previous = tokens[:, position]
+        return tokens[: len(files)].reshape(len(files), *self.grid).astype(np.int16)

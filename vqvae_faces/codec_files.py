@@ -1,0 +1,139 @@
+"""`--encode` and `--decode`: photos to `.vqf` files and back, with the models of an --out folder.
+
+Every output name is decided and checked before any work: an existing file is never
+replaced without `--overwrite`, and two inputs never write the same output. Each file is
+written atomically, so an interrupted run leaves whole files only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+from typing import Optional
+
+import keras
+import numpy as np
+from PIL import Image
+
+from vqvae_faces import lfw_files
+from vqvae_faces.atomic_files import write_atomically
+from vqvae_faces.codec import CODEC_BATCH, FaceCodec, Fingerprints
+from vqvae_faces.config import ExperimentConfig
+from vqvae_faces.errors import ConfigError, DataError, EvaluationError
+from vqvae_faces.evaluation import decode as decode_tokens
+from vqvae_faces.model_settings import load_model
+from vqvae_faces.run_folder import RunPaths, file_digest, run_lock
+
+log = logging.getLogger("vqvae_faces.codec")
+
+
+def choose_prior_run(config: ExperimentConfig, selected: Optional[list[str]]) -> str:
+    """The prior run whose models code the files: the one selected with --run, else the first in the config."""
+    priors = [name for name in (selected or config.runs) if config.runs[name].model == "prior"]
+    if not priors:
+        raise ConfigError(
+            "--encode/--decode need a prior run (model \"prior\") among the selected runs; "
+            f"runs: {sorted(config.runs)}."
+        )
+    return priors[0]
+
+
+@contextlib.contextmanager
+def opened_codec(config: ExperimentConfig, prior_run: str, out: Path):
+    """The codec of `prior_run` and its VQ-VAE, trained under `out`; their folders are locked (shared) meanwhile."""
+    prior_paths = RunPaths.for_run(out, prior_run)
+    vqvae_paths = prior_paths.sibling(config.runs[prior_run].tokens_from)
+    files = {}
+    for name, paths in ((prior_run, prior_paths), (config.runs[prior_run].tokens_from, vqvae_paths)):
+        files[name] = paths.trained_model()
+        if files[name] is None:
+            raise EvaluationError(
+                f"no trained model for run {name!r} in {paths.checkpoints}: train it first "
+                f"(python vqvae_face_main.py --run {name} --out {out})."
+            )
+    with run_lock(prior_paths.checkpoints, exclusive=False), run_lock(vqvae_paths.checkpoints, exclusive=False):
+        vqvae_file, prior_file = files[config.runs[prior_run].tokens_from], files[prior_run]
+        fingerprints = Fingerprints.from_digests(
+            file_digest(vqvae_file), file_digest(prior_file), str(vqvae_file), str(prior_file)
+        )
+        yield FaceCodec(load_model(vqvae_file), load_model(prior_file), fingerprints)
+
+
+def _targets(inputs: list[Path], suffix: str, to: Optional[Path], overwrite: bool) -> list[Path]:
+    """Output path of each input (beside it, or in `to`), refusing clashes and, without `overwrite`, existing files."""
+    targets = [(to or path.parent) / (path.stem + suffix) for path in inputs]
+    seen: dict[Path, Path] = {}
+    for source, target in zip(inputs, targets):
+        if target in seen:
+            raise DataError(f"{seen[target]} and {source} would both be written to {target}: rename one of them.")
+        seen[target] = source
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not overwrite:
+        shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise DataError(f"{shown} already exist{'s' if len(existing) == 1 else ''}: pass --overwrite to replace them.")
+    return targets
+
+
+def _read(path: Path, max_bytes: int) -> bytes:
+    if not path.is_file():
+        raise DataError(f"{path} does not exist or is not a file.")
+    if path.stat().st_size > max_bytes:
+        raise DataError(f"{path} is larger than data.max_file_bytes={max_bytes}.")
+    return path.read_bytes()
+
+
+def encode_photos(
+    codec: FaceCodec, photos: list[Path], config: ExperimentConfig, rate_lambda: float, to=None, overwrite=False
+) -> list[Path]:
+    """Write `<photo stem>.vqf` for each photo; returns the files written."""
+    targets = _targets(photos, ".vqf", to, overwrite)
+    channels = codec.vqvae.get_build_config()["input_shape"][-1]
+    faces = []
+    for photo in photos:
+        try:
+            face, note = lfw_files.decode_photo(_read(photo, config.data.max_file_bytes), config.data, channels)
+        except DataError as error:
+            raise DataError(f"{photo}: {error}") from None
+        if note:
+            log.warning("%s: %s", photo, note)
+        faces.append(face)
+    if to is not None:
+        to.mkdir(parents=True, exist_ok=True)
+    bar = keras.utils.Progbar(len(photos), unit_name="photo")
+    sizes = []
+    for start in range(0, len(photos), CODEC_BATCH):
+        files, _ = codec.encode(np.stack(faces[start : start + CODEC_BATCH]), rate_lambda)
+        for data, target in zip(files, targets[start : start + CODEC_BATCH]):
+            write_atomically(target, lambda tmp, data=data: tmp.write_bytes(data))
+            sizes.append(len(data))
+        bar.add(len(files))
+    log.info("wrote %d .vqf files, %.0f bytes on average (%.0f bits)", len(sizes), np.mean(sizes), 8 * np.mean(sizes))
+    return targets
+
+
+def decode_files(codec: FaceCodec, files: list[Path], to=None, overwrite=False) -> list[Path]:
+    """Write `<file stem>.png` for each `.vqf` file; returns the pictures written."""
+    targets = _targets(files, ".png", to, overwrite)
+    contents = [_read(path, 1 << 20) for path in files]
+    for data, path in zip(contents, files):
+        codec.read_header(data, str(path))  # every header checked before any work
+    if to is not None:
+        to.mkdir(parents=True, exist_ok=True)
+    bar = keras.utils.Progbar(len(files), unit_name="file")
+    for start in range(0, len(files), CODEC_BATCH):
+        names = [str(path) for path in files[start : start + CODEC_BATCH]]
+        grids = codec.decode(contents[start : start + CODEC_BATCH], names)
+        images = np.clip(decode_tokens(codec.vqvae, grids, CODEC_BATCH), 0.0, 1.0)
+        for image, target in zip(images, targets[start : start + CODEC_BATCH]):
+            pixels = np.round(image * 255.0).astype(np.uint8)
+            write_atomically(target, lambda tmp, pixels=pixels: _save_png(pixels, tmp))
+        bar.add(len(grids))
+    return targets
+
+
+def _save_png(pixels: np.ndarray, path: Path) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, format="PNG")
+    path.write_bytes(buffer.getvalue())
