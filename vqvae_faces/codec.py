@@ -136,6 +136,15 @@ class FaceCodec:
             grids.append(tokens[: len(chunk)])
         return files, (np.concatenate(grids) if grids else np.zeros((0, *self.grid), np.int16))
 
+    def encode_tokens(self, grids: np.ndarray) -> list[bytes]:
+        """`.vqf` bytes of given token grids (N, h, w)."""
+        files = []
+        for start in range(0, len(grids), CODEC_BATCH):
+            chunk = grids[start : start + CODEC_BATCH]
+            tokens, _, probabilities = self._choose_chunk(None, 0.0, keep_probabilities=True, given=chunk)
+            files += [self._write(tokens[index], probabilities[index]) for index in range(len(chunk))]
+        return files
+
     def _latent_costs(self, images: np.ndarray) -> np.ndarray:
         """Squared distances (CODEC_BATCH, L, K) from each position's latent to every code, in units of
         the face's mean distance to its nearest codes (so `rate_lambda` means the same for every face)."""
@@ -146,10 +155,15 @@ class FaceCodec:
         scale = distances.min(axis=-1).mean(axis=-1)
         return distances / np.maximum(scale, 1e-12)[:, None, None]
 
-    def _choose_chunk(self, images: np.ndarray, rate_lambda: float, keep_probabilities: bool = False):
-        padded = np.zeros((CODEC_BATCH, *images.shape[1:]), np.uint8)
-        padded[: len(images)] = images
-        if rate_lambda == 0.0:
+    def _choose_chunk(self, images, rate_lambda: float, keep_probabilities: bool = False, given=None):
+        """Tokens (CODEC_BATCH, h, w) of up to CODEC_BATCH images (or the `given` grids), their code
+        lengths (CODEC_BATCH,) and, when asked, the distributions they are coded with (CODEC_BATCH, L, K)."""
+        if given is not None:
+            nearest = np.zeros((CODEC_BATCH, self.length), np.int64)
+            nearest[: len(given)] = given.reshape(len(given), self.length)
+        elif rate_lambda == 0.0:
+            padded = np.zeros((CODEC_BATCH, *images.shape[1:]), np.uint8)
+            padded[: len(images)] = images
             nearest = self.vqvae.encode_to_tokens(tf.constant(padded, tf.float32) / 255.0).numpy()
             nearest = nearest.reshape(CODEC_BATCH, self.length)
         else:
@@ -161,7 +175,7 @@ class FaceCodec:
         caches = self.prior.empty_caches(CODEC_BATCH)
         for position in range(self.length):
             probabilities, caches = self._probabilities(previous, caches, position)
-            if rate_lambda == 0.0:
+            if given is not None or rate_lambda == 0.0:
                 chosen = nearest[:, position]
             else:
                 rate = -np.log2(np.maximum(probabilities, 1e-30))

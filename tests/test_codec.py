@@ -1,0 +1,157 @@
+"""The .vqf codec: exact round trips (here, in another process, with other batches and threads),
+a clear message for every kind of bad file, and the rate term's effect."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, face_image
+from PIL import Image
+
+from vqvae_class_keras import VQVAE
+from vqvae_faces.codec import CODEC_BATCH, HEADER_BYTES, CodecError, FaceCodec, Fingerprints, token_checksum
+from vqvae_faces.model_settings import load_model
+from vqvae_faces.token_prior import CausalTransformer
+
+K, GRID = 16, (4, 4)
+TINY = dict(encoder_filters=[8, 16], decoder_filters=[16, 8], num_residual_blocks=1, residual_hidden_channels=8)
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("codec")
+    vqvae = VQVAE(image_channels=3, embedding_dim=4, num_embeddings=K, seed=1, ssim_weight=0.0, **TINY)
+    vqvae.compile(optimizer="adam")
+    vqvae.build((None, 16, 16, 3))
+    vqvae.save(folder / "vqvae.keras")
+    prior = CausalTransformer(K, GRID, width=16, num_heads=2, num_layers=1)
+    prior.compile(optimizer="adam")
+    prior(np.zeros((1, *GRID), np.int32))
+    prior.save(folder / "prior.keras")
+    return folder
+
+
+def make_codec(model_files, fingerprints=Fingerprints(0x1234, 0x5678)):
+    return FaceCodec(load_model(model_files / "vqvae.keras"), load_model(model_files / "prior.keras"), fingerprints)
+
+
+def faces(count):
+    images = [np.asarray(Image.fromarray(face_image(i)).resize((16, 16), Image.BILINEAR)) for i in range(count)]
+    return np.stack(images)
+
+
+def test_tokens_round_trip_including_the_first_and_last_symbol_under_skewed_distributions(model_files):
+    codec = make_codec(model_files)
+    rng = np.random.default_rng(0)
+    grids = rng.integers(0, K, (CODEC_BATCH + 3, *GRID)).astype(np.int16)  # a full batch and a partial one
+    grids[0], grids[1] = 0, K - 1
+    files = codec.encode_tokens(grids)
+    np.testing.assert_array_equal(codec.decode(files, [f"f{i}" for i in range(len(files))]), grids)
+    # A prior almost sure of token 0: the unlikely last symbol still codes, and certain tokens cost almost nothing.
+    bias = np.zeros(K, np.float32)
+    bias[0] = 25.0
+    codec.prior.head.bias.assign(bias)
+    skewed = np.zeros((2, *GRID), np.int16)
+    skewed[1, 2, 3] = K - 1
+    files = codec.encode_tokens(skewed)
+    np.testing.assert_array_equal(codec.decode(files, ["a", "b"]), skewed)
+    assert len(files[0]) < len(files[1]) and len(files[0]) <= HEADER_BYTES + 4
+
+
+def test_the_header_holds_magic_version_fingerprints_grid_and_checksum(model_files):
+    codec = make_codec(model_files)
+    grid = np.arange(16, dtype=np.int16).reshape(GRID)
+    (data,) = codec.encode_tokens(grid[None])
+    checksum = token_checksum(grid)
+    assert data[:HEADER_BYTES] == b"VQ\x01\x12\x34\x56\x78\x04\x04" + bytes([checksum >> 8, checksum & 0xFF])
+
+
+def test_images_encode_to_their_nearest_codes_and_decode_to_them(model_files):
+    codec = make_codec(model_files)
+    images = faces(5)
+    files, grids = codec.encode(images)
+    nearest = codec.vqvae.encode_to_tokens(images.astype(np.float32) / 255.0).numpy()
+    np.testing.assert_array_equal(grids, nearest)
+    np.testing.assert_array_equal(codec.decode(files, list("abcde")), nearest)
+
+
+DECODE_ELSEWHERE = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from vqvae_faces.codec import FaceCodec, Fingerprints
+from vqvae_faces.model_settings import load_model
+folder = Path({folder!r})
+codec = FaceCodec(load_model(folder / "vqvae.keras"), load_model(folder / "prior.keras"), Fingerprints(0x1234, 0x5678))
+names = sorted(folder.glob("*.vqf"), reverse=True)[:{count}]  # other files per batch, in another order
+grids = codec.decode([p.read_bytes() for p in names], [str(p) for p in names])
+print(json.dumps({{p.stem: g.tolist() for p, g in zip(names, grids)}}))
+"""
+
+
+def test_another_process_with_one_thread_and_other_batches_decodes_the_same_tokens(model_files, tmp_path):
+    codec = make_codec(model_files)
+    images = faces(CODEC_BATCH + 5)
+    files, grids = codec.encode(images, rate_lambda=0.3)
+    for index, data in enumerate(files):
+        (model_files / f"face{index:03d}.vqf").write_bytes(data)
+    script = DECODE_ELSEWHERE.format(root=str(ROOT), folder=str(model_files), count=len(files) - 2)
+    environment = {**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=environment
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    decoded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(decoded) == len(files) - 2
+    for stem, grid in decoded.items():
+        np.testing.assert_array_equal(grid, grids[int(stem[4:])], err_msg=stem)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda data: b"PK" + data[2:], "is not a .vqf file"),
+        (lambda data: data[:2] + b"\x07" + data[3:], "format version 7; this program reads version 1"),
+        (lambda data: data[:6], "is truncated"),
+        (lambda data: data[:HEADER_BYTES + 1], "corrupt"),
+        (lambda data: data[:HEADER_BYTES] + bytes(b ^ 0x5A for b in data[HEADER_BYTES:]), "corrupt"),
+        (lambda data: data[:9] + bytes([data[9] ^ 1]) + data[10:], "do not match the checksum"),
+        (lambda data: data[:4] + bytes([data[4] ^ 1]) + data[5:], "other models"),
+    ],
+)
+def test_every_kind_of_bad_file_gets_its_message(model_files, damage, message):
+    codec = make_codec(model_files)
+    files, _ = codec.encode(faces(1))
+    with pytest.raises(CodecError, match=message) as error:
+        codec.decode([damage(files[0])], ["face.vqf"])
+    assert "face.vqf" in str(error.value)
+
+
+def test_other_weights_are_refused_naming_both_sets(model_files):
+    files, _ = make_codec(model_files).encode(faces(1))
+    other = make_codec(model_files, Fingerprints(0x1234, 0x9999, "v.keras", "p.keras"))
+    with pytest.raises(CodecError, match=r"VQ-VAE 1234, prior 5678\) than these \(VQ-VAE 1234 v.keras, prior 9999"):
+        other.decode(files, ["face.vqf"])
+
+
+def test_the_rate_term_moves_tokens_to_shorter_codes(model_files):
+    """A prior that prefers token 3: the larger rate_lambda, the fewer bits; at a huge one every token is 3."""
+    codec = make_codec(model_files)
+    bias = np.zeros(K, np.float32)
+    bias[3] = 4.0
+    codec.prior.head.bias.assign(bias)
+    images = faces(6)
+    bits, grids = [], []
+    for rate_lambda in (0.0, 0.3, 3.0, 1e6):
+        chosen, lengths = codec.choose_tokens(images, rate_lambda)
+        files, coded = codec.encode(images, rate_lambda)
+        np.testing.assert_array_equal(coded, chosen)
+        np.testing.assert_array_equal(codec.decode(files, list("abcdef")), chosen)
+        bits.append(lengths.mean())
+        grids.append(chosen)
+    nearest = codec.vqvae.encode_to_tokens(images.astype(np.float32) / 255.0).numpy()
+    np.testing.assert_array_equal(grids[0], nearest)
+    assert bits[0] > bits[1] >= bits[2] > bits[3] and (grids[3] == 3).all()
