@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 from conftest import ROOT, face_image
@@ -23,6 +24,7 @@ TINY = dict(encoder_filters=[8, 16], decoder_filters=[16, 8], num_residual_block
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("codec")
+    keras.utils.set_random_seed(3)
     vqvae = VQVAE(image_channels=3, embedding_dim=4, num_embeddings=K, seed=1, ssim_weight=0.0, **TINY)
     vqvae.compile(optimizer="adam")
     vqvae.build((None, 16, 16, 3))
@@ -145,7 +147,7 @@ def test_the_rate_term_moves_tokens_to_shorter_codes(model_files):
     codec.prior.head.bias.assign(bias)
     images = faces(6)
     bits, grids = [], []
-    for rate_lambda in (0.0, 0.3, 3.0, 1e6):
+    for rate_lambda in (0.0, 0.1, 0.3, 1e6):
         chosen, lengths = codec.choose_tokens(images, rate_lambda)
         files, coded = codec.encode(images, rate_lambda)
         np.testing.assert_array_equal(coded, chosen)
@@ -154,4 +156,4 @@ def test_the_rate_term_moves_tokens_to_shorter_codes(model_files):
         grids.append(chosen)
     nearest = codec.vqvae.encode_to_tokens(images.astype(np.float32) / 255.0).numpy()
     np.testing.assert_array_equal(grids[0], nearest)
-    assert bits[0] > bits[1] >= bits[2] > bits[3] and (grids[3] == 3).all()
+    assert bits[0] > bits[1] > bits[2] > bits[3] and (grids[3] == 3).all()
