@@ -206,7 +206,7 @@ def run(args) -> int:
         for line in filter(None, (prior_evaluation.describe(r.metrics) for r in results.values())):
             print(line)
     if args.compare and results:
-        compare_runs(results, test_names, test_faces.images, test_faces.description, out)
+        compare_runs(results, test_names, test_faces.images, test_faces.description, out, config)
     return 0
 
 
@@ -225,9 +225,10 @@ def run_codec(args, config) -> int:
     return 0
 
 
-def compare_runs(results, test_names, images, dataset, out: Path) -> None:
-    """Write images_saved/compare/ for runs evaluated on the same test faces."""
-    from vqvae_faces import compare
+def compare_runs(results, test_names, images, dataset, out: Path, config) -> None:
+    """Write images_saved/compare/ for runs evaluated on the same test faces, with the `.vqf` codec's
+    real file sizes when a prior run is among them."""
+    from vqvae_faces import codec_files, compare
     from vqvae_faces.errors import EvaluationError
     from vqvae_faces.run_folder import RunPaths
 
@@ -239,7 +240,14 @@ def compare_runs(results, test_names, images, dataset, out: Path) -> None:
                 "retrain one of them with --retrain so they share the split."
             )
     run_images = {name: RunPaths.for_run(out, name).images for name in run_names}
-    table = compare.write_comparison(out / "images_saved" / "compare", images, results, run_images, dataset)
+    folder = out / "images_saved" / "compare"
+    codec_rows = []
+    for prior_run in [name for name in run_names if config.runs[name].model == "prior"]:
+        with codec_files.opened_codec(config, prior_run, out) as codec:
+            lambdas = config.runs[prior_run].codec.compare_lambdas
+            names = test_names[run_names[0]]
+            codec_rows += compare.vqf_rows(codec, prior_run, images, names, lambdas, folder / "vqf")
+    table = compare.write_comparison(folder, images, results, run_images, dataset, codec_rows)
     print()
     print(compare.markdown_table(table))
 

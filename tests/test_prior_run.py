@@ -4,10 +4,12 @@ The module fixture trains a tiny VQ-VAE and a tiny prior once, in-process and wi
 deterministic ops; each test works on its own copy of that folder.
 """
 
+import csv
 import json
 import math
 import shutil
 import zipfile
+from pathlib import Path
 
 import h5py
 import keras
@@ -208,3 +210,41 @@ def test_priors_get_their_own_training_defaults_and_train_after_their_vqvae(tmp_
     assert config.training_order(["p", "vq"]) == ["vq", "p"]
     assert config.training_order(["p"]) == ["p"]  # a VQ-VAE that is not selected must be trained already
     assert config.token_alphabet("p") == (512, (16, 16))
+
+
+def test_compare_reports_real_vqf_file_sizes_that_equal_the_bytes_on_disk(out):
+    assert main(out, "--compare", "--set", "codec.compare_lambdas=[0, 1]") == 0
+    rows = list(csv.DictReader(open(out / "images_saved" / "compare" / "comparison.csv")))
+    table = {(row["method"], row["rate_lambda"]): row for row in rows}
+    ideal = next(row for row in rows if row["method"] == "VQ-VAE (vq) + prior (pr)")
+    for rate_lambda in ("0.0", "1.0"):
+        row = table[("VQ-VAE codec (pr)", rate_lambda)]
+        files = sorted(Path(row["files"]).glob("*.vqf"))
+        assert len(files) == 10  # every test face of the bundled split
+        assert float(row["bits_per_image"]) == pytest.approx(np.mean([8 * f.stat().st_size for f in files]))
+    nearest = table[("VQ-VAE codec (pr)", "0.0")]
+    assert float(nearest["psnr"]) == pytest.approx(float(ideal["psnr"]))  # the same tokens: the nearest codes
+    # a real file is the ideal code length plus the header and at most a few bits of coder overhead
+    assert float(ideal["bits_per_image"]) < float(nearest["payload_bits_per_image"]) + 1 < float(ideal["bits_per_image"]) + 40
+
+
+def test_encode_and_decode_photos_on_the_command_line(out, tmp_path, caplog):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(face_image(1)).convert("L").save(photos / "lfw_style.jpg", quality=95)
+    Image.fromarray(face_image(2)[:180]).save(photos / "wide.png")
+    assert main(out, "--encode", str(photos / "lfw_style.jpg"), str(photos / "wide.png")) == 0
+    assert "wide.png: 250x180 pixels, not a 250x250 LFW-style crop" in caplog.text
+    assert (photos / "lfw_style.vqf").read_bytes()[:2] == b"VQ"
+    assert main(out, "--decode", str(photos / "lfw_style.vqf"), "--to", str(tmp_path / "decoded")) == 0
+    decoded = np.asarray(Image.open(tmp_path / "decoded" / "lfw_style.png"))
+    vqvae = keras.saving.load_model(out / "checkpoints" / "vq" / "best.keras", safe_mode=True)
+    face, _ = lfw_files.decode_photo((photos / "lfw_style.jpg").read_bytes(), DataConfig(image_size=16), 1)
+    expected = vqvae.decode_tokens(vqvae.encode_to_tokens(face[None].astype(np.float32) / 255.0)).numpy()[0, ..., 0]
+    np.testing.assert_array_equal(decoded, np.round(np.clip(expected, 0, 1) * 255).astype(np.uint8))
+    before = (photos / "wide.png").read_bytes()
+    assert main(out, "--decode", str(photos / "wide.vqf")) == 2  # would replace the user's wide.png
+    assert "wide.png already exists: pass --overwrite" in caplog.text and (photos / "wide.png").read_bytes() == before
+    (photos / "junk.jpg").write_text("not a photo")
+    assert main(out, "--encode", str(photos / "junk.jpg")) == 2 and "junk.jpg: not an image" in caplog.text
+    assert not (photos / "junk.vqf").exists()

@@ -26,7 +26,7 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from vqvae_faces import visualize  # noqa: E402
-from vqvae_faces.atomic_files import write_text_atomically  # noqa: E402
+from vqvae_faces.atomic_files import write_atomically, write_text_atomically  # noqa: E402
 from vqvae_faces.evaluation import EvaluationResult, image_quality  # noqa: E402
 
 log = logging.getLogger("vqvae_faces.compare")
@@ -156,7 +156,7 @@ def build_table(
         if m["model"] == "VQVAE":
             budget = m["bits_per_image"] if budget is None else min(budget, m["bits_per_image"])
             grid = "x".join(str(v) for v in m["token_grid"])
-            setting = f"{grid} tokens, K={m['num_embeddings']}"
+            setting = f"fixed grid of {grid} tokens, K={m['num_embeddings']} (nominal size, no file)"
             rows.append(
                 _row(
                     f"VQ-VAE ({name})",
@@ -170,7 +170,7 @@ def build_table(
             rows.append(
                 _row(
                     f"VQ-VAE ({name}) + entropy coding",
-                    "empirical token entropy",
+                    "empirical unigram entropy of the test tokens (no decoder could use it)",
                     m["entropy_coded_bits_per_image"],
                     result.quality,
                 )
@@ -225,11 +225,54 @@ def build_table(
     return pd.DataFrame(rows), codecs, budget
 
 
+def vqf_rows(codec, prior_run: str, images: np.ndarray, names, lambdas, folder: Path) -> list[dict]:
+    """The VQ-VAE codec's rate-distortion points: every test face written as a real `.vqf` file per
+    `rate_lambda`, sizes read back from disk (header included), quality of the decoded tokens.
+
+    The first `CODEC_BATCH` files of each setting are decoded from disk and must give the
+    encoded tokens (the full round trip of every face is `bench/bench_codec.py`'s).
+    """
+    from vqvae_faces.codec import CODEC_BATCH, HEADER_BYTES
+    from vqvae_faces.evaluation import decode
+
+    originals = images.astype(np.float32) / 255.0
+    rows = []
+    for rate_lambda in lambdas:
+        target = folder / prior_run / f"lambda_{rate_lambda:g}"
+        target.mkdir(parents=True, exist_ok=True)
+        files, grids = codec.encode(images, rate_lambda)
+        paths = [target / (str(name).replace("/", "__").rsplit(".", 1)[0] + ".vqf") for name in names]
+        for data, path in zip(files, paths):
+            write_atomically(path, lambda tmp, data=data: tmp.write_bytes(data))
+        sizes = np.array([8 * path.stat().st_size for path in paths], np.float64)
+        checked = paths[:CODEC_BATCH]
+        decoded = codec.decode([path.read_bytes() for path in checked], [str(path) for path in checked])
+        if not np.array_equal(decoded, grids[: len(checked)]):
+            raise RuntimeError(f"the .vqf files in {target} do not decode to the tokens they were made from")
+        scores = image_quality(originals, np.clip(decode(codec.vqvae, grids, CODEC_BATCH), 0.0, 1.0))
+        rows.append(
+            _row(
+                f"VQ-VAE codec ({prior_run})",
+                f"rate_lambda {rate_lambda:g}: real .vqf files, {HEADER_BYTES}-byte header included",
+                float(sizes.mean()),
+                scores,
+                rate_lambda=rate_lambda,
+                payload_bits_per_image=float(sizes.mean() - 8 * HEADER_BYTES),
+                files=str(target),
+            )
+        )
+        log.info("codec at rate_lambda %g: %.0f bits per face, PSNR %.2f dB", rate_lambda, sizes.mean(), rows[-1]["psnr"])
+    return rows
+
+
 def plot_rate_distortion(curves: pd.DataFrame, table: pd.DataFrame, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for codec, curve in curves.groupby("codec"):
         axis.plot(curve["bits_per_image"], curve["psnr"], marker=".", label=f"{codec} (quality 1..95)")
-    models = table[table["method"].str.startswith(("VQ-VAE", "VAE"))]
+    for method, points in table[table["method"].str.startswith("VQ-VAE codec")].groupby("method"):
+        points = points.sort_values("bits_per_image")
+        axis.plot(points["bits_per_image"], points["psnr"], marker="o", label=f"{method}, .vqf files (rate_lambda)")
+    models = table[table["method"].str.startswith(("VQ-VAE", "VAE")) & ~table["method"].str.startswith("VQ-VAE codec")]
     for row in models.itertuples(index=False):
         axis.scatter(row.bits_per_image, row.psnr, s=60, zorder=3, label=row.method)
     axis.set_xscale("log")
@@ -286,10 +329,13 @@ def write_comparison(
     results: dict[str, EvaluationResult],
     run_images: dict[str, Path],
     dataset: str,
+    extra_rows: list[dict] = (),
 ) -> pd.DataFrame:
-    """Write comparison.csv/.md/.png, rate_distortion.png and report.html into `folder`."""
+    """Write comparison.csv/.md/.png, rate_distortion.png and report.html into `folder`
+    (`extra_rows`: the `.vqf` codec's points from `vqf_rows`)."""
     folder.mkdir(parents=True, exist_ok=True)
     table, codecs, budget = build_table(images, results)
+    table = pd.concat([table, pd.DataFrame(list(extra_rows))], ignore_index=True) if extra_rows else table
     write_text_atomically(table.to_csv(index=False), folder / "comparison.csv")
     write_text_atomically(markdown_table(table), folder / "comparison.md")
     curves = pd.concat([rate_distortion_curve(images, codec) for codec in CODECS])
