@@ -1,0 +1,105 @@
+""".vqf codec against WebP on the same test faces: speed, size, quality, and an exact round trip of every face.
+
+Needs a trained prior run and its VQ-VAE run under --out (the test split of that VQ-VAE).
+Encoding is the nearest codes plus range coding (rate_lambda 0); every file is decoded
+again in another order (other batches) and must give the encoded tokens. WebP runs at
+the quality whose mean size is closest to the codec's, on the same uint8 faces.
+
+    python bench/bench_codec.py --out OUT [--run prior] [--config experiment.json] [--faces N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import time
+from pathlib import Path
+
+import numpy as np  # noqa: E402 (after common, which sets the TensorFlow environment)
+from common import ROOT, report
+from PIL import Image
+
+from vqvae_faces import codec_files, compare, lfw_files  # noqa: E402
+from vqvae_faces.config import load_config  # noqa: E402
+from vqvae_faces.evaluation import decode, image_quality  # noqa: E402
+from vqvae_faces.run_folder import RunPaths  # noqa: E402
+
+
+def webp_round_trip(images: np.ndarray, quality: int) -> tuple[float, float, float, np.ndarray]:
+    """Mean bits, encode and decode faces/s of WebP (method 6, as --compare) and the decoded faces."""
+    started = time.perf_counter()
+    blobs = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
+            buffer, format="WEBP", quality=quality, method=6
+        )
+        blobs.append(buffer.getvalue())
+    encode_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    mode = "L" if images.shape[-1] == 1 else "RGB"
+    decoded = np.stack([np.asarray(Image.open(io.BytesIO(blob)).convert(mode)) for blob in blobs])
+    decode_seconds = time.perf_counter() - started
+    bits = 8 * np.mean([len(blob) for blob in blobs])
+    return bits, len(images) / encode_seconds, len(images) / decode_seconds, decoded.reshape(images.shape)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder holding checkpoints/<prior run> and its VQ-VAE run")
+    parser.add_argument("--run", default=None, help="prior run (default: the first in the config)")
+    parser.add_argument("--config", default=str(ROOT / "experiment.json"))
+    parser.add_argument("--data", default=None, help="the data the runs were trained on (default: data.path)")
+    parser.add_argument("--faces", type=int, default=None, help="use only the first N test faces")
+    args = parser.parse_args()
+    overrides = [f'data.path="{args.data}"'] if args.data else []
+    config = load_config(args.config, overrides)
+    prior_run = codec_files.choose_prior_run(config, [args.run] if args.run else None)
+    out = Path(args.out)
+    faces = lfw_files.load_faces(config.data, out / "checkpoints" / "data_cache", [ROOT])
+    split = lfw_files.load_split(RunPaths.for_run(out, prior_run).split, faces)
+    images = faces.subset(split["test"])[: args.faces]
+    originals = images.astype(np.float32) / 255.0
+    with codec_files.opened_codec(config, prior_run, out) as codec:
+        codec.encode(images[:1])  # compiles the step
+        started = time.perf_counter()
+        files, grids = codec.encode(images)
+        encode_rate = len(images) / (time.perf_counter() - started)
+        order = np.random.default_rng(0).permutation(len(files))  # other groups of files than when encoding
+        started = time.perf_counter()
+        decoded = codec.decode([files[i] for i in order], [str(i) for i in order])
+        decode_rate = len(images) / (time.perf_counter() - started)
+        exact = float((decoded == grids[order]).all(axis=(1, 2)).mean())
+        scores = image_quality(originals, np.clip(decode(codec.vqvae, grids, 64), 0, 1))
+    bits = 8 * np.mean([len(data) for data in files])
+    candidates = {q: compare.encode_decode(images, "WebP", q).bits_per_image for q in range(1, 101, 3)}
+    quality = min(candidates, key=lambda q: abs(candidates[q] - bits))
+    webp_bits, webp_encode, webp_decode, webp_decoded = webp_round_trip(images, quality)
+    webp_scores = image_quality(originals, webp_decoded.astype(np.float32) / 255.0)
+    rows = [
+        {
+            "codec": ".vqf (nearest codes, range-coded with the prior)",
+            "bits_per_face": bits,
+            "psnr": float(scores["psnr"].mean()),
+            "encode_faces_per_second": encode_rate,
+            "decode_faces_per_second": decode_rate,
+            "exact_round_trip": exact,
+            "encode_ratio_to_webp": encode_rate / webp_encode,
+            "decode_ratio_to_webp": decode_rate / webp_decode,
+        },
+        {
+            "codec": f"WebP quality {quality}, method 6",
+            "bits_per_face": webp_bits,
+            "psnr": float(webp_scores["psnr"].mean()),
+            "encode_faces_per_second": webp_encode,
+            "decode_faces_per_second": webp_decode,
+            "exact_round_trip": None,
+            "encode_ratio_to_webp": 1.0,
+            "decode_ratio_to_webp": 1.0,
+        },
+    ]
+    report("bench_codec", rows, {**vars(args), "test_faces": len(images)})
+
+
+if __name__ == "__main__":
+    main()
