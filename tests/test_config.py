@@ -3,7 +3,7 @@ import json
 import pytest
 from conftest import ROOT
 
-from vqvae_faces.config import ConfigError, load_config
+from vqvae_faces.config import ConfigError, ExperimentConfig, load_config
 
 
 def write(tmp_path, data):
@@ -20,7 +20,9 @@ def test_shipped_experiment_json_is_valid():
 
 def test_defaults_without_a_file():
     config = load_config(None)
-    assert list(config.runs) == ["vqvae", "vae"] and config.runs["vae"].model == "vae"
+    assert list(config.runs) == ["vqvae", "vae", "prior"] and config.runs["vae"].model == "vae"
+    assert config.runs["prior"].tokens_from == "vqvae" and config.runs["prior"].batch_size == 32
+    assert ExperimentConfig().runs == config.runs  # the dataclass and load_config share one set of defaults
     assert config.data.image_size == 64
 
 

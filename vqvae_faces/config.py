@@ -8,6 +8,7 @@ whose message names the key (for example `runs.vqvae.epochs`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -336,7 +337,7 @@ class ExperimentConfig:
     deterministic: bool = False
     collective_timeout_seconds: float = 300.0
     data: DataConfig = field(default_factory=DataConfig)
-    runs: dict[str, RunConfig] = field(default_factory=lambda: {"vqvae": RunConfig(), "vae": RunConfig(model="vae")})
+    runs: dict[str, RunConfig] = field(default_factory=lambda: _default_runs())
     compare: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -386,6 +387,19 @@ class ExperimentConfig:
             if name not in ordered:
                 ordered.append(name)
         return ordered
+
+
+# The runs of a config that names none: the VQ-VAE, the VAE it is compared with, and the VQ-VAE's token prior.
+DEFAULT_RUNS = {"vqvae": {}, "vae": {"model": "vae"}, "prior": {"model": "prior", "tokens_from": "vqvae"}}
+
+
+def _with_model_defaults(run: dict) -> dict:
+    """A run's settings with `MODEL_DEFAULTS` filled in for the keys it does not set."""
+    return {**MODEL_DEFAULTS.get(run.get("model"), {}), **run}
+
+
+def _default_runs() -> dict[str, RunConfig]:
+    return {name: _build(RunConfig, _with_model_defaults(run), f"runs.{name}") for name, run in DEFAULT_RUNS.items()}
 
 
 # Training-policy defaults that differ by model kind, applied to the keys a run does not set.
@@ -527,7 +541,7 @@ def load_config(
             raise ConfigError(f"config file {str(path)!r} is not valid JSON: {exc}.") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a JSON object at the top level.")
-    raw.setdefault("runs", {"vqvae": {}, "vae": {"model": "vae"}})
+    raw.setdefault("runs", copy.deepcopy(DEFAULT_RUNS))
     if not isinstance(raw["runs"], dict):
         raise ConfigError(f"runs={raw['runs']!r} has the wrong type: expected an object.")
     selected = list(raw["runs"]) if run_names is None else run_names
@@ -544,10 +558,7 @@ def load_config(
                 if not isinstance(raw["runs"][name], dict):
                     continue
                 _assign(raw["runs"][name], parts, value)
-    for run in raw["runs"].values():
-        if isinstance(run, dict):
-            for key, value in MODEL_DEFAULTS.get(run.get("model"), {}).items():
-                run.setdefault(key, value)
+    raw["runs"] = {name: _with_model_defaults(run) if isinstance(run, dict) else run for name, run in raw["runs"].items()}
     config = _build(ExperimentConfig, raw, "")
     config.validate()
     return config
