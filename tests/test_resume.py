@@ -225,7 +225,7 @@ def test_compatibility_comes_from_the_model_saved_in_the_checkpoint(tmp_path):
     wider = load_config(None, TINY_RUN + ["embedding_dim=8"], ["vqvae"])
     with pytest.raises(ConfigError, match="embedding_dim: checkpoint 4, config 8"):
         run_folder.check_compatible(paths, wider, "vqvae")
-    vae = load_config(None, TINY_RUN + ["model=vae"], ["vqvae"])
+    vae = dataclasses.replace(config, runs={"vqvae": dataclasses.replace(config.runs["vqvae"], model="vae")})
     with pytest.raises(ConfigError, match="model: checkpoint 'VQVAE', config 'vae'"):
         run_folder.check_compatible(paths, vae, "vqvae")
 

@@ -395,7 +395,8 @@ DEFAULT_RUNS = {"vqvae": {}, "vae": {"model": "vae"}, "prior": {"model": "prior"
 
 def _with_model_defaults(run: dict) -> dict:
     """A run's settings with `MODEL_DEFAULTS` filled in for the keys it does not set."""
-    return {**MODEL_DEFAULTS.get(run.get("model"), {}), **run}
+    model = run.get("model")
+    return {**(MODEL_DEFAULTS.get(model, {}) if isinstance(model, str) else {}), **run}
 
 
 def _default_runs() -> dict[str, RunConfig]:
