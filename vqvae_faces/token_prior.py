@@ -226,6 +226,7 @@ class CausalTransformer(TokenPrior):
         self.blocks = [_Block(width, num_heads, mlp_ratio, name=f"block_{i}") for i in range(num_layers)]
         self.norm = layers.LayerNormalization(epsilon=1e-5, name="norm")
         self.head = layers.Dense(num_embeddings, name="head")
+        self._compiled_step = None
 
     def _inputs(self, previous_tokens, positions):
         """Embedded inputs for `positions` (n,) given the tokens before them (B, n), -1 = start."""
@@ -264,33 +265,29 @@ class CausalTransformer(TokenPrior):
             updated.append(cache)
         return ops.cast(self.head(self.norm(x))[:, 0], "float32"), tuple(updated)
 
+    def compiled_step(self):
+        """`step_logits` compiled with XLA, which fuses each step's cache update and attention (about
+        2x faster than the plain graph on 2 cores); created once per model."""
+        if self._compiled_step is None:
+            self._compiled_step = tf.function(self.step_logits, jit_compile=True)
+        return self._compiled_step
+
     def sample_tokens(self, count, seed, temperature=1.0, top_k=None, top_p=None):
         """`count` grids (count, h, w) int32 with cached keys and values: one position per step.
 
-        The whole loop over positions is one compiled graph (a `tf.while_loop`), so a token
-        costs a single pass of the blocks over one position.
+        Each step is the XLA-compiled `step_logits`; the draw stays outside XLA, whose random
+        numbers differ from TensorFlow's, so a seed gives the same grids as the full-pass sampler.
         """
         rows, columns = self.grid_size
-        length = rows * columns
-
-        def body(position, previous, caches, drawn):
-            logits, caches = self.step_logits(previous, caches, position)
-            step_seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(position, tf.int64))
-            chosen = choose_tokens(logits, step_seed, temperature, top_k, top_p)
-            return position + 1, chosen[:, None], caches, drawn.write(position, chosen)
-
-        @tf.function
-        def sample():
-            start = (
-                tf.constant(0),
-                -tf.ones((count, 1), tf.int32),
-                self.empty_caches(count),
-                tf.TensorArray(tf.int32, size=length),
-            )
-            *_, drawn = tf.while_loop(lambda position, *_: position < length, body, start)
-            return tf.transpose(drawn.stack())
-
-        return tf.reshape(sample(), (count, rows, columns))
+        step, choose = self.compiled_step(), tf.function(choose_tokens)
+        previous, caches, drawn = -tf.ones((count, 1), tf.int32), self.empty_caches(count), []
+        for position in range(rows * columns):
+            logits, caches = step(previous, caches, tf.constant(position, tf.int32))
+            step_seed = tf.random.experimental.stateless_fold_in(seed, tf.constant(position, tf.int64))
+            chosen = choose(logits, step_seed, temperature, top_k, top_p)
+            drawn.append(chosen)
+            previous = chosen[:, None]
+        return tf.reshape(tf.stack(drawn, axis=1), (count, rows, columns))
 
     def get_config(self):
         return {
