@@ -29,6 +29,7 @@ from vqvae_faces.run_folder import RunPaths, read_state
 log = logging.getLogger("vqvae_faces.prior")
 
 GRID_COLUMNS = 8  # faces per row of samples.png
+GRID_FACES = 64  # samples.png shows the first 64 samples (samples.npz holds all)
 NEAREST_PAIRS = 16  # samples shown beside their nearest training face
 
 
@@ -90,7 +91,8 @@ def write_samples(
         top_p=np.float64(settings.top_p or 1.0),
         batch_size=np.int64(settings.batch_size),
     )
-    rows = [images[start : start + GRID_COLUMNS] for start in range(0, len(images), GRID_COLUMNS)]
+    shown = images[:GRID_FACES]
+    rows = [shown[start : start + GRID_COLUMNS] for start in range(0, len(shown), GRID_COLUMNS)]
     rows = [row for row in rows if len(row) == len(rows[0])]
     visualize.save_image_grid(
         rows,
