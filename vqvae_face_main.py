@@ -146,8 +146,7 @@ def run(args) -> int:
             )
     out = Path(args.out)
 
-    from vqvae_faces import training
-    from vqvae_faces import prior_evaluation
+    from vqvae_faces import prior_evaluation, training
     from vqvae_faces.evaluation import TestFaces, evaluate_run, load_trained_model, metrics_table, test_set
     from vqvae_faces.prior_data import load_prior_source
     from vqvae_faces.run_folder import RunPaths, check_compatible, run_lock

@@ -118,7 +118,7 @@ def test_another_process_with_one_thread_and_other_batches_decodes_the_same_toke
         (lambda data: b"PK" + data[2:], "is not a .vqf file"),
         (lambda data: data[:2] + b"\x07" + data[3:], "format version 7; this program reads version 1"),
         (lambda data: data[:6], "is truncated"),
-        (lambda data: data[:HEADER_BYTES + 1], "corrupt"),
+        (lambda data: data[: HEADER_BYTES + 1], "corrupt"),
         (lambda data: data[:HEADER_BYTES] + bytes(b ^ 0x5A for b in data[HEADER_BYTES:]), "corrupt"),
         (lambda data: data[:9] + bytes([data[9] ^ 1]) + data[10:], "do not match the checksum"),
         (lambda data: data[:4] + bytes([data[4] ^ 1]) + data[5:], "other models"),

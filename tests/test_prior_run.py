@@ -88,7 +88,7 @@ def weights(path):
 def test_the_prior_trains_after_its_vqvae_and_writes_every_file(trained):
     for name in ("best.keras", "latest.keras", "state.json", "split.json", "config.json", "history.csv"):
         assert (trained / "checkpoints" / "pr" / name).is_file(), name
-    for name in ("metrics.json", "training_curves.png", "nearest_training_faces.png", "epoch_0001.png"):
+    for name in ("metrics.json", "training_curves.png", "nearest_training_faces.png", "samples.png", "epoch_0001.png"):
         assert (trained / "images_saved" / "pr" / name).is_file(), name
     state = json.loads((trained / "checkpoints" / "pr" / "state.json").read_text())
     assert state["epochs_done"] == PRIOR_EPOCHS and state["monitor"] == "val_loss"
@@ -225,7 +225,11 @@ def test_compare_reports_real_vqf_file_sizes_that_equal_the_bytes_on_disk(out):
     nearest = table[("VQ-VAE codec (pr)", "0.0")]
     assert float(nearest["psnr"]) == pytest.approx(float(ideal["psnr"]))  # the same tokens: the nearest codes
     # a real file is the ideal code length plus the header and at most a few bits of coder overhead
-    assert float(ideal["bits_per_image"]) < float(nearest["payload_bits_per_image"]) + 1 < float(ideal["bits_per_image"]) + 40
+    assert (
+        float(ideal["bits_per_image"])
+        < float(nearest["payload_bits_per_image"]) + 1
+        < float(ideal["bits_per_image"]) + 40
+    )
 
 
 def test_encode_and_decode_photos_on_the_command_line(out, tmp_path, caplog):

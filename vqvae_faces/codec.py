@@ -89,7 +89,7 @@ class FaceCodec:
     def __init__(self, vqvae, prior, fingerprints: Fingerprints):
         if not hasattr(prior, "compiled_step"):
             raise UserFacingError(
-                f"the codec needs a prior with a one-position step (prior.architecture \"transformer\"); "
+                f'the codec needs a prior with a one-position step (prior.architecture "transformer"); '
                 f"this prior is a {type(prior).__name__}."
             )
         self.vqvae, self.prior, self.fingerprints = vqvae, prior, fingerprints

@@ -34,8 +34,7 @@ def choose_prior_run(config: ExperimentConfig, selected: Optional[list[str]]) ->
     priors = [name for name in (selected or config.runs) if config.runs[name].model == "prior"]
     if not priors:
         raise ConfigError(
-            "--encode/--decode need a prior run (model \"prior\") among the selected runs; "
-            f"runs: {sorted(config.runs)}."
+            f'--encode/--decode need a prior run (model "prior") among the selected runs; runs: {sorted(config.runs)}.'
         )
     return priors[0]
 

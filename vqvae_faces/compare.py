@@ -261,7 +261,9 @@ def vqf_rows(codec, prior_run: str, images: np.ndarray, names, lambdas, folder: 
                 files=str(target),
             )
         )
-        log.info("codec at rate_lambda %g: %.0f bits per face, PSNR %.2f dB", rate_lambda, sizes.mean(), rows[-1]["psnr"])
+        log.info(
+            "codec at rate_lambda %g: %.0f bits per face, PSNR %.2f dB", rate_lambda, sizes.mean(), rows[-1]["psnr"]
+        )
     return rows
 
 

@@ -261,7 +261,7 @@ class RunConfig:
     def validate(self, path: str) -> None:
         if (self.model == "prior") != (self.tokens_from is not None):
             raise ConfigError(
-                f"{path}.tokens_from={self.tokens_from!r} with model={self.model!r}: a \"prior\" run names the "
+                f'{path}.tokens_from={self.tokens_from!r} with model={self.model!r}: a "prior" run names the '
                 "VQ-VAE run whose tokens it learns (tokens_from), and only a prior does."
             )
         self.prior.validate(f"{path}.prior")
@@ -559,7 +559,9 @@ def load_config(
                 if not isinstance(raw["runs"][name], dict):
                     continue
                 _assign(raw["runs"][name], parts, value)
-    raw["runs"] = {name: _with_model_defaults(run) if isinstance(run, dict) else run for name, run in raw["runs"].items()}
+    raw["runs"] = {
+        name: _with_model_defaults(run) if isinstance(run, dict) else run for name, run in raw["runs"].items()
+    }
     config = _build(ExperimentConfig, raw, "")
     config.validate()
     return config

@@ -27,8 +27,10 @@ FEATURE_BATCH = 32
 def inception_network(weights: Path) -> keras.Model:
     """InceptionV3 without its classifier, average-pooled (2,048 features), loaded from `weights`."""
     if not Path(weights).is_file():
-        raise EvaluationError(f"sampling.inception_weights={str(weights)!r} does not exist: give a Keras InceptionV3 "
-                              "weights file (include_top=False), or null to skip the FID.")
+        raise EvaluationError(
+            f"sampling.inception_weights={str(weights)!r} does not exist: give a Keras InceptionV3 "
+            "weights file (include_top=False), or null to skip the FID."
+        )
     try:
         return keras.applications.InceptionV3(include_top=False, weights=str(weights), pooling="avg")
     except (ValueError, OSError) as error:

@@ -278,7 +278,9 @@ def decode_photo(data: bytes, settings: DataConfig, channels: int) -> tuple[np.n
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             width, height = image.size
             if width * height > settings.max_image_pixels:
-                raise DataError(f"the image has {width}x{height} pixels, over max_image_pixels={settings.max_image_pixels}")
+                raise DataError(
+                    f"the image has {width}x{height} pixels, over max_image_pixels={settings.max_image_pixels}"
+                )
             image.load()
             picture = image.convert("L" if channels == 1 else "RGB")
     except (UnidentifiedImageError, Image.DecompressionBombError):

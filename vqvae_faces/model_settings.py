@@ -130,7 +130,9 @@ def model_mismatches(saved: dict, run: RunConfig) -> list[str]:
     if saved["class_name"] != wanted_class.__name__:
         return [f"model: checkpoint {saved['class_name']!r}, config {run.model!r} ({wanted_class.__name__})"]
     mismatches = []
-    ignored = RESUMABLE_MODEL_ARGUMENTS | {"image_channels"} | (DERIVED_PRIOR_ARGUMENTS if run.model == "prior" else set())
+    ignored = (
+        RESUMABLE_MODEL_ARGUMENTS | {"image_channels"} | (DERIVED_PRIOR_ARGUMENTS if run.model == "prior" else set())
+    )
     for key, wanted in model_arguments(run, channels=0, data_variance=None, seed=0).items():
         if key in ignored:
             continue

@@ -202,7 +202,9 @@ def make_training_dataset(
 
 def make_token_dataset(grids: np.ndarray, batch_size: int, drop_remainder: bool = False):
     """int32 token grids (B, h, w) in file order, batched (a prior's validation and evaluation)."""
-    dataset = tf.data.Dataset.from_tensor_slices(grids.astype(np.int32)).batch(batch_size, drop_remainder=drop_remainder)
+    dataset = tf.data.Dataset.from_tensor_slices(grids.astype(np.int32)).batch(
+        batch_size, drop_remainder=drop_remainder
+    )
     return _distribute_by_data(dataset)
 
 

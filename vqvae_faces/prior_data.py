@@ -85,7 +85,9 @@ def tokenize_splits(
     for part, index, _ in parts:
         grids[part], names[part] = every_grid[start : start + len(index)], faces.names[index]
         start += len(index)
-    log.info("tokenized %d faces (every split%s) with %s", len(images), " and its mirror" if flipped else "", checkpoint)
+    log.info(
+        "tokenized %d faces (every split%s) with %s", len(images), " and its mirror" if flipped else "", checkpoint
+    )
     arrays = {f"grids_{part}": grid for part, grid in grids.items()}
     arrays.update({f"names_{part}": name for part, name in names.items()})
     save_npz_atomically(path, compressed=True, **arrays)

@@ -91,22 +91,29 @@ def write_samples(
         top_p=np.float64(settings.top_p or 1.0),
         batch_size=np.int64(settings.batch_size),
     )
-    shown = images[:GRID_FACES]
-    rows = [shown[start : start + GRID_COLUMNS] for start in range(0, len(shown), GRID_COLUMNS)]
-    rows = [row for row in rows if len(row) == len(rows[0])]
-    visualize.save_image_grid(
-        rows,
-        [""] * len(rows),
-        paths.images / "samples.png",
-        title=f"{run_name}: {len(rows) * len(rows[0])} samples, temperature {settings.temperature:g}"
-        + (f", top_k {settings.top_k}" if settings.top_k else "")
-        + (f", top_p {settings.top_p:g}" if settings.top_p else "")
-        + f", seed {seed}",
-    )
+    save_sample_grid(images, paths.images / "samples.png", f"{run_name}: {describe_sampling(settings, seed)}")
     save_nearest_training_faces(images[:NEAREST_PAIRS], training_images, paths.images / "nearest_training_faces.png")
     speed = count / seconds if seconds > 0 else None
     log.info("run %s: %d samples in %s (%.1f faces/s)", run_name, count, paths.images, speed or math.nan)
     return {"samples": count, "faces_per_second": speed, "folder": str(paths.images)}
+
+
+def describe_sampling(settings: SamplingConfig, seed: int) -> str:
+    """The sampling settings, for a picture's title."""
+    return (
+        f"temperature {settings.temperature:g}"
+        + (f", top_k {settings.top_k}" if settings.top_k else "")
+        + (f", top_p {settings.top_p:g}" if settings.top_p else "")
+        + f", seed {seed}"
+    )
+
+
+def save_sample_grid(images: np.ndarray, path: Path, title: str) -> None:
+    """The first `GRID_FACES` samples in rows of `GRID_COLUMNS` (whole rows only)."""
+    shown = images[:GRID_FACES]
+    rows = [shown[start : start + GRID_COLUMNS] for start in range(0, len(shown), GRID_COLUMNS)]
+    rows = [row for row in rows if len(row) == len(rows[0])]
+    visualize.save_image_grid(rows, [""] * len(rows), path, title=f"{title} ({len(rows) * len(rows[0])} samples)")
 
 
 def save_nearest_training_faces(samples: np.ndarray, training_images: np.ndarray, path: Path) -> np.ndarray:
@@ -182,6 +189,7 @@ def evaluate_prior(
     metrics["train_images_per_second"] = state.get("train_images_per_second")
     write_json_atomically(metrics, paths.images / "metrics.json")
     save_nearest_training_faces(samples[:NEAREST_PAIRS], training_images, paths.images / "nearest_training_faces.png")
+    save_sample_grid(samples, paths.images / "samples.png", f"{run_name}: {describe_sampling(run.sampling, seed)}")
     log.info(
         "run %s: %.3f bits per token (%.0f per face) on %d test faces; %.1f samples/s",
         run_name,
