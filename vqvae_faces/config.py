@@ -405,7 +405,8 @@ def _default_runs() -> dict[str, RunConfig]:
 
 # Training-policy defaults that differ by model kind, applied to the keys a run does not set.
 # A token prior is a classifier over K codes at every grid cell: larger batches, a gentler
-# learning rate and looser clipping than the autoencoders' recipe (experiments/SETTINGS.md).
+# learning rate and looser clipping than the autoencoders' recipe. These are the usual settings
+# of small transformers, not tuned on this data (experiments/PRIOR.md has what they gave).
 MODEL_DEFAULTS = {
     "prior": {
         "batch_size": 32,
