@@ -3,6 +3,7 @@
 import fcntl
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -97,6 +98,8 @@ def test_two_workers_write_one_checkpoint_that_a_single_process_evaluates(tmp_pa
     assert [worker.returncode for worker in workers] == [0, 0], logs
     assert "distribution: multi_worker" in outputs[0][1] and "with 2 replica(s)" in outputs[0][1]
     assert list(outs[1].iterdir()) == [], "the non-chief worker writes nothing into its --out"
+    digests = [re.findall(r"weights digest (\w+)", stderr) for _, stderr in outputs]
+    assert len(digests[0]) == 1 and digests[0] == digests[1], "both workers end with identical weights and codebook"
     folder = outs[0] / "checkpoints" / "vqvae"
     assert (folder / "best.keras").is_file() and (folder / "latest.keras").is_file()
     state = json.loads((folder / "state.json").read_text())

@@ -7,6 +7,7 @@ from settings to a model is `model_settings`'; this module orchestrates them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -374,6 +375,15 @@ def _train_locked(config, run_name, faces, paths, retrain, strategy):
         keras.mixed_precision.set_dtype_policy("float32")
 
 
+def weights_digest(model: keras.Model) -> str:
+    """SHA-256 (12 hex digits) of every model weight, trainable or not (the codebook and its EMA
+    statistics included), in this process: the workers of one run log the same digest."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight.value)).tobytes())
+    return digest.hexdigest()[:12]
+
+
 def _image_inputs(job: FitJob):
     """An autoencoder's training and validation datasets, training-set size and snapshot callback."""
     config, run, paths, schedule = job.config, job.run, job.paths, job.schedule
@@ -477,12 +487,13 @@ def _fit(model, job: FitJob) -> None:
     )
     write_json_atomically(final_state, paths.state)
     log.info(
-        "run finished after %d epochs (%s), %.1f min of training, best %s %.5f at epoch %s",
+        "run finished after %d epochs (%s), %.1f min of training, best %s %.5f at epoch %s; weights digest %s",
         checkpoint.epochs_done,
         final_state["stopped_by"],
         clock.elapsed_seconds / 60,
         checkpoint.monitor,
         checkpoint.best,
         checkpoint.best_epoch,
+        weights_digest(model),
     )
     visualize.plot_training_curves(paths.history, paths.images / "training_curves.png")
