@@ -27,7 +27,8 @@ from PIL import Image  # noqa: E402
 
 from vqvae_faces import visualize  # noqa: E402
 from vqvae_faces.atomic_files import write_atomically, write_text_atomically  # noqa: E402
-from vqvae_faces.evaluation import EvaluationResult, image_quality  # noqa: E402
+from vqvae_faces.codec import CODEC_BATCH, HEADER_BYTES  # noqa: E402
+from vqvae_faces.evaluation import EvaluationResult, decode, image_quality  # noqa: E402
 
 log = logging.getLogger("vqvae_faces.compare")
 
@@ -232,9 +233,6 @@ def vqf_rows(codec, prior_run: str, images: np.ndarray, names, lambdas, folder: 
     The first `CODEC_BATCH` files of each setting are decoded from disk and must give the
     encoded tokens (the full round trip of every face is `bench/bench_codec.py`'s).
     """
-    from vqvae_faces.codec import CODEC_BATCH, HEADER_BYTES
-    from vqvae_faces.evaluation import decode
-
     originals = images.astype(np.float32) / 255.0
     rows = []
     for rate_lambda in lambdas:

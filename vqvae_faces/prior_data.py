@@ -27,6 +27,7 @@ from vqvae_faces.run_folder import RunPaths, file_digest, run_lock
 log = logging.getLogger("vqvae_faces.prior_data")
 
 TOKENS_CACHE_VERSION = 1
+TOKENIZE_BATCH = 64  # faces per encoder call when a prior's training data are tokenized
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def load_prior_source(config: ExperimentConfig, run_name: str, faces: FaceSet, o
     """
     run = config.runs[run_name]
     source = RunPaths.for_run(out, run.tokens_from)
-    if not (source.best_model.is_file() or source.latest_model.is_file()):
+    if source.trained_model() is None:
         raise TrainingError(
             f"run {run_name!r} learns the tokens of VQ-VAE run {run.tokens_from!r}, which has no trained model in "
             f"{source.checkpoints}: train it first (python vqvae_face_main.py --run {run.tokens_from})."
@@ -128,7 +129,7 @@ def load_prior_source(config: ExperimentConfig, run_name: str, faces: FaceSet, o
             faces,
             split,
             out / "checkpoints" / "data_cache",
-            config.runs[run.tokens_from].batch_size * 8,
+            TOKENIZE_BATCH,
             flipped=run.prior.flipped_faces,
         )
         digest = file_digest(checkpoint)
