@@ -356,6 +356,10 @@ def _train_locked(config, run_name, faces, paths, retrain, strategy):
             # which sees the unscaled gradients.
             getattr(model.optimizer, "inner_optimizer", model.optimizer).global_clipnorm = run.gradient_clipnorm
             log.info("resuming run %s from epoch %d (%s)", run_name, state["epochs_done"], paths.latest_model)
+        if not model.optimizer.built:
+            # Eagerly: built inside the first traced train step, the slots cost seconds of tracing.
+            with strategy.scope():
+                model.optimizer.build(model.trainable_variables)
         log.info(
             "run %s: %s, %s, %d train / %d val / %d test images (identity-disjoint), %d parameters, "
             "global batch %d (%d replica(s) x %d)",

@@ -23,24 +23,48 @@ def save_figure(figure, path: Path) -> None:
         plt.close(figure)
 
 
-def save_image_grid(rows: list[np.ndarray], labels: list[str], path: Path, title: Optional[str] = None) -> None:
-    """One row per entry of `rows`, each (N, H, W, C) in [0, 1] (or uint8); same N for all rows."""
+GRID_GAP = 2  # pixels of white between the faces of an image grid
+
+
+def image_mosaic(rows: list[np.ndarray], gap: int = GRID_GAP) -> np.ndarray:
+    """The faces of `rows` tiled into one RGB picture, float in [0, 1].
+
+    Args:
+        rows: one array per row, each (N, H, W, C) with C = 1 or 3, floats in [0, 1] or uint8;
+            every row is cut to the shortest row's N.
+        gap: white pixels between neighbouring faces.
+
+    Output shape: (R * (H + gap) - gap, N * (W + gap) - gap, 3).
+    """
     count = min(len(r) for r in rows)
-    figure, axes = plt.subplots(len(rows), count, figsize=(1.2 * count + 1.2, 1.3 * len(rows) + 0.4), squeeze=False)
-    for r, (images, label) in enumerate(zip(rows, labels)):
-        images = np.asarray(images)
-        if images.dtype == np.uint8:
-            images = images.astype(np.float32) / 255.0
-        for c in range(count):
-            axis = axes[r, c]
-            image = np.clip(images[c], 0.0, 1.0)
-            if image.shape[-1] == 1:
-                axis.imshow(image[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
-            else:
-                axis.imshow(image)
-            axis.set_xticks([])
-            axis.set_yticks([])
-        axes[r, 0].set_ylabel(label, fontsize=9)
+    tiles = []
+    for images in rows:
+        images = np.asarray(images[:count])
+        images = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
+        tiles.append(np.clip(np.broadcast_to(images, images.shape[:3] + (3,)), 0.0, 1.0))
+    height, width = tiles[0].shape[1:3]
+    mosaic = np.ones((len(rows) * (height + gap) - gap, count * (width + gap) - gap, 3), np.float32)
+    for r, images in enumerate(tiles):
+        for c, image in enumerate(images):
+            top, left = r * (height + gap), c * (width + gap)
+            mosaic[top : top + height, left : left + width] = image
+    return mosaic
+
+
+def save_image_grid(rows: list[np.ndarray], labels: list[str], path: Path, title: Optional[str] = None) -> None:
+    """One row per entry of `rows`, each (N, H, W, C) in [0, 1] (or uint8); same N for all rows.
+
+    The faces are drawn as one mosaic (one image for matplotlib, whatever the number
+    of faces), with each row's label at its left.
+    """
+    count, height = min(len(r) for r in rows), np.asarray(rows[0]).shape[1]
+    figure, axis = plt.subplots(figsize=(1.2 * count + 1.2, 1.3 * len(rows) + 0.4))
+    axis.imshow(image_mosaic(rows), interpolation="nearest")
+    axis.set_xticks([])
+    axis.set_yticks([r * (height + GRID_GAP) + height / 2 for r in range(len(rows))], labels, fontsize=9)
+    axis.tick_params(length=0)
+    for spine in axis.spines.values():
+        spine.set_visible(False)
     if title:
         figure.suptitle(title, fontsize=10)
     save_figure(figure, path)
