@@ -13,6 +13,12 @@ from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as vqvae_face_main.py sets it
+# One TensorFlow thread per process (and per program a test starts, which inherits these): two xdist
+# workers and their programs on two cores would otherwise spin on each other's threads, which costs
+# a fifth of the suite's CPU time. The tests that need threads of their own set them.
+for variable in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
+    os.environ.setdefault(variable, "1")
+TWO_THREADS = {"TF_NUM_INTRAOP_THREADS": "2", "TF_NUM_INTEROP_THREADS": "2", "OMP_NUM_THREADS": "2"}
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -25,15 +31,19 @@ TINY_RUN = [
     "encoder_filters=[8,16]",
     "decoder_filters=[16,8]",
     "residual_hidden_channels=8",
-    "num_residual_blocks=1",
+    "num_residual_blocks=0",  # the command-line fixture and the model tests have residual blocks
     "embedding_dim=4",
     "num_embeddings=16",
     "latent_dim=4",
     "batch_size=16",
     "epochs=1",
     "max_train_minutes=null",
-    "snapshot_every=1",
-    "data.augmentation.enabled=true",
+    # op by op: tracing the train step costs more than a toy run's few steps (COMPILED undoes it)
+    "run_eagerly=true",
+    # no snapshots or augmentation (each costs a second or two of every run): the tests that are
+    # about them, and the exact-resume tests, turn them on with ON_THE_FLY
+    "snapshot_every=100",
+    "data.augmentation.enabled=false",
     "token_search_steps=2",  # the search has its own tests; one end-to-end check uses the full 50 steps
     # the token prior of the default config, as small: 1 block of width 16, 8 samples, 2 codec settings
     "prior.width=16",
@@ -42,6 +52,10 @@ TINY_RUN = [
     "sampling.eval_samples=8",
     "codec.compare_lambdas=[0,1]",
 ]
+# Reconstruction snapshots every epoch and on-the-fly augmentation, on top of TINY_RUN.
+ON_THE_FLY = ["snapshot_every=1", "data.augmentation.enabled=true"]
+# The train step traced into a graph, as users run it: the command-line, exact-resume and multi-worker tests.
+COMPILED = ["run_eagerly=false"]
 
 
 def face_image(seed: int, size: int = 250) -> np.ndarray:
@@ -75,6 +89,17 @@ def write_archive(tree: Path, archive: Path) -> Path:
     return archive
 
 
+@pytest.fixture(autouse=True)
+def no_determinism_left_over():
+    """`deterministic: true` turns TensorFlow's op determinism on for the whole process (and with it,
+    Keras turns XLA off); turn it off after each test, so no test depends on which ran before it."""
+    yield
+    if "tensorflow" in sys.modules:
+        from tensorflow.python.framework import config  # the switch-off has no public name
+
+        config.disable_op_determinism()
+
+
 @pytest.fixture(scope="session")
 def lfw_tree(tmp_path_factory) -> Path:
     return write_lfw_tree(tmp_path_factory.mktemp("lfw"))
@@ -83,3 +108,24 @@ def lfw_tree(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def lfw_archive(lfw_tree, tmp_path_factory) -> Path:
     return write_archive(lfw_tree, tmp_path_factory.mktemp("archive") / "lfw-deepfunneled.tgz")
+
+
+# Files in decreasing order of their CPU time on the 2-core machine (measured with the suite in one
+# process). pytest.ini gives each xdist worker whole files (--dist loadfile) in this order
+# (--no-loadscope-reorder), so the long files start first and the short ones fill the gaps at the end.
+SLOWEST_FIRST = [
+    "test_distributed.py",
+    "test_prior_run.py",
+    "test_cli.py",
+    "test_resume.py",
+    "test_model.py",
+    "test_disk_and_signals.py",
+    "test_codec.py",
+    "test_faults.py",
+    "test_token_prior.py",
+]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise

@@ -1,7 +1,8 @@
 """End-to-end: the command line a user runs, on the bundled faces with a tiny model.
 
-One real process trains both runs (the module fixture); every other case runs the same
-`main(argv)` in-process on its own copy of that folder, so no test depends on another's order.
+One real process trains every run of the shipped experiment.json and compares them (the
+module fixture); every other case runs the same `main(argv)` in-process on its own copy of
+that folder, so no test depends on another's order.
 """
 
 import csv
@@ -17,7 +18,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ROOT, TINY_RUN
+from conftest import COMPILED, ON_THE_FLY, ROOT, TINY_RUN
 from PIL import Image
 
 import vqvae_face_main
@@ -25,11 +26,16 @@ from vqvae_faces import compare, lfw_files
 from vqvae_faces.config import DataConfig
 
 MAIN = str(ROOT / "vqvae_face_main.py")
+# 32x32 faces with one stride-2 stage: a 16x16 grid of 4-bit tokens, 1,024 bits, a budget that WebP can
+# meet and JPEG cannot, so --compare's rule "the highest quality that fits" is exercised.
+CLI_RUN = TINY_RUN + ON_THE_FLY + ["data.image_size=32", "encoder_filters=[8]", "decoder_filters=[8]"]
+CLI_RUN += ["num_residual_blocks=1"] + COMPILED
+IMAGE_SIZE, GRID = 32, 16
 
 
 def cli_args(out, *args):
     # "--data bundled": the embedded faces, even where an lfw-deepfunneled folder lies beside the script.
-    overrides = [item for setting in TINY_RUN for item in ("--set", setting)]
+    overrides = [item for setting in CLI_RUN for item in ("--set", setting)]
     return ["--out", str(out), "--data", "bundled", *overrides, *args]
 
 
@@ -39,9 +45,9 @@ def main(out, *args):
 
 @pytest.fixture(scope="module")
 def trained_out(tmp_path_factory):
-    """Both runs trained one epoch by a real process, tokens chosen by the full 50-step search."""
+    """Every run trained one epoch and compared by a real process, tokens chosen by the full 50-step search."""
     out = tmp_path_factory.mktemp("cli")
-    command = [sys.executable, MAIN, *cli_args(out, "--set", "token_search_steps=50")]
+    command = [sys.executable, MAIN, *cli_args(out, "--compare", "--set", "token_search_steps=50")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=out)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
@@ -97,7 +103,7 @@ def test_tensorboard_logs_scalars_per_epoch_and_reconstruction_images(trained_ou
 def saved_test_faces(out):
     """The saved test split's faces as the run saw them: names from split.json, pixels in [0, 1]."""
     split = json.loads((out / "checkpoints" / "vqvae" / "split.json").read_text())
-    faces = lfw_files.load_bundled_faces(DataConfig(image_size=16))
+    faces = lfw_files.load_bundled_faces(DataConfig(image_size=IMAGE_SIZE))
     index = [list(faces.names).index(name) for name in split["test"]]
     return split["test"], faces.images[index].astype(np.float64) / 255.0
 
@@ -106,13 +112,13 @@ def test_metrics_recomputed_from_the_saved_tokens_and_model_equal_metrics_json(t
     out, result = trained_out
     metrics = json.loads((out / "images_saved" / "vqvae" / "metrics.json").read_text())
     assert metrics["num_test_images"] == 10
-    assert metrics["bits_per_image"] == 4 * 4 * math.log2(16)
+    assert metrics["bits_per_image"] == GRID * GRID * math.log2(16)
     # the tokens are searched by decoding; each face keeps the nearest codes unless it found better ones
     assert metrics["token_search_steps"] == 50 and metrics["psnr"] >= metrics["psnr_nearest_codes"] - 1e-6
     assert "identity-disjoint test split" in metrics["dataset"]
     tokens = np.load(out / "checkpoints" / "vqvae" / "tokens.npz")
     names, originals = saved_test_faces(out)
-    assert tokens["tokens"].shape == (10, 4, 4) and tokens["tokens"].dtype == np.int16
+    assert tokens["tokens"].shape == (10, GRID, GRID) and tokens["tokens"].dtype == np.int16
     assert list(tokens["names"]) == names
     import vqvae_class_keras  # noqa: F401  (registers the model classes)
 
@@ -125,7 +131,7 @@ def test_metrics_recomputed_from_the_saved_tokens_and_model_equal_metrics_json(t
     p = counts[counts > 0] / counts.sum()
     assert metrics["codebook_usage"] == pytest.approx((counts > 0).mean())
     assert metrics["perplexity"] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-6)
-    assert metrics["entropy_coded_bits_per_image"] == pytest.approx(16 * -(p * np.log2(p)).sum(), rel=1e-6)
+    assert metrics["entropy_coded_bits_per_image"] == pytest.approx(GRID * GRID * -(p * np.log2(p)).sum(), rel=1e-6)
     assert "psnr" in result.stdout and "vqvae" in result.stdout
 
 
@@ -170,7 +176,7 @@ def test_architecture_change_is_refused(out_copy, caplog):
     [
         (["--eval"], "no trained model"),
         (["--set", "epochs=many"], "runs.vqvae.epochs"),
-        (["--set", "data.image_size=18"], "data.image_size=18"),
+        (["--set", "data.image_size=17"], "data.image_size=17"),
         (["--data", "does-not-exist.tgz"], "does not exist"),
         (["--run", "nope"], "--run 'nope'"),
     ],
@@ -182,19 +188,17 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path, caplog, args, message):
     assert "\n" not in errors[0].getMessage()
 
 
-def test_compare_reports_numbers_that_an_independent_computation_reproduces(tmp_path, capsys):
-    """A run whose token budget (16x16 grid x 4 bits = 1,024 bits) WebP can meet, so the budget rule is
+def test_compare_reports_numbers_that_an_independent_computation_reproduces(trained_out):
+    """The token budget (16x16 grid x 4 bits = 1,024 bits) is one WebP can meet, so the budget rule is
     exercised; every row is checked against metrics.json or recomputed with NumPy and Pillow."""
-    out = tmp_path / "out"
-    args = ["--compare", "--set", "data.image_size=32", "--set", "encoder_filters=[8]", "--set", "decoder_filters=[8]"]
-    assert main(out, *args, "--set", "token_search_steps=2") == 0
+    out, result = trained_out
     folder = out / "images_saved" / "compare"
     for name in ("comparison.csv", "comparison.md", "comparison.png", "rate_distortion.png", "report.html"):
         assert (folder / name).is_file(), name
     table = {row["method"]: row for row in csv.DictReader(open(folder / "comparison.csv"))}
     vq = json.loads((out / "images_saved" / "vqvae" / "metrics.json").read_text())
     vae = json.loads((out / "images_saved" / "vae" / "metrics.json").read_text())
-    budget = 16 * 16 * math.log2(16)
+    budget = GRID * GRID * math.log2(16)
     row = table["VQ-VAE (vqvae)"]
     assert float(row["bits_per_image"]) == budget == vq["bits_per_image"]
     assert float(row["psnr"]) == pytest.approx(vq["psnr"]) and float(row["ssim"]) == pytest.approx(vq["ssim"])
@@ -207,7 +211,7 @@ def test_compare_reports_numbers_that_an_independent_computation_reproduces(tmp_
     assert webp["fits_budget"] == "True" and float(webp["bits_per_image"]) <= budget
     quality = int(float(webp["codec_quality"]))
     split = json.loads((out / "checkpoints" / "vqvae" / "split.json").read_text())
-    faces = lfw_files.load_bundled_faces(DataConfig(image_size=32))
+    faces = lfw_files.load_bundled_faces(DataConfig(image_size=IMAGE_SIZE))
     images = faces.images[[list(faces.names).index(name) for name in split["test"]]]
     assert compare.encode_decode(images, "WebP", quality + 1).bits_per_image > budget, "the highest quality that fits"
     psnr, sizes = [], []
@@ -226,7 +230,7 @@ def test_compare_reports_numbers_that_an_independent_computation_reproduces(tmp_
     assert "http://" not in page and "https://" not in page
     assert "<script" not in page and "<link" not in page
     assert all(source.startswith("data:image/png;base64,") for source in re.findall(r'src="([^"]*)"', page))
-    assert "| method |" in capsys.readouterr().out
+    assert "| method |" in result.stdout
 
 
 def test_eval_on_other_people_with_test_data(out_copy, tmp_path):

@@ -9,7 +9,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import ROOT, face_image
+from conftest import ROOT, TWO_THREADS, face_image
 from PIL import Image
 
 from vqvae_class_keras import VQVAE
@@ -18,7 +18,7 @@ from vqvae_faces.model_settings import load_model
 from vqvae_faces.token_prior import CausalTransformer
 
 K, GRID = 16, (4, 4)
-TINY = dict(encoder_filters=[8, 16], decoder_filters=[16, 8], num_residual_blocks=1, residual_hidden_channels=8)
+TINY = dict(encoder_filters=[8, 16], decoder_filters=[16, 8], num_residual_blocks=0, residual_hidden_channels=8)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,12 @@ def model_files(tmp_path_factory):
 
 def make_codec(model_files, fingerprints=Fingerprints(0x1234, 0x5678)):
     return FaceCodec(load_model(model_files / "vqvae.keras"), load_model(model_files / "prior.keras"), fingerprints)
+
+
+@pytest.fixture(scope="module")
+def codec(model_files):
+    """One codec of the saved models for the tests that leave its weights alone (it compiles its step once)."""
+    return make_codec(model_files)
 
 
 def faces(count):
@@ -63,16 +69,14 @@ def test_tokens_round_trip_including_the_first_and_last_symbol_under_skewed_dist
     assert len(files[0]) < len(files[1]) and len(files[0]) <= HEADER_BYTES + 4
 
 
-def test_the_header_holds_magic_version_fingerprints_grid_and_checksum(model_files):
-    codec = make_codec(model_files)
+def test_the_header_holds_magic_version_fingerprints_grid_and_checksum(codec):
     grid = np.arange(16, dtype=np.int16).reshape(GRID)
     (data,) = codec.encode_tokens(grid[None])
     checksum = token_checksum(grid)
     assert data[:HEADER_BYTES] == b"VQ\x01\x12\x34\x56\x78\x04\x04" + bytes([checksum >> 8, checksum & 0xFF])
 
 
-def test_images_encode_to_their_nearest_codes_and_decode_to_them(model_files):
-    codec = make_codec(model_files)
+def test_images_encode_to_their_nearest_codes_and_decode_to_them(codec):
     images = faces(5)
     files, grids = codec.encode(images)
     nearest = codec.vqvae.encode_to_tokens(images.astype(np.float32) / 255.0).numpy()
@@ -94,14 +98,15 @@ print(json.dumps({{p.stem: g.tolist() for p, g in zip(names, grids)}}))
 """
 
 
-def test_another_process_with_one_thread_and_other_batches_decodes_the_same_tokens(model_files, tmp_path):
-    codec = make_codec(model_files)
+def test_another_process_with_other_threads_and_other_batches_decodes_the_same_tokens(codec, model_files):
+    """Encoded here with one TensorFlow thread (conftest), decoded by a program with two."""
     images = faces(CODEC_BATCH + 5)
     files, grids = codec.encode(images, rate_lambda=0.3)
     for index, data in enumerate(files):
         (model_files / f"face{index:03d}.vqf").write_bytes(data)
     script = DECODE_ELSEWHERE.format(root=str(ROOT), folder=str(model_files), count=len(files) - 2)
-    environment = {**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    assert os.environ["TF_NUM_INTRAOP_THREADS"] == "1"
+    environment = {**os.environ, **TWO_THREADS}
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=environment
     )
@@ -124,16 +129,15 @@ def test_another_process_with_one_thread_and_other_batches_decodes_the_same_toke
         (lambda data: data[:4] + bytes([data[4] ^ 1]) + data[5:], "other models"),
     ],
 )
-def test_every_kind_of_bad_file_gets_its_message(model_files, damage, message):
-    codec = make_codec(model_files)
+def test_every_kind_of_bad_file_gets_its_message(codec, damage, message):
     files, _ = codec.encode(faces(1))
     with pytest.raises(CodecError, match=message) as error:
         codec.decode([damage(files[0])], ["face.vqf"])
     assert "face.vqf" in str(error.value)
 
 
-def test_other_weights_are_refused_naming_both_sets(model_files):
-    files, _ = make_codec(model_files).encode(faces(1))
+def test_other_weights_are_refused_naming_both_sets(codec, model_files):
+    files, _ = codec.encode(faces(1))
     other = make_codec(model_files, Fingerprints(0x1234, 0x9999, "v.keras", "p.keras"))
     with pytest.raises(CodecError, match=r"VQ-VAE 1234, prior 5678\) than these \(VQ-VAE 1234 v.keras, prior 9999"):
         other.decode(files, ["face.vqf"])

@@ -41,6 +41,12 @@ def trained(model, x):
     return model
 
 
+@pytest.fixture(scope="module")
+def vqvae():
+    """A VQ-VAE trained one epoch on `images(16)`, shared by the tests that only read it (tokens, search)."""
+    return trained(VQVAE(image_channels=3, embedding_dim=4, num_embeddings=16, seed=0, **TINY), images(n=16))
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_shapes_follow_the_data(channels):
     model = VQVAE(image_channels=channels, embedding_dim=4, num_embeddings=16, **TINY)
@@ -170,9 +176,8 @@ def test_l1_term_value_and_gradient():
     np.testing.assert_allclose(tape.gradient(loss, r).numpy().reshape(2), expected, rtol=1e-5)
 
 
-def test_token_round_trip_equals_reconstruction():
-    x = images()
-    model = trained(VQVAE(image_channels=3, embedding_dim=4, num_embeddings=16, seed=0, **TINY), x)
+def test_token_round_trip_equals_reconstruction(vqvae):
+    x, model = images(), vqvae
     tokens = model.encode_to_tokens(x)
     assert tokens.dtype == tf.int32
     np.testing.assert_allclose(model.decode_tokens(tokens).numpy(), model(x).numpy(), atol=1e-6)
@@ -197,18 +202,16 @@ def per_image_mse(model, x, tokens):
     return np.mean(np.square(model.decode_tokens(tokens).numpy() - x), axis=(1, 2, 3))
 
 
-def test_token_search_with_no_steps_gives_the_nearest_codes():
-    x = images()
-    model = trained(VQVAE(image_channels=3, embedding_dim=4, num_embeddings=16, seed=0, **TINY), x)
+def test_token_search_with_no_steps_gives_the_nearest_codes(vqvae):
+    x, model = images(), vqvae
     np.testing.assert_array_equal(model.search_tokens(x, 0, 0.01).numpy(), model.encode_to_tokens(x).numpy())
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_token_search_never_loses_to_the_nearest_codes_and_beats_them_on_average(compiled):
+def test_token_search_never_loses_to_the_nearest_codes_and_beats_them_on_average(vqvae, compiled):
     """Each image keeps its best tokens, so its MSE is at most the nearest codes'; moving the
     latents down the decoder's gradient finds better tokens for some images."""
-    x = images(n=16)
-    model = trained(VQVAE(image_channels=3, embedding_dim=4, num_embeddings=16, seed=0, **TINY), x)
+    x, model = images(n=16), vqvae
     search = tf.function(model.search_tokens) if compiled else model.search_tokens
     tokens = search(tf.constant(x), 20, 0.05)
     assert tokens.dtype == tf.int32 and tokens.shape == (16, 4, 4)
@@ -348,15 +351,14 @@ def test_gradient_clipnorm_bounds_the_global_norm_adam_sees(clipnorm):
         np.testing.assert_allclose(momentum, expected, rtol=1e-5)
 
 
-def test_the_token_search_in_evaluate_run_handles_a_partial_last_batch(tmp_path):
+def test_the_token_search_in_evaluate_run_handles_a_partial_last_batch(vqvae, tmp_path):
     """10 faces in batches of 4 (4 + 4 + 2): every face gets the tokens a search of that face alone finds,
     and the saved grids, names and metrics cover all 10."""
     from vqvae_faces.config import RunConfig
     from vqvae_faces.evaluation import TestFaces, evaluate_run
     from vqvae_faces.run_folder import RunPaths
 
-    x = smooth_images(10)
-    model = trained(VQVAE(image_channels=3, embedding_dim=4, num_embeddings=16, seed=0, **TINY), x)
+    x, model = smooth_images(10), vqvae
     faces = TestFaces((x * 255).round().astype(np.uint8), np.array([f"p{i}/p{i}_0001.jpg" for i in range(10)]), "ten")
     run = RunConfig(batch_size=4, token_search_steps=5, token_search_step_size=0.05)
     result = evaluate_run("vqvae", run, model, RunPaths.for_run(tmp_path, "vqvae"), faces)

@@ -9,7 +9,7 @@ from vqvae_class_keras import VQVAE
 from vqvae_faces import lfw_files, prior_data
 from vqvae_faces.config import DataConfig
 
-TINY = dict(encoder_filters=[8, 16], decoder_filters=[16, 8], num_residual_blocks=1, residual_hidden_channels=8)
+TINY = dict(encoder_filters=[8, 16], decoder_filters=[16, 8], num_residual_blocks=0, residual_hidden_channels=8)
 
 
 def saved_model(path, seed):

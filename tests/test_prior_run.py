@@ -1,7 +1,7 @@
 """End-to-end: a "prior" run beside its VQ-VAE run, through the command line a user runs.
 
-The module fixture trains a tiny VQ-VAE and a tiny prior once, in-process and with
-deterministic ops; each test works on its own copy of that folder.
+The module fixture trains a tiny VQ-VAE (its train step run eagerly) and a tiny prior once,
+in-process and with deterministic ops; each test works on its own copy of that folder.
 """
 
 import csv
@@ -32,13 +32,14 @@ CONFIG = {
             "encoder_filters": [8, 16],
             "decoder_filters": [16, 8],
             "residual_hidden_channels": 8,
-            "num_residual_blocks": 1,
+            "num_residual_blocks": 0,
             "embedding_dim": 4,
             "num_embeddings": 16,
             "batch_size": 16,
             "epochs": 1,
             "max_train_minutes": None,
             "token_search_steps": 0,
+            "run_eagerly": True,
         },
         "pr": {
             "model": "prior",

@@ -250,6 +250,7 @@ class RunConfig:
     kl_beta: float = 0.01
     mixed_precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
     jit_compile: bool = False
+    run_eagerly: bool = False
     snapshot_every: int = 5
     annealing: AnnealingConfig = field(default_factory=AnnealingConfig)
     revival: RevivalConfig = field(default_factory=RevivalConfig)
@@ -313,6 +314,11 @@ class RunConfig:
         _check_range(path, "latent_dim", self.latent_dim, 1, 4096)
         _check_range(path, "kl_beta", self.kl_beta, 0.0, 1000.0)
         _check_range(path, "snapshot_every", self.snapshot_every, 1, 10**6)
+        if self.jit_compile and self.run_eagerly:
+            raise ConfigError(
+                f"{path}: jit_compile=true and run_eagerly=true exclude each other (XLA compiles the train step "
+                "that run_eagerly runs op by op); set one of them to false."
+            )
         self.annealing.validate(f"{path}.annealing")
         self.revival.validate(f"{path}.revival")
 

@@ -95,7 +95,7 @@ def build_model(
     """A fresh, compiled model for `run` (the dtype policy and strategy scope must already be set)."""
     model = model_class(run)(**model_arguments(run, channels, data_variance, seed, tokens))
     optimizer = keras.optimizers.Adam(learning_rate or run.learning_rate, global_clipnorm=run.gradient_clipnorm)
-    model.compile(optimizer=optimizer, jit_compile=run.jit_compile)
+    model.compile(optimizer=optimizer, jit_compile=run.jit_compile, run_eagerly=run.run_eagerly)
     return model
 
 

@@ -352,6 +352,8 @@ def _train_locked(config, run_name, faces, paths, retrain, strategy):
             with strategy.scope():
                 model = load_model(paths.latest_model)
             model.optimizer.learning_rate.assign(schedule.learning_rate)
+            # How the step runs is this session's choice, not the checkpoint's (which records its own).
+            model.jit_compile, model.run_eagerly = run.jit_compile, run.run_eagerly
             # Under mixed_float16 the optimizer is a LossScaleOptimizer: clipping belongs to the Adam inside,
             # which sees the unscaled gradients.
             getattr(model.optimizer, "inner_optimizer", model.optimizer).global_clipnorm = run.gradient_clipnorm
