@@ -52,6 +52,7 @@ def test_defaults_without_a_file():
         ({"runs": {"a": {"lr_final_fraction": 1.5}}}, "runs.a.lr_final_fraction=1.5"),
         ({"runs": {"a": {"lr_schedule": "step"}}}, "runs.a.lr_schedule"),
         ({"runs": {"a": {"nan_retries": 1}}}, "runs.a.nan_retries"),
+        ({"runs": {"a": {"jit_compile": True, "run_eagerly": True}}}, "runs.a: jit_compile=true and run_eagerly"),
         ({"compare": ["nope"]}, "nope"),
     ],
 )

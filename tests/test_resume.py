@@ -180,6 +180,23 @@ def test_a_collapse_in_a_real_run_resumes_from_the_last_good_epoch(lfw_tree, tmp
     assert state["finished"] and state["epochs_done"] == 3
 
 
+def test_a_resumed_run_steps_as_this_session_says_not_as_its_checkpoint_was_compiled(lfw_tree, tmp_path, monkeypatch):
+    """The checkpoint records how its model was compiled; run_eagerly and jit_compile are the rerun's."""
+    faces = lfw_files.load_faces(tiny_config(lfw_tree).data, tmp_path / "cache", [])
+    real_fit, modes = training._fit, []
+
+    def record(model, job):
+        modes.append((model.run_eagerly, model.jit_compile))
+        return real_fit(model, job)
+
+    monkeypatch.setattr(training, "_fit", record)
+    training.train_run(tiny_config(lfw_tree, "epochs=1"), "vqvae", faces, tmp_path)
+    training.train_run(tiny_config(lfw_tree, "epochs=2", *COMPILED), "vqvae", faces, tmp_path)
+    assert modes == [(True, False), (False, False)]
+    state = json.loads((tmp_path / "checkpoints" / "vqvae" / "state.json").read_text())
+    assert state["epochs_done"] == 2
+
+
 def test_nan_loss_after_the_last_retry_is_a_clear_error(lfw_tree, tmp_path, monkeypatch):
     config = tiny_config(lfw_tree, "learning_rate=0.002", "divergence_retries=2", "divergence_lr_factor=0.1")
     faces = lfw_files.load_faces(config.data, tmp_path / "cache", [])
