@@ -1,35 +1,36 @@
 """End-to-end: the command line a user runs, on the bundled faces with a tiny model.
 
-One real process trains every run of the shipped experiment.json and compares them (the
-module fixture); every other case runs the same `main(argv)` in-process on its own copy of
-that folder, so no test depends on another's order.
+The module fixture runs `main(argv)` once to train every run of the shipped experiment.json
+and compare them; every other case runs `main(argv)` on its own copy of that folder, so no
+test depends on another's order. (The real script runs as a program in the resume, signal
+and multi-worker tests.)
 """
 
+import contextlib
 import csv
 import io
 import json
+import logging
 import math
 import re
 import shutil
-import subprocess
-import sys
+from dataclasses import dataclass
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import COMPILED, ON_THE_FLY, ROOT, TINY_RUN
+from conftest import COMPILED, ON_THE_FLY, TINY_RUN
 from PIL import Image
 
 import vqvae_face_main
 from vqvae_faces import compare, lfw_files
 from vqvae_faces.config import DataConfig
 
-MAIN = str(ROOT / "vqvae_face_main.py")
 # 32x32 faces with one stride-2 stage: a 16x16 grid of 4-bit tokens, 1,024 bits, a budget that WebP can
 # meet and JPEG cannot, so --compare's rule "the highest quality that fits" is exercised.
 CLI_RUN = TINY_RUN + ON_THE_FLY + ["data.image_size=32", "encoder_filters=[8]", "decoder_filters=[8]"]
-CLI_RUN += ["num_residual_blocks=1"] + COMPILED
+CLI_RUN += ["num_residual_blocks=1"]
 IMAGE_SIZE, GRID = 32, 16
 
 
@@ -43,14 +44,32 @@ def main(out, *args):
     return vqvae_face_main.main(cli_args(out, *args))
 
 
+@dataclass
+class Printed:
+    """What the fixture's command printed: standard output, and its log lines."""
+
+    stdout: str
+    log: str
+
+
 @pytest.fixture(scope="module")
 def trained_out(tmp_path_factory):
-    """Every run trained one epoch and compared by a real process, tokens chosen by the full 50-step search."""
+    """Every run trained one epoch (the compiled train step) and compared, tokens chosen by the full
+    50-step search. The tests on copies of it step eagerly (TINY_RUN)."""
     out = tmp_path_factory.mktemp("cli")
-    command = [sys.executable, MAIN, *cli_args(out, "--compare", "--set", "token_search_steps=50")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
+    stdout, log = io.StringIO(), io.StringIO()
+    root, handler = logging.getLogger(), logging.StreamHandler(log)
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(stdout):
+            code = main(out, "--compare", "--set", "token_search_steps=50", *[f"--set={s}" for s in COMPILED])
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert code == 0, log.getvalue()[-3000:]
+    return out, Printed(stdout.getvalue(), log.getvalue())
 
 
 @pytest.fixture
@@ -67,7 +86,7 @@ def info_logs(caplog):
 
 def test_training_writes_every_promised_file(trained_out):
     out, result = trained_out
-    assert "scikit-image lfw_subset" in result.stderr
+    assert "scikit-image lfw_subset" in result.log
     for run in ("vqvae", "vae"):
         for name in ("best.keras", "latest.keras", "state.json", "split.json", "config.json", "history.csv"):
             assert (out / "checkpoints" / run / name).is_file(), (run, name)

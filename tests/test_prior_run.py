@@ -19,7 +19,7 @@ from conftest import face_image
 from PIL import Image
 
 import vqvae_face_main
-from vqvae_faces import lfw_files
+from vqvae_faces import lfw_files, training
 from vqvae_faces.config import ConfigError, DataConfig, load_config
 
 PRIOR_EPOCHS = 2
@@ -126,11 +126,14 @@ def test_code_lengths_in_metrics_json_equal_an_independent_numpy_computation(tra
     assert check["sample_to_training_median"] > 0 and metrics["sampling_faces_per_second"] > 0
 
 
-def test_a_killed_prior_resumes_to_the_weights_of_an_uninterrupted_run(out, trained):
+def test_a_stopped_prior_resumes_to_the_weights_of_an_uninterrupted_run(out, trained):
     """One epoch, then a rerun asking for two: bit for bit the fixture's two-epoch prior."""
     shutil.rmtree(out / "checkpoints" / "pr")
-    assert main(out, "--run", "pr", "--set", "epochs=1") == 0
-    assert main(out, "--run", "pr") == 0
+    config = load_config(out / "experiment.json", ["epochs=1"], ["pr"])
+    faces = lfw_files.load_faces(config.data, out / "checkpoints" / "data_cache", [])
+    training.enable_determinism()
+    training.train_run(config, "pr", faces, out)
+    training.train_run(load_config(out / "experiment.json", [], ["pr"]), "pr", faces, out)
     expected = weights(trained / "checkpoints" / "pr" / "latest.keras")
     actual = weights(out / "checkpoints" / "pr" / "latest.keras")
     assert expected.keys() == actual.keys() and any("optimizer" in name for name in expected)
