@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from vqvae_faces.token_prior import CausalTransformer, GatedPixelCNN, TokenPrior, choose_tokens
+from vqvae_faces.token_prior import CausalTransformer, GatedPixelCNN, TokenPrior, choose_by_uniform, choose_tokens
 
 K, GRID = 7, (4, 5)
 
@@ -103,6 +103,17 @@ def test_top_k_and_top_p_restrict_the_draws():
     assert (cold == 0).mean() > 0.99
     with pytest.raises(ValueError, match="received temperature=0"):
         choose_tokens(logits, tf.constant([9, 0], tf.int64), temperature=0)
+
+
+def test_a_uniform_draw_picks_the_first_token_whose_cumulative_probability_reaches_it():
+    """Probabilities 0.5, 0.3, 0.15, 0.05: cumulative 0.5, 0.8, 0.95, 1."""
+    logits = tf.math.log(tf.constant([[0.5, 0.3, 0.15, 0.05]] * 7))
+    uniforms = tf.constant([1e-7, 0.49, 0.51, 0.79, 0.81, 0.96, 1.0])
+    np.testing.assert_array_equal(choose_by_uniform(logits, uniforms).numpy(), [0, 0, 1, 1, 2, 3, 3])
+    # top_k=2 leaves 0.5 / 0.8 and 0.3 / 0.8: cumulative 0.625, 1
+    np.testing.assert_array_equal(choose_by_uniform(logits, uniforms, top_k=2).numpy(), [0, 0, 0, 1, 1, 1, 1])
+    # temperature 2 makes them proportional to the square roots: cumulative 0.379, 0.673, 0.880, 1
+    np.testing.assert_array_equal(choose_by_uniform(logits, uniforms, temperature=2.0).numpy(), [0, 1, 1, 2, 2, 3, 3])
 
 
 @pytest.mark.parametrize("architecture", ["pixelcnn", "transformer"])

@@ -92,13 +92,8 @@ class TokenPrior(keras.Model):
         for position in range(rows * columns):
             row, column = divmod(position, columns)
             logits = ops.cast(self(tokens), "float32")[:, row, column]
-            chosen = choose_tokens(
-                logits,
-                tf.random.experimental.stateless_fold_in(seed, tf.constant(position, tf.int64)),
-                temperature,
-                top_k,
-                top_p,
-            )
+            uniforms = position_uniforms(seed, position, count)
+            chosen = choose_by_uniform(logits, uniforms, temperature, top_k, top_p)
             tokens = tf.tensor_scatter_nd_update(
                 tokens,
                 tf.stack([tf.range(count), tf.fill([count], row), tf.fill([count], column)], axis=1),
@@ -110,10 +105,18 @@ class TokenPrior(keras.Model):
         return {**super().get_config(), "num_embeddings": self.num_embeddings, "grid_size": list(self.grid_size)}
 
 
-def choose_tokens(logits, seed, temperature=1.0, top_k=None, top_p=None):
-    """Draw one token per row of `logits` (B, K): softened by `temperature`, restricted to the
-    `top_k` most likely tokens and to the smallest set whose probability reaches `top_p`.
-    Returns (B,) int32; a pure function of `seed` (int tensor (2,))."""
+def position_uniforms(seed, position, count):
+    """The `count` uniform draws, in (0, 1], that pick the tokens at `position`: a pure function of
+    the stateless `seed` (int tensor (2,)) and `position`, so every sampler draws the same grids."""
+    position_seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(position, tf.int64))
+    return 1.0 - tf.random.stateless_uniform((count,), position_seed)
+
+
+def choose_by_uniform(logits, uniforms, temperature=1.0, top_k=None, top_p=None):
+    """One token per row of `logits` (B, K) by inverse transform sampling: the first token whose
+    cumulative probability reaches `uniforms` (B,) in (0, 1] times the total. The probabilities are
+    softened by `temperature` and restricted to the `top_k` most likely tokens and to the smallest
+    set whose probability reaches `top_p`. Returns (B,) int32."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, received temperature={temperature}")
     logits = tf.cast(logits, tf.float32) / temperature
@@ -127,7 +130,16 @@ def choose_tokens(logits, seed, temperature=1.0, top_k=None, top_p=None):
         cutoff_index = tf.reduce_sum(tf.cast(cumulative < top_p, tf.int32), axis=-1, keepdims=True)
         cutoff = tf.gather(ordered, cutoff_index, batch_dims=1)
         logits = tf.where(logits < cutoff, -np.inf, logits)
-    return tf.random.stateless_categorical(logits, 1, seed, dtype=tf.int32)[:, 0]
+    cumulative = tf.cumsum(tf.nn.softmax(logits, axis=-1), axis=-1)
+    below = tf.cast(cumulative < uniforms[:, None] * cumulative[:, -1:], tf.int32)
+    return tf.minimum(tf.reduce_sum(below, axis=-1), tf.shape(logits)[-1] - 1)
+
+
+def choose_tokens(logits, seed, temperature=1.0, top_k=None, top_p=None):
+    """Draw one token per row of `logits` (B, K), as `choose_by_uniform` says, with uniforms drawn
+    from the stateless `seed` (int tensor (2,)). Returns (B,) int32."""
+    uniforms = 1.0 - tf.random.stateless_uniform(tf.shape(logits)[:1], seed)
+    return choose_by_uniform(logits, uniforms, temperature, top_k, top_p)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -227,6 +239,7 @@ class CausalTransformer(TokenPrior):
         self.norm = layers.LayerNormalization(epsilon=1e-5, name="norm")
         self.head = layers.Dense(num_embeddings, name="head")
         self._compiled_step = None
+        self._compiled_sampler = None
 
     def _inputs(self, previous_tokens, positions):
         """Embedded inputs for `positions` (n,) given the tokens before them (B, n), -1 = start."""
@@ -273,21 +286,34 @@ class CausalTransformer(TokenPrior):
         return self._compiled_step
 
     def sample_tokens(self, count, seed, temperature=1.0, top_k=None, top_p=None):
-        """`count` grids (count, h, w) int32 with cached keys and values: one position per step.
+        """`count` grids (count, h, w) int32 with cached keys and values: one step per position.
 
-        Each step is the XLA-compiled `step_logits`; the draw stays outside XLA, whose random
-        numbers differ from TensorFlow's, so a seed gives the same grids as the full-pass sampler.
+        The whole loop over the positions is one XLA program (the caches are updated in place);
+        the uniform draws are made before it, as the full-pass sampler makes them, so a seed gives
+        the same grids on either path (XLA's own random numbers differ from TensorFlow's).
         """
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, received temperature={temperature}")
         rows, columns = self.grid_size
-        step, choose = self.compiled_step(), tf.function(choose_tokens)
-        previous, caches, drawn = -tf.ones((count, 1), tf.int32), self.empty_caches(count), []
-        for position in range(rows * columns):
-            logits, caches = step(previous, caches, tf.constant(position, tf.int32))
-            step_seed = tf.random.experimental.stateless_fold_in(seed, tf.constant(position, tf.int64))
-            chosen = choose(logits, step_seed, temperature, top_k, top_p)
-            drawn.append(chosen)
-            previous = chosen[:, None]
-        return tf.reshape(tf.stack(drawn, axis=1), (count, rows, columns))
+        uniforms = tf.stack([position_uniforms(seed, position, count) for position in range(rows * columns)])
+        if self._compiled_sampler is None:
+            self._compiled_sampler = tf.function(self._sample_by_uniforms, jit_compile=True)
+        tokens = self._compiled_sampler(uniforms, float(temperature), top_k, top_p)
+        return tf.reshape(tokens, (count, rows, columns))
+
+    def _sample_by_uniforms(self, uniforms, temperature, top_k, top_p):
+        """Tokens (B, n) of B grids drawn position by position with `uniforms` (n, B)."""
+        length, count = uniforms.shape
+        drawn = tf.TensorArray(tf.int32, size=length)
+
+        def body(position, previous, caches, drawn):
+            logits, caches = self.step_logits(previous, caches, position)
+            chosen = choose_by_uniform(logits, uniforms[position], temperature, top_k, top_p)
+            return position + 1, chosen[:, None], caches, drawn.write(position, chosen)
+
+        start = (tf.constant(0), -tf.ones((count, 1), tf.int32), self.empty_caches(count), drawn)
+        _, _, _, drawn = tf.while_loop(lambda position, *_: position < length, body, start)
+        return tf.transpose(drawn.stack())
 
     def get_config(self):
         return {
