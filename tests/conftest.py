@@ -13,9 +13,9 @@ from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as vqvae_face_main.py sets it
-# One TensorFlow thread per process (and per program a test starts, which inherits these): two xdist
-# workers and their programs on two cores would otherwise spin on each other's threads, which costs
-# a fifth of the suite's CPU time. The tests that need threads of their own set them.
+# One TensorFlow thread per process (and per program a test starts, which inherits these), so two
+# xdist workers and their programs do not oversubscribe the two cores (measured: a few percent less
+# CPU time for the suite). The test that needs another thread count sets its own.
 for variable in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
     os.environ.setdefault(variable, "1")
 TWO_THREADS = {"TF_NUM_INTRAOP_THREADS": "2", "TF_NUM_INTEROP_THREADS": "2", "OMP_NUM_THREADS": "2"}

@@ -12,7 +12,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import COMPILED, ROOT, TINY_RUN, TWO_THREADS
+from conftest import COMPILED, ROOT, TINY_RUN
 
 import vqvae_face_main
 from vqvae_faces import lfw_files, training
@@ -25,8 +25,7 @@ HELPER = ROOT / "tests" / "helpers" / "mirrored_codebook.py"
 def codebooks(tmp_path_factory):
     """{codebook_init: (single-device codebooks, mirrored codebooks)} after each training step."""
     command = [sys.executable, str(HELPER), str(tmp_path_factory.mktemp("mirrored"))]
-    # two replicas in one process: each needs a thread of its own for their all-reduces to meet
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, **TWO_THREADS})
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     records = json.loads(result.stdout.strip().splitlines()[-1])
     found = {}

@@ -108,8 +108,13 @@ class TokenPrior(keras.Model):
 def position_uniforms(seed, position, count):
     """The `count` uniform draws, in (0, 1], that pick the tokens at `position`: a pure function of
     the stateless `seed` (int tensor (2,)) and `position`, so every sampler draws the same grids."""
-    position_seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(position, tf.int64))
-    return 1.0 - tf.random.stateless_uniform((count,), position_seed)
+    return _uniforms((count,), tf.random.experimental.stateless_fold_in(seed, tf.cast(position, tf.int64)))
+
+
+def _uniforms(shape, seed):
+    """Uniform draws of `shape` in (0, 1] from the stateless `seed` (never 0, which no token's
+    cumulative probability would stay below)."""
+    return 1.0 - tf.random.stateless_uniform(shape, seed)
 
 
 def choose_by_uniform(logits, uniforms, temperature=1.0, top_k=None, top_p=None):
@@ -138,8 +143,7 @@ def choose_by_uniform(logits, uniforms, temperature=1.0, top_k=None, top_p=None)
 def choose_tokens(logits, seed, temperature=1.0, top_k=None, top_p=None):
     """Draw one token per row of `logits` (B, K), as `choose_by_uniform` says, with uniforms drawn
     from the stateless `seed` (int tensor (2,)). Returns (B,) int32."""
-    uniforms = 1.0 - tf.random.stateless_uniform(tf.shape(logits)[:1], seed)
-    return choose_by_uniform(logits, uniforms, temperature, top_k, top_p)
+    return choose_by_uniform(logits, _uniforms(tf.shape(logits)[:1], seed), temperature, top_k, top_p)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -292,7 +296,7 @@ class CausalTransformer(TokenPrior):
         the uniform draws are made before it, as the full-pass sampler makes them, so a seed gives
         the same grids on either path (XLA's own random numbers differ from TensorFlow's).
         """
-        if temperature <= 0:
+        if temperature <= 0:  # here too, so the error is not wrapped in the compiled loop's trace
             raise ValueError(f"temperature must be > 0, received temperature={temperature}")
         rows, columns = self.grid_size
         uniforms = tf.stack([position_uniforms(seed, position, count) for position in range(rows * columns)])

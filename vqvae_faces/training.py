@@ -359,7 +359,7 @@ def _train_locked(config, run_name, faces, paths, retrain, strategy):
             getattr(model.optimizer, "inner_optimizer", model.optimizer).global_clipnorm = run.gradient_clipnorm
             log.info("resuming run %s from epoch %d (%s)", run_name, state["epochs_done"], paths.latest_model)
         if not model.optimizer.built:
-            # Eagerly: built inside the first traced train step, the slots cost seconds of tracing.
+            # Eagerly: built inside the first traced train step, the slots cost about a second of tracing.
             with strategy.scope():
                 model.optimizer.build(model.trainable_variables)
         log.info(
