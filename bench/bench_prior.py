@@ -1,8 +1,11 @@
-"""Sampling speed of the token priors: faces/s for a batch of token grids, cached vs full-pass.
+"""Speed of the token priors: sampling faces/s for a batch of token grids, cached vs full-pass,
+and the `.vqf` codec's encoding and decoding faces/s.
 
 The transformer's cached path runs one compiled step per token; the full-pass path (the only
-one the PixelCNN has) runs the whole network once per token. Sizes are those of the default
-VQ-VAE's tokens: a 16x16 grid of 512 codes. Untrained weights: speed does not depend on them.
+one the PixelCNN has) runs the whole network once per token. The codec rows encode 64x64 faces
+(nearest codes + range coding, rate_lambda 0) and decode the files again, one CODEC_BATCH group
+after a warm-up group. Sizes are those of the default VQ-VAE and prior: a 16x16 grid of 512
+codes. Untrained weights: speed does not depend on them.
 
     python bench/bench_prior.py [--batch 64] [--passes 4]
 """
@@ -14,8 +17,10 @@ import time
 
 import numpy as np  # noqa: E402 (after common, which sets the TensorFlow environment)
 import tensorflow as tf  # noqa: E402
-from common import report
+from common import report, sample_images
 
+from vqvae_class_keras import VQVAE  # noqa: E402
+from vqvae_faces.codec import CODEC_BATCH, FaceCodec, Fingerprints  # noqa: E402
 from vqvae_faces.token_prior import CausalTransformer, GatedPixelCNN  # noqa: E402
 
 GRID, K = (16, 16), 512
@@ -31,6 +36,24 @@ def full_pass_faces_per_second(model, batch: int, passes: int) -> float:
         forward(tokens)
     per_pass = (time.perf_counter() - started) / passes
     return batch / (GRID[0] * GRID[1] * per_pass)
+
+
+def codec_faces_per_second(prior) -> tuple[float, float]:
+    """Encoding and decoding faces/s of a FaceCodec with the default VQ-VAE and `prior`."""
+    vqvae = VQVAE(image_channels=3)
+    vqvae.build((None, 64, 64, 3))
+    codec = FaceCodec(vqvae, prior, Fingerprints(0, 0))
+    faces = sample_images(CODEC_BATCH)
+    files, _ = codec.encode(faces)  # warm-up: compiles the step for every cache chunk
+    codec.decode(files, [str(index) for index in range(len(files))])
+    started = time.perf_counter()
+    files, grids = codec.encode(faces)
+    encoding = len(faces) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    decoded = codec.decode(files, [str(index) for index in range(len(files))])
+    decoding = len(faces) / (time.perf_counter() - started)
+    assert np.array_equal(decoded, grids), "the codec did not decode the tokens it encoded"
+    return encoding, decoding
 
 
 def main() -> None:
@@ -55,6 +78,9 @@ def main() -> None:
     rows.append(
         {"sampler": "gated PixelCNN, full pass per token", "faces_per_second": pixel, "ratio": pixel / baseline}
     )
+    encoding, decoding = codec_faces_per_second(transformer)
+    rows.append({"sampler": ".vqf codec: encode (nearest codes + range coding)", "faces_per_second": encoding})
+    rows.append({"sampler": ".vqf codec: decode", "faces_per_second": decoding})
     report("bench_prior", rows, vars(args))
 
 

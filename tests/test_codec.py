@@ -69,6 +69,17 @@ def test_tokens_round_trip_including_the_first_and_last_symbol_under_skewed_dist
     assert len(files[0]) < len(files[1]) and len(files[0]) <= HEADER_BYTES + 4
 
 
+def test_grids_longer_than_one_cache_chunk_round_trip(model_files):
+    grid = (9, 10)  # 90 positions: a full chunk of cached keys and values (64) and a partial one
+    keras.utils.set_random_seed(4)
+    prior = CausalTransformer(K, grid, width=16, num_heads=2, num_layers=1)
+    prior(np.zeros((1, *grid), np.int32))
+    codec = FaceCodec(load_model(model_files / "vqvae.keras"), prior, Fingerprints(1, 2))
+    grids = np.random.default_rng(5).integers(0, K, (3, *grid)).astype(np.int16)
+    files = codec.encode_tokens(grids)
+    np.testing.assert_array_equal(codec.decode(files, ["a", "b", "c"]), grids)
+
+
 def test_the_header_holds_magic_version_fingerprints_grid_and_checksum(codec):
     grid = np.arange(16, dtype=np.int16).reshape(GRID)
     (data,) = codec.encode_tokens(grid[None])

@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from vqvae_faces.token_prior import CausalTransformer, GatedPixelCNN, TokenPrior, choose_by_uniform, choose_tokens
+from vqvae_faces.token_prior import (
+    CACHE_CHUNK,
+    CausalTransformer,
+    GatedPixelCNN,
+    TokenPrior,
+    choose_by_uniform,
+    choose_tokens,
+)
 
 K, GRID = 7, (4, 5)
 
@@ -76,6 +83,30 @@ def test_cached_sampling_equals_full_passes():
         cached = model.sample_tokens(4, seed, temperature=1.3).numpy()
         full = TokenPrior.sample_tokens(model, 4, seed, temperature=1.3).numpy()  # a full pass per token
         np.testing.assert_array_equal(cached, full)
+
+
+def test_the_cached_step_spans_several_cache_chunks():
+    """A 9x10 grid is a full chunk of cached keys and values and a partial one: the step's logits
+    at every position equal the full pass's, and cached sampling still equals full-pass sampling."""
+    grid = (9, 10)
+    assert CACHE_CHUNK < grid[0] * grid[1] < 2 * CACHE_CHUNK
+    keras.utils.set_random_seed(1)
+    model = CausalTransformer(K, grid, width=16, num_heads=2, num_layers=2, mlp_ratio=2)
+    tokens = np.random.default_rng(2).integers(0, K, (3, *grid)).astype(np.int32)
+    full = model(tokens).numpy().reshape(3, -1, K)
+    caches = [model.empty_chunks(3, length) for _, length in model.cache_chunks()]
+    assert [length for _, length in model.cache_chunks()] == [CACHE_CHUNK, grid[0] * grid[1] - CACHE_CHUNK]
+    previous = -np.ones((3, 1), np.int32)
+    for position in range(grid[0] * grid[1]):
+        chunk = position // CACHE_CHUNK
+        done = tuple(tuple(caches[index][block] for index in range(chunk)) for block in range(len(model.blocks)))
+        logits, caches[chunk] = model.step_logits(previous, done, caches[chunk], tf.constant(position))
+        np.testing.assert_allclose(logits.numpy(), full[:, position], atol=1e-4, err_msg=f"position {position}")
+        previous = tokens.reshape(3, -1)[:, position : position + 1]
+    seed = tf.constant([4, 5], tf.int64)
+    np.testing.assert_array_equal(
+        model.sample_tokens(2, seed).numpy(), TokenPrior.sample_tokens(model, 2, seed).numpy()
+    )
 
 
 @pytest.mark.parametrize("architecture", ["pixelcnn", "transformer"])

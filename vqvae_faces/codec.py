@@ -7,8 +7,8 @@ the token minimising `distance to the code + rate_lambda x (-log2 p)` is chosen
 (`rate_lambda` 0: the nearest code), and the grid is range-coded (`constriction`) with
 those distributions. Decoding runs the same step of the prior with the tokens decoded so
 far, so both sides compute the same probabilities: the same function
-(`CausalTransformer.step_logits`) on inputs of the same shape (`CODEC_BATCH` grids,
-padded), converted to float64 the same way. The file carries a checksum of its tokens,
+(`CausalTransformer.step_logits`) on inputs of the same shapes (`CODEC_BATCH` grids,
+padded, the same cache chunks), converted to float64 the same way. The file carries a checksum of its tokens,
 so a decoder that ever computed other probabilities reports the file as undecodable
 instead of returning wrong faces.
 
@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from vqvae_faces.errors import UserFacingError
+from vqvae_faces.token_prior import CACHE_CHUNK
 
 MAGIC = b"VQ"
 FORMAT_VERSION = 1
@@ -99,13 +100,22 @@ class FaceCodec:
 
     # -- the shared step ------------------------------------------------------------------------
 
-    def _probabilities(self, previous: np.ndarray, caches, position: int):
-        """float64 distributions (CODEC_BATCH, K) of `position`, computed identically when encoding and decoding."""
-        logits, caches = self._step(
-            tf.constant(previous.reshape(CODEC_BATCH, 1), tf.int32), caches, tf.constant(position, tf.int32)
+    def _empty_caches(self) -> list:
+        """Zero keys and values of every cache chunk, `[chunk][block]`, for `_probabilities` to fill."""
+        return [self.prior.empty_chunks(CODEC_BATCH, length) for _, length in self.prior.cache_chunks()]
+
+    def _probabilities(self, previous: np.ndarray, caches: list, position: int) -> np.ndarray:
+        """float64 distributions (CODEC_BATCH, K) of `position`, computed identically when encoding and
+        decoding; adds this position's keys and values to `caches`."""
+        chunk = position // CACHE_CHUNK
+        done = tuple(tuple(caches[index][block] for index in range(chunk)) for block in range(len(caches[0])))
+        logits, caches[chunk] = self._step(
+            tf.constant(previous.reshape(CODEC_BATCH, 1), tf.int32),
+            done,
+            caches[chunk],
+            tf.constant(position, tf.int32),
         )
-        probabilities = tf.nn.softmax(logits, axis=-1).numpy().astype(np.float64)
-        return probabilities, caches
+        return tf.nn.softmax(logits, axis=-1).numpy().astype(np.float64)
 
     # -- encoding ---------------------------------------------------------------------------------
 
@@ -174,9 +184,9 @@ class FaceCodec:
         bits = np.zeros(CODEC_BATCH)
         kept = []
         previous = -np.ones(CODEC_BATCH, np.int64)
-        caches = self.prior.empty_caches(CODEC_BATCH)
+        caches = self._empty_caches()
         for position in range(self.length):
-            probabilities, caches = self._probabilities(previous, caches, position)
+            probabilities = self._probabilities(previous, caches, position)
             if given is not None or rate_lambda == 0.0:
                 chosen = nearest[:, position]
             else:
@@ -244,10 +254,10 @@ class FaceCodec:
             decoders.append(constriction.stream.queue.RangeDecoder(np.frombuffer(payload, "<u4").astype(np.uint32)))
         tokens = np.zeros((CODEC_BATCH, self.length), np.int64)
         previous = -np.ones(CODEC_BATCH, np.int64)
-        caches = self.prior.empty_caches(CODEC_BATCH)
+        caches = self._empty_caches()
         family = _model_family()
         for position in range(self.length):
-            probabilities, caches = self._probabilities(previous, caches, position)
+            probabilities = self._probabilities(previous, caches, position)
             for index, decoder in enumerate(decoders):
                 try:
                     tokens[index, position] = decoder.decode(family, probabilities[index : index + 1])[0]
