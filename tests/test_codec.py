@@ -172,3 +172,38 @@ def test_the_rate_term_moves_tokens_to_shorter_codes(model_files):
     nearest = codec.vqvae.encode_to_tokens(images.astype(np.float32) / 255.0).numpy()
     np.testing.assert_array_equal(grids[0], nearest)
     assert bits[0] > bits[1] > bits[2] > bits[3] and (grids[3] == 3).all()
+
+
+def test_searched_tokens_are_coded_and_the_rate_term_moves_away_from_them(model_files):
+    """With search_steps the codec codes the tokens VQVAE.search_tokens chooses (no worse faces than the
+    nearest codes); a tiny rate_lambda keeps them, since their own codes are at distance 0, and a huge
+    one gives the prior's favourite token everywhere. Files decode to exactly the coded tokens."""
+    steps, step_size = 8, 0.3
+    codec = FaceCodec(
+        *(load_model(model_files / name) for name in ("vqvae.keras", "prior.keras")),
+        Fingerprints(1, 2),
+        search_steps=steps,
+        search_step_size=step_size,
+    )
+    images = faces(6)
+    pixels = images.astype(np.float32) / 255.0
+    searched = codec.vqvae.search_tokens(pixels, steps, step_size).numpy()
+    nearest = codec.vqvae.encode_to_tokens(pixels).numpy()
+    assert (searched != nearest).any(), "the search must change some tokens for this test to mean anything"
+
+    def mse(tokens):
+        return ((codec.vqvae.decode_tokens(tokens).numpy() - pixels) ** 2).mean(axis=(1, 2, 3))
+
+    files, grids = codec.encode(images)
+    np.testing.assert_array_equal(grids, searched)
+    np.testing.assert_array_equal(codec.decode(files, list("abcdef")), searched)
+    assert (mse(grids) <= mse(nearest)).all()
+    bias = np.zeros(K, np.float32)
+    bias[3] = 4.0
+    codec.prior.head.bias.assign(bias)
+    np.testing.assert_array_equal(codec.choose_tokens(images, 1e-9)[0], searched)
+    files, grids = codec.encode(images, 1e6)
+    assert (grids == 3).all()
+    np.testing.assert_array_equal(codec.decode(files, list("abcdef")), grids)
+    with pytest.raises(ValueError, match="search_step_size=0"):
+        FaceCodec(codec.vqvae, codec.prior, Fingerprints(1, 2), search_steps=5)

@@ -196,6 +196,7 @@ def test_eval_on_other_people_tokenizes_them_with_the_vqvae(out, lfw_tree, tmp_p
         ({"model": "prior", "tokens_from": "vae"}, "must name a VQ-VAE run"),
         ({"model": "vqvae", "tokens_from": "vq"}, "only a prior does"),
         ({"model": "prior", "tokens_from": "vq", "prior": {"width": 10, "num_heads": 4}}, "divisible"),
+        ({"model": "prior", "tokens_from": "vq", "codec": {"search_steps": -1}}, r"p\.codec\.search_steps=-1"),
     ],
 )
 def test_prior_settings_are_checked(tmp_path, run, message):

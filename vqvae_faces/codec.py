@@ -1,10 +1,12 @@
 """The face codec: a VQ-VAE's token grid, range-coded with its token prior, in a `.vqf` file.
 
-Encoding: the encoder's latents are quantized position by position in raster order;
-at each position the prior's distribution given the tokens chosen so far is computed,
-the token minimising `distance to the code + rate_lambda x (-log2 p)` is chosen
-(the distance in units of the face's mean nearest-code distance)
-(`rate_lambda` 0: the nearest code), and the grid is range-coded (`constriction`) with
+Encoding: each face gets target latents, the encoder's own or, with `search_steps`, the
+codes of the tokens `VQVAE.search_tokens` chooses by decoding (better faces, slower);
+they are quantized position by position in raster order: at each position the prior's
+distribution given the tokens chosen so far is computed, the token minimising
+`distance to the code + rate_lambda x (-log2 p)` is chosen (the distance in units of the
+face's mean nearest-code distance; `rate_lambda` 0: the nearest code, which is the
+searched token itself when searching), and the grid is range-coded (`constriction`) with
 those distributions. Decoding runs the same step of the prior with the tokens decoded so
 far, so both sides compute the same probabilities: the same function
 (`CausalTransformer.step_logits`) on inputs of the same shapes (`CODEC_BATCH` grids,
@@ -30,6 +32,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Optional
 
 import constriction
 import numpy as np
@@ -85,15 +88,25 @@ class FaceCodec:
         vqvae: the VQ-VAE whose tokens the prior learned.
         prior: a `CausalTransformer` (the codec needs its one-position step).
         fingerprints: written into every file and checked when decoding.
+        search_steps: steps of `VQVAE.search_tokens` before coding; 0 codes from the
+            encoder's nearest codes. Decoding never searches, so files decode alike.
+        search_step_size: the search's step size (the VQ-VAE run's `token_search_step_size`).
     """
 
-    def __init__(self, vqvae, prior, fingerprints: Fingerprints):
+    def __init__(self, vqvae, prior, fingerprints: Fingerprints, search_steps: int = 0, search_step_size: float = 0.0):
         if not hasattr(prior, "compiled_step"):
             raise UserFacingError(
                 f'the codec needs a prior with a one-position step (prior.architecture "transformer"); '
                 f"this prior is a {type(prior).__name__}."
             )
+        if search_steps < 0 or (search_steps > 0 and search_step_size <= 0):
+            raise ValueError(
+                f"search_steps must be >= 0 and search_step_size > 0 when searching, received "
+                f"search_steps={search_steps}, search_step_size={search_step_size}"
+            )
         self.vqvae, self.prior, self.fingerprints = vqvae, prior, fingerprints
+        self.search_steps, self.search_step_size = search_steps, search_step_size
+        self._search = tf.function(lambda images: vqvae.search_tokens(images, search_steps, search_step_size))
         self.grid = tuple(prior.grid_size)
         self.length = self.grid[0] * self.grid[1]
         self._step = prior.compiled_step()
@@ -122,10 +135,11 @@ class FaceCodec:
     def choose_tokens(self, images: np.ndarray, rate_lambda: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """Tokens (N, h, w) int16 for uint8 images (N, H, W, C), and their code lengths in bits (N,).
 
-        With `rate_lambda` 0 the tokens are the encoder's nearest codes. Otherwise each
-        position takes the code minimising its squared latent distance (in units of the
-        face's mean nearest-code distance) + `rate_lambda` x (-log2 p(code | tokens before
-        it)): a larger `rate_lambda` gives shorter files and blurrier faces.
+        With `rate_lambda` 0 the tokens are the encoder's nearest codes (the searched tokens
+        with `search_steps`). Otherwise each position takes the code minimising its squared
+        distance to the target latent (in units of the face's mean nearest-code distance)
+        + `rate_lambda` x (-log2 p(code | tokens before it)): a larger `rate_lambda` gives
+        shorter files and blurrier faces.
         """
         grids, bits = [], []
         for start in range(0, len(images), CODEC_BATCH):
@@ -157,29 +171,34 @@ class FaceCodec:
             files += [self._write(tokens[index], probabilities[index]) for index in range(len(chunk))]
         return files
 
-    def _latent_costs(self, images: np.ndarray) -> np.ndarray:
-        """Squared distances (CODEC_BATCH, L, K) from each position's latent to every code, in units of
-        the face's mean distance to its nearest codes (so `rate_lambda` means the same for every face)."""
+    def _targets(self, images: np.ndarray, with_costs: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """The tokens coded at `rate_lambda` 0 (CODEC_BATCH, L) of up to CODEC_BATCH uint8 images: the
+        encoder's nearest codes, or with `search_steps` the searched tokens. With `with_costs`, also the
+        squared distances (CODEC_BATCH, L, K) from each position's target (the encoder's latent, or the
+        searched token's code) to every code, in units of the face's mean distance from its encoder
+        latents to their nearest codes, so `rate_lambda` means the same for every face, searched or not."""
         padded = np.zeros((CODEC_BATCH, *images.shape[1:]), np.float32)
         padded[: len(images)] = images.astype(np.float32) / 255.0
-        distances = self.vqvae.quantizer.squared_distances(self.vqvae.encoder(tf.constant(padded)))
-        distances = distances.numpy().astype(np.float64).reshape(CODEC_BATCH, self.length, -1)
-        scale = distances.min(axis=-1).mean(axis=-1)
-        return distances / np.maximum(scale, 1e-12)[:, None, None]
+        padded = tf.constant(padded)
+        vqvae, quantizer = self.vqvae, self.vqvae.quantizer
+        tokens = self._search(padded) if self.search_steps else vqvae.encode_to_tokens(padded)
+        if not with_costs:
+            return tokens.numpy().reshape(CODEC_BATCH, self.length), None
+        distances = quantizer.squared_distances(vqvae.encoder(padded)).numpy().astype(np.float64)
+        scale = np.maximum(distances.min(axis=-1).mean(axis=(1, 2)), 1e-12)[:, None, None]
+        if self.search_steps:
+            distances = quantizer.squared_distances(quantizer.lookup(tokens)).numpy().astype(np.float64)
+        costs = distances.reshape(CODEC_BATCH, self.length, -1) / scale
+        return tokens.numpy().reshape(CODEC_BATCH, self.length), costs
 
     def _choose_chunk(self, images, rate_lambda: float, keep_probabilities: bool = False, given=None):
         """Tokens (CODEC_BATCH, h, w) of up to CODEC_BATCH images (or the `given` grids), their code
         lengths (CODEC_BATCH,) and, when asked, the distributions they are coded with (CODEC_BATCH, L, K)."""
         if given is not None:
-            nearest = np.zeros((CODEC_BATCH, self.length), np.int64)
-            nearest[: len(given)] = given.reshape(len(given), self.length)
-        elif rate_lambda == 0.0:
-            padded = np.zeros((CODEC_BATCH, *images.shape[1:]), np.uint8)
-            padded[: len(images)] = images
-            nearest = self.vqvae.encode_to_tokens(tf.constant(padded, tf.float32) / 255.0).numpy()
-            nearest = nearest.reshape(CODEC_BATCH, self.length)
+            targets, costs = np.zeros((CODEC_BATCH, self.length), np.int64), None
+            targets[: len(given)] = given.reshape(len(given), self.length)
         else:
-            costs = self._latent_costs(images)
+            targets, costs = self._targets(images, with_costs=rate_lambda > 0.0)
         tokens = np.zeros((CODEC_BATCH, self.length), np.int64)
         bits = np.zeros(CODEC_BATCH)
         kept = []
@@ -187,8 +206,8 @@ class FaceCodec:
         caches = self._empty_caches()
         for position in range(self.length):
             probabilities = self._probabilities(previous, caches, position)
-            if given is not None or rate_lambda == 0.0:
-                chosen = nearest[:, position]
+            if costs is None:
+                chosen = targets[:, position]
             else:
                 rate = -np.log2(np.maximum(probabilities, 1e-30))
                 chosen = np.argmin(costs[:, position] + rate_lambda * rate, axis=-1)

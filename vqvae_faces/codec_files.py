@@ -57,7 +57,11 @@ def opened_codec(config: ExperimentConfig, prior_run: str, out: Path):
         fingerprints = Fingerprints.from_digests(
             file_digest(vqvae_file), file_digest(prior_file), str(vqvae_file), str(prior_file)
         )
-        yield FaceCodec(load_model(vqvae_file), load_model(prior_file), fingerprints)
+        settings = config.runs[prior_run]
+        step_size = config.runs[settings.tokens_from].token_search_step_size
+        yield FaceCodec(
+            load_model(vqvae_file), load_model(prior_file), fingerprints, settings.codec.search_steps, step_size
+        )
 
 
 def _targets(inputs: list[Path], suffix: str, to: Optional[Path], overwrite: bool) -> list[Path]:

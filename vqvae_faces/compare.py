@@ -248,13 +248,15 @@ def vqf_rows(codec, prior_run: str, images: np.ndarray, names, lambdas, folder: 
         if not np.array_equal(decoded, grids[: len(checked)]):
             raise RuntimeError(f"the .vqf files in {target} do not decode to the tokens they were made from")
         scores = image_quality(originals, np.clip(decode(codec.vqvae, grids, CODEC_BATCH), 0.0, 1.0))
+        tokens = f"tokens searched ({codec.search_steps} steps)" if codec.search_steps else "nearest codes"
         rows.append(
             _row(
                 f"VQ-VAE codec ({prior_run})",
-                f"rate_lambda {rate_lambda:g}: real .vqf files, {HEADER_BYTES}-byte header included",
+                f"rate_lambda {rate_lambda:g}, {tokens}: real .vqf files, {HEADER_BYTES}-byte header included",
                 float(sizes.mean()),
                 scores,
                 rate_lambda=rate_lambda,
+                search_steps=codec.search_steps,
                 payload_bits_per_image=float(sizes.mean() - 8 * HEADER_BYTES),
                 files=str(target),
             )
