@@ -159,8 +159,9 @@ class SamplingConfig:
     Each token is drawn from the prior's distribution divided by `temperature` and
     restricted to the `top_k` most likely tokens and to the smallest set whose
     probability reaches `top_p` (null: no restriction). `eval_samples` faces are
-    drawn for the memorisation check and the speed; `fid_samples` for the FID, which
-    needs `inception_weights`: a Keras InceptionV3 weights file (null: FID not computed).
+    drawn for the memorisation check and the speed; `fid_samples` for the FID, computed
+    with the Keras InceptionV3 weights file `inception_weights` when given, else with the
+    StyleGAN3 Inception when the optional requirements-fid.txt is installed, else not (`fid.py`).
     """
 
     temperature: float = 1.0

