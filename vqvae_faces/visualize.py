@@ -66,7 +66,7 @@ def save_image_grid(rows: list[np.ndarray], labels: list[str], path: Path, title
     for spine in axis.spines.values():
         spine.set_visible(False)
     if title:
-        figure.suptitle(title, fontsize=10)
+        axis.set_title(title, fontsize=10)  # right above the faces, whatever the figure's aspect
     save_figure(figure, path)
 
 
