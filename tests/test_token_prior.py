@@ -94,12 +94,12 @@ def test_the_cached_step_spans_several_cache_chunks():
     model = CausalTransformer(K, grid, width=16, num_heads=2, num_layers=2, mlp_ratio=2)
     tokens = np.random.default_rng(2).integers(0, K, (3, *grid)).astype(np.int32)
     full = model(tokens).numpy().reshape(3, -1, K)
-    caches = [model.empty_chunks(3, length) for _, length in model.cache_chunks()]
+    caches = model.empty_caches(3)
     assert [length for _, length in model.cache_chunks()] == [CACHE_CHUNK, grid[0] * grid[1] - CACHE_CHUNK]
     previous = -np.ones((3, 1), np.int32)
     for position in range(grid[0] * grid[1]):
-        chunk = position // CACHE_CHUNK
-        done = tuple(tuple(caches[index][block] for index in range(chunk)) for block in range(len(model.blocks)))
+        chunk, done = model.caches_at(caches, position)
+        assert chunk == position // CACHE_CHUNK and len(done[0]) == chunk
         logits, caches[chunk] = model.step_logits(previous, done, caches[chunk], tf.constant(position))
         np.testing.assert_allclose(logits.numpy(), full[:, position], atol=1e-4, err_msg=f"position {position}")
         previous = tokens.reshape(3, -1)[:, position : position + 1]

@@ -10,9 +10,9 @@ searched token itself when searching), and the grid is range-coded (`constrictio
 those distributions. Decoding runs the same step of the prior with the tokens decoded so
 far, so both sides compute the same probabilities: the same function
 (`CausalTransformer.step_logits`) on inputs of the same shapes (`CODEC_BATCH` grids,
-padded, the same cache chunks), converted to float64 the same way. The file carries a checksum of its tokens,
-so a decoder that ever computed other probabilities reports the file as undecodable
-instead of returning wrong faces.
+padded, the same cache chunks), converted to float64 the same way. The file carries a
+checksum of its tokens, so a decoder that ever computed other probabilities reports the
+file as undecodable instead of returning wrong faces.
 
 File layout (version 1), big-endian:
 
@@ -39,7 +39,6 @@ import numpy as np
 import tensorflow as tf
 
 from vqvae_faces.errors import UserFacingError
-from vqvae_faces.token_prior import CACHE_CHUNK
 
 MAGIC = b"VQ"
 FORMAT_VERSION = 1
@@ -113,15 +112,10 @@ class FaceCodec:
 
     # -- the shared step ------------------------------------------------------------------------
 
-    def _empty_caches(self) -> list:
-        """Zero keys and values of every cache chunk, `[chunk][block]`, for `_probabilities` to fill."""
-        return [self.prior.empty_chunks(CODEC_BATCH, length) for _, length in self.prior.cache_chunks()]
-
     def _probabilities(self, previous: np.ndarray, caches: list, position: int) -> np.ndarray:
         """float64 distributions (CODEC_BATCH, K) of `position`, computed identically when encoding and
-        decoding; adds this position's keys and values to `caches`."""
-        chunk = position // CACHE_CHUNK
-        done = tuple(tuple(caches[index][block] for index in range(chunk)) for block in range(len(caches[0])))
+        decoding; adds this position's keys and values to `caches` (`CausalTransformer.empty_caches`)."""
+        chunk, done = self.prior.caches_at(caches, position)
         logits, caches[chunk] = self._step(
             tf.constant(previous.reshape(CODEC_BATCH, 1), tf.int32),
             done,
@@ -203,7 +197,7 @@ class FaceCodec:
         bits = np.zeros(CODEC_BATCH)
         kept = []
         previous = -np.ones(CODEC_BATCH, np.int64)
-        caches = self._empty_caches()
+        caches = self.prior.empty_caches(CODEC_BATCH)
         for position in range(self.length):
             probabilities = self._probabilities(previous, caches, position)
             if costs is None:
@@ -273,7 +267,7 @@ class FaceCodec:
             decoders.append(constriction.stream.queue.RangeDecoder(np.frombuffer(payload, "<u4").astype(np.uint32)))
         tokens = np.zeros((CODEC_BATCH, self.length), np.int64)
         previous = -np.ones(CODEC_BATCH, np.int64)
-        caches = self._empty_caches()
+        caches = self.prior.empty_caches(CODEC_BATCH)
         family = _model_family()
         for position in range(self.length):
             probabilities = self._probabilities(previous, caches, position)

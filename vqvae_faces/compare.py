@@ -234,6 +234,7 @@ def vqf_rows(codec, prior_run: str, images: np.ndarray, names, lambdas, folder: 
     encoded tokens (the full round trip of every face is `bench/bench_codec.py`'s).
     """
     originals = images.astype(np.float32) / 255.0
+    tokens = f"tokens searched ({codec.search_steps} steps)" if codec.search_steps else "nearest codes"
     rows = []
     for rate_lambda in lambdas:
         target = folder / prior_run / f"lambda_{rate_lambda:g}"
@@ -248,7 +249,6 @@ def vqf_rows(codec, prior_run: str, images: np.ndarray, names, lambdas, folder: 
         if not np.array_equal(decoded, grids[: len(checked)]):
             raise RuntimeError(f"the .vqf files in {target} do not decode to the tokens they were made from")
         scores = image_quality(originals, np.clip(decode(codec.vqvae, grids, CODEC_BATCH), 0.0, 1.0))
-        tokens = f"tokens searched ({codec.search_steps} steps)" if codec.search_steps else "nearest codes"
         rows.append(
             _row(
                 f"VQ-VAE codec ({prior_run})",

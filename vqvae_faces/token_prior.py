@@ -278,6 +278,16 @@ class CausalTransformer(TokenPrior):
         empty = tf.zeros((count, self.num_heads, length, self.width // self.num_heads))
         return tuple((empty, empty) for _ in self.blocks)
 
+    def empty_caches(self, count):
+        """Zero keys and values of every chunk for `count` grids, `[chunk][block]`, for `caches_at`."""
+        return [self.empty_chunks(count, length) for _, length in self.cache_chunks()]
+
+    def caches_at(self, caches, position):
+        """(chunk index, done) of `position` in `empty_caches`-shaped `caches`: the arguments of
+        `step_logits` are `done` and `caches[chunk]`, whose update goes back into `caches[chunk]`."""
+        chunk = position // CACHE_CHUNK
+        return chunk, tuple(tuple(caches[index][block] for index in range(chunk)) for block in range(len(self.blocks)))
+
     def step_logits(self, previous, done, current, position):
         """Logits (B, K) of the token at `position` (int32 scalar) from the token before it
         (B, 1), -1 at position 0, and the keys and values of the earlier positions.
