@@ -54,6 +54,15 @@ def test_defaults_without_a_file():
         ({"runs": {"a": {"nan_retries": 1}}}, "runs.a.nan_retries"),
         ({"runs": {"a": {"jit_compile": True, "run_eagerly": True}}}, "runs.a: jit_compile=true and run_eagerly"),
         ({"compare": ["nope"]}, "nope"),
+        (
+            {
+                "runs": {
+                    "v": {"token_search_steps": 0},
+                    "p": {"model": "prior", "tokens_from": "v", "prior": {"searched_tokens": True}},
+                }
+            },
+            "runs.p.prior.searched_tokens is true but runs.v.token_search_steps is 0",
+        ),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, data, key):

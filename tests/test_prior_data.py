@@ -59,3 +59,20 @@ def test_an_empty_split_has_no_grids_of_the_right_shape(tmp_path):
     model = saved_model(tmp_path / "a.keras", seed=0)
     tokens = prior_data.tokenize_splits(model, tmp_path / "a.keras", faces, split, tmp_path / "cache", 8)
     assert tokens["val"].shape == (0, 4, 4) and tokens["train"].shape == (len(split["train"]), 4, 4)
+
+
+def test_searched_tokens_are_the_token_search_s_and_get_their_own_cache(tmp_path):
+    faces = lfw_files.load_bundled_faces(DataConfig(image_size=16))
+    split = lfw_files.split_by_person(faces.persons, 0.1, 0.1, seed=0)
+    model = saved_model(tmp_path / "a.keras", seed=0)
+    search = (3, 0.5)
+    tokens = prior_data.tokenize_splits(model, tmp_path / "a.keras", faces, split, tmp_path / "cache", 8, search=search)
+    images = faces.subset(split["test"]).astype(np.float32) / 255.0
+    searched = model.search_tokens(images, *search).numpy()
+    np.testing.assert_array_equal(tokens["test"], searched)
+    assert (searched != model.encode_to_tokens(images).numpy()).any()  # the search did change tokens
+    nearest_path = prior_data.tokens_cache_path(tmp_path / "cache", tmp_path / "a.keras", faces, split, False)
+    searched_path = prior_data.tokens_cache_path(tmp_path / "cache", tmp_path / "a.keras", faces, split, False, search)
+    other_steps = prior_data.tokens_cache_path(tmp_path / "cache", tmp_path / "a.keras", faces, split, False, (4, 0.5))
+    assert searched_path.is_file() and not nearest_path.is_file()
+    assert len({nearest_path, searched_path, other_steps}) == 3

@@ -130,6 +130,9 @@ class PriorConfig:
     "transformer" is `CausalTransformer` (width, num_heads, num_layers, mlp_ratio);
     "pixelcnn" is `GatedPixelCNN` (width as channels, num_layers, kernel_size).
     `flipped_faces` adds the tokens of the mirrored training faces to the training data.
+    `searched_tokens` learns the tokens the VQ-VAE's token search chooses (its run's
+    `token_search_steps` and `token_search_step_size`) instead of the encoder's nearest
+    codes: the tokens a codec with `search_steps` sends. Tokenizing then takes minutes.
     """
 
     architecture: Literal["transformer", "pixelcnn"] = "transformer"
@@ -139,6 +142,7 @@ class PriorConfig:
     mlp_ratio: int = 4
     kernel_size: int = 3
     flipped_faces: bool = True
+    searched_tokens: bool = False
 
     def validate(self, path: str) -> None:
         _check_range(path, "width", self.width, 8, 4096)
@@ -368,6 +372,11 @@ class ExperimentConfig:
                     raise ConfigError(
                         f"runs.{name}.tokens_from={run.tokens_from!r} must name a VQ-VAE run of this config "
                         f"(VQ-VAE runs: {vqvae_runs})."
+                    )
+                if run.prior.searched_tokens and source.token_search_steps == 0:
+                    raise ConfigError(
+                        f"runs.{name}.prior.searched_tokens is true but runs.{run.tokens_from}.token_search_steps "
+                        "is 0: give the VQ-VAE run a token search, or learn its nearest codes."
                     )
                 continue
             if self.data.image_size % run.downsampling_factor:

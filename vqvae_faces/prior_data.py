@@ -4,7 +4,8 @@ A prior learns the grids the codec will send, so its training data are the VQ-VA
 tokens of the training split (the validation split for model choice, the test split
 for the reported figures). Tokenizing thousands of faces takes minutes, so the grids
 are cached as `.npz`, keyed by the SHA-256 of the VQ-VAE checkpoint and of the split's
-faces: retraining the VQ-VAE, or other faces, gives a new cache file.
+faces (and the token search's settings when the prior learns searched tokens): retraining
+the VQ-VAE, or other faces, gives a new cache file.
 """
 
 from __future__ import annotations
@@ -45,17 +46,29 @@ class TokenSplits:
         return self.grids[part]
 
 
-def tokens_cache_path(cache_dir: Path, checkpoint: Path, faces: FaceSet, split: dict, flipped: bool) -> Path:
-    """Where the grids of `checkpoint`'s tokens of `faces` split as `split` are cached."""
+def tokens_cache_path(
+    cache_dir: Path, checkpoint: Path, faces: FaceSet, split: dict, flipped: bool, search: tuple = (0, 0.0)
+) -> Path:
+    """Where the grids of `checkpoint`'s tokens of `faces` split as `split` are cached; `search`
+    is (steps, step size) of the token search that chose them, (0, 0.0) for the nearest codes."""
     indices = np.concatenate([split[part] for part in SPLIT_PARTS])
     key = f"v{TOKENS_CACHE_VERSION}-{file_digest(checkpoint)}-{images_fingerprint(faces, indices)}-{int(flipped)}"
+    if search[0] > 0:
+        key += f"-search{int(search[0])}-{float(search[1])!r}"
     return Path(cache_dir) / f"tokens-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
 
 
 def tokenize_splits(
-    model, checkpoint: Path, faces: FaceSet, split: dict, cache_dir: Path, batch_size: int, flipped: bool = False
+    model,
+    checkpoint: Path,
+    faces: FaceSet,
+    split: dict,
+    cache_dir: Path,
+    batch_size: int,
+    flipped: bool = False,
+    search: tuple = (0, 0.0),
 ) -> TokenSplits:
-    """The nearest-code token grids of every split of `faces`, from the cache when it has them.
+    """The token grids of every split of `faces`, from the cache when it has them.
 
     Args:
         model: the VQ-VAE loaded from `checkpoint` (its `encode_to_tokens` is used).
@@ -64,8 +77,9 @@ def tokenize_splits(
         cache_dir: folder of the `.npz` caches.
         batch_size: faces per encoder call.
         flipped: also tokenize the horizontally mirrored faces of each split.
+        search: (steps, step size) of `VQVAE.search_tokens`; (0, 0.0): the encoder's nearest codes.
     """
-    path = tokens_cache_path(cache_dir, checkpoint, faces, split, flipped)
+    path = tokens_cache_path(cache_dir, checkpoint, faces, split, flipped, search)
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as cached:
@@ -81,13 +95,17 @@ def tokenize_splits(
     images = np.concatenate(
         [faces.subset(index)[:, :, ::-1] if mirror else faces.subset(index) for _, index, mirror in parts]
     )
-    every_grid = tokenize(model, np.ascontiguousarray(images), batch_size)
+    every_grid = tokenize(model, np.ascontiguousarray(images), batch_size, *search)
     grids, names, start = {}, {}, 0
     for part, index, _ in parts:
         grids[part], names[part] = every_grid[start : start + len(index)], faces.names[index]
         start += len(index)
     log.info(
-        "tokenized %d faces (every split%s) with %s", len(images), " and its mirror" if flipped else "", checkpoint
+        "tokenized %d faces (every split%s) with %s%s",
+        len(images),
+        " and its mirror" if flipped else "",
+        checkpoint,
+        f", {search[0]} search steps" if search[0] else "",
     )
     arrays = {f"grids_{part}": grid for part, grid in grids.items()}
     arrays.update({f"names_{part}": name for part, name in names.items()})
@@ -114,6 +132,10 @@ def load_prior_source(config: ExperimentConfig, run_name: str, faces: FaceSet, o
     A `TrainingError` naming the VQ-VAE run when it has no trained model.
     """
     run = config.runs[run_name]
+    source_run = config.runs[run.tokens_from]
+    search = (
+        (source_run.token_search_steps, source_run.token_search_step_size) if run.prior.searched_tokens else (0, 0.0)
+    )
     source = RunPaths.for_run(out, run.tokens_from)
     if source.trained_model() is None:
         raise TrainingError(
@@ -131,6 +153,7 @@ def load_prior_source(config: ExperimentConfig, run_name: str, faces: FaceSet, o
             out / "checkpoints" / "data_cache",
             TOKENIZE_BATCH,
             flipped=run.prior.flipped_faces,
+            search=search,
         )
         digest = file_digest(checkpoint)
     return PriorSource(model, checkpoint, digest, split, tokens)
