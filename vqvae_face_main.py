@@ -62,6 +62,12 @@ def parse_args(argv):
     parser.add_argument("--encode", nargs="+", metavar="PHOTO", help="write PHOTO's .vqf file beside it (no training)")
     parser.add_argument("--decode", nargs="+", metavar="FILE", help="write FILE.vqf's face as a .png beside it")
     parser.add_argument("--to", default=None, metavar="DIR", help="folder for the files --encode/--decode write")
+    parser.add_argument(
+        "--into",
+        default=None,
+        metavar="FILE.vqfs",
+        help="--encode: write every photo into this one container (no header per face); --decode reads it",
+    )
     parser.add_argument("--overwrite", action="store_true", help="let --encode/--decode replace existing files")
     parser.add_argument(
         "--rate-lambda",
@@ -123,6 +129,8 @@ def run(args) -> int:
 
     config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     config = load_config(config_path, args.overrides + flag_overrides(args), args.runs)
+    if args.into and not args.encode:
+        raise ConfigError(f"--into {args.into} names the container --encode writes; to read one, pass it to --decode.")
     if args.encode or args.decode:
         return run_codec(args, config)
     search_dirs = [SCRIPT_DIR, Path.cwd()]
@@ -218,7 +226,9 @@ def run_codec(args, config) -> int:
     with codec_files.opened_codec(config, prior_run, Path(args.out)) as codec:
         if args.encode:
             rate_lambda = config.runs[prior_run].codec.rate_lambda
-            codec_files.encode_photos(codec, [Path(p) for p in args.encode], config, rate_lambda, to, args.overwrite)
+            photos = [Path(p) for p in args.encode]
+            into = Path(args.into) if args.into else None
+            codec_files.encode_photos(codec, photos, config, rate_lambda, to, args.overwrite, into)
         if args.decode:
             codec_files.decode_files(codec, [Path(p) for p in args.decode], to, args.overwrite)
     return 0

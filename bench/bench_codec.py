@@ -2,7 +2,9 @@
 
 Needs a trained prior run and its VQ-VAE run under --out (the test split of that VQ-VAE).
 Encoding is the nearest codes plus range coding (rate_lambda 0); every file is decoded
-again in another order (other batches) and must give the encoded tokens. WebP runs at
+again in another order (other batches) and must give the encoded tokens; so must the
+`.vqfs` container of all the faces, decoded whole (its encoding is the same run of the
+prior as the files', so its row repeats their encoding speed). WebP runs at
 the quality whose mean size is closest to the codec's, on the same uint8 faces.
 
     python bench/bench_codec.py --out OUT [--run prior] [--config experiment.json] [--faces N]
@@ -63,13 +65,17 @@ def main() -> None:
     with codec_files.opened_codec(config, prior_run, out) as codec:
         codec.encode(images[:1])  # compiles the step
         started = time.perf_counter()
-        files, grids = codec.encode(images)
+        files, container, grids = codec.encode_all(images)
         encode_rate = len(images) / (time.perf_counter() - started)
         order = np.random.default_rng(0).permutation(len(files))  # other groups of files than when encoding
         started = time.perf_counter()
         decoded = codec.decode([files[i] for i in order], [str(i) for i in order])
         decode_rate = len(images) / (time.perf_counter() - started)
         exact = float((decoded == grids[order]).all(axis=(1, 2)).mean())
+        started = time.perf_counter()
+        unpacked = codec.decode_container(container, "container")
+        container_decode_rate = len(images) / (time.perf_counter() - started)
+        container_exact = float((unpacked == grids).all(axis=(1, 2)).mean())
         scores = image_quality(originals, np.clip(decode(codec.vqvae, grids, 64), 0, 1))
     bits = 8 * np.mean([len(data) for data in files])
     candidates = {q: compare.encode_decode(images, "WebP", q).bits_per_image for q in range(1, 101, 3)}
@@ -86,6 +92,16 @@ def main() -> None:
             "exact_round_trip": exact,
             "encode_ratio_to_webp": encode_rate / webp_encode,
             "decode_ratio_to_webp": decode_rate / webp_decode,
+        },
+        {
+            "codec": ".vqfs container of all the faces",
+            "bits_per_face": 8 * len(container) / len(images),
+            "psnr": float(scores["psnr"].mean()),
+            "encode_faces_per_second": encode_rate,
+            "decode_faces_per_second": container_decode_rate,
+            "exact_round_trip": container_exact,
+            "encode_ratio_to_webp": encode_rate / webp_encode,
+            "decode_ratio_to_webp": container_decode_rate / webp_decode,
         },
         {
             "codec": f"WebP quality {quality}, method 6",

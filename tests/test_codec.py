@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 
 import keras
 import numpy as np
@@ -13,7 +14,15 @@ from conftest import ROOT, TWO_THREADS, face_image
 from PIL import Image
 
 from vqvae_class_keras import VQVAE
-from vqvae_faces.codec import CODEC_BATCH, HEADER_BYTES, CodecError, FaceCodec, Fingerprints, token_checksum
+from vqvae_faces.codec import (
+    CODEC_BATCH,
+    CONTAINER_HEADER_BYTES,
+    HEADER_BYTES,
+    CodecError,
+    FaceCodec,
+    Fingerprints,
+    token_checksum,
+)
 from vqvae_faces.model_settings import load_model
 from vqvae_faces.token_prior import CausalTransformer
 
@@ -56,16 +65,18 @@ def test_tokens_round_trip_including_the_first_and_last_symbol_under_skewed_dist
     rng = np.random.default_rng(0)
     grids = rng.integers(0, K, (CODEC_BATCH + 3, *GRID)).astype(np.int16)  # a full batch and a partial one
     grids[0], grids[1] = 0, K - 1
-    files = codec.encode_tokens(grids)
+    files, container = codec.encode_tokens(grids)
     np.testing.assert_array_equal(codec.decode(files, [f"f{i}" for i in range(len(files))]), grids)
+    np.testing.assert_array_equal(codec.decode_container(container, "all.vqfs"), grids)
     # A prior almost sure of token 0: the unlikely last symbol still codes, and certain tokens cost almost nothing.
     bias = np.zeros(K, np.float32)
     bias[0] = 25.0
     codec.prior.head.bias.assign(bias)
     skewed = np.zeros((2, *GRID), np.int16)
     skewed[1, 2, 3] = K - 1
-    files = codec.encode_tokens(skewed)
+    files, container = codec.encode_tokens(skewed)
     np.testing.assert_array_equal(codec.decode(files, ["a", "b"]), skewed)
+    np.testing.assert_array_equal(codec.decode_container(container, "all.vqfs"), skewed)
     assert len(files[0]) < len(files[1]) and len(files[0]) <= HEADER_BYTES + 4
 
 
@@ -76,15 +87,29 @@ def test_grids_longer_than_one_cache_chunk_round_trip(model_files):
     prior(np.zeros((1, *grid), np.int32))
     codec = FaceCodec(load_model(model_files / "vqvae.keras"), prior, Fingerprints(1, 2))
     grids = np.random.default_rng(5).integers(0, K, (3, *grid)).astype(np.int16)
-    files = codec.encode_tokens(grids)
+    files, container = codec.encode_tokens(grids)
     np.testing.assert_array_equal(codec.decode(files, ["a", "b", "c"]), grids)
+    np.testing.assert_array_equal(codec.decode_container(container, "all.vqfs"), grids)
 
 
 def test_the_header_holds_magic_version_fingerprints_grid_and_checksum(codec):
     grid = np.arange(16, dtype=np.int16).reshape(GRID)
-    (data,) = codec.encode_tokens(grid[None])
+    (data,), container = codec.encode_tokens(grid[None])
     checksum = token_checksum(grid)
     assert data[:HEADER_BYTES] == b"VQ\x01\x12\x34\x56\x78\x04\x04" + bytes([checksum >> 8, checksum & 0xFF])
+    crc = zlib.crc32(grid.astype("<i2").tobytes())
+    assert container[:CONTAINER_HEADER_BYTES] == b"VS\x01\x12\x34\x56\x78\x04\x04\0\0\0\x01" + crc.to_bytes(4, "big")
+
+
+def test_a_container_costs_the_code_lengths_and_no_header_per_face(codec):
+    """Its payload is within a few words of the summed ideal code lengths, far below the files' summed sizes."""
+    images = faces(CODEC_BATCH + 6)
+    files, container, grids = codec.encode_all(images)
+    _, bits = codec.choose_tokens(images)
+    payload_bits = 8 * (len(container) - CONTAINER_HEADER_BYTES)
+    assert bits.sum() <= payload_bits <= bits.sum() + 64
+    assert payload_bits < 8 * sum(len(data) - HEADER_BYTES for data in files)
+    np.testing.assert_array_equal(codec.decode_container(container, "all.vqfs"), grids)
 
 
 def test_images_encode_to_their_nearest_codes_and_decode_to_them(codec):
@@ -105,16 +130,18 @@ folder = Path({folder!r})
 codec = FaceCodec(load_model(folder / "vqvae.keras"), load_model(folder / "prior.keras"), Fingerprints(0x1234, 0x5678))
 names = sorted(folder.glob("*.vqf"), reverse=True)[:{count}]  # other files per batch, in another order
 grids = codec.decode([p.read_bytes() for p in names], [str(p) for p in names])
-print(json.dumps({{p.stem: g.tolist() for p, g in zip(names, grids)}}))
+together = codec.decode_container((folder / "all.vqfs").read_bytes(), "all.vqfs")
+print(json.dumps({{**{{p.stem: g.tolist() for p, g in zip(names, grids)}}, "all": together.tolist()}}))
 """
 
 
 def test_another_process_with_other_threads_and_other_batches_decodes_the_same_tokens(codec, model_files):
     """Encoded here with one TensorFlow thread (conftest), decoded by a program with two."""
     images = faces(CODEC_BATCH + 5)
-    files, grids = codec.encode(images, rate_lambda=0.3)
+    files, container, grids = codec.encode_all(images, rate_lambda=0.3)
     for index, data in enumerate(files):
         (model_files / f"face{index:03d}.vqf").write_bytes(data)
+    (model_files / "all.vqfs").write_bytes(container)
     script = DECODE_ELSEWHERE.format(root=str(ROOT), folder=str(model_files), count=len(files) - 2)
     assert os.environ["TF_NUM_INTRAOP_THREADS"] == "1"
     environment = {**os.environ, **TWO_THREADS}
@@ -123,6 +150,7 @@ def test_another_process_with_other_threads_and_other_batches_decodes_the_same_t
     )
     assert result.returncode == 0, result.stderr[-3000:]
     decoded = json.loads(result.stdout.strip().splitlines()[-1])
+    np.testing.assert_array_equal(decoded.pop("all"), grids)
     assert len(decoded) == len(files) - 2
     for stem, grid in decoded.items():
         np.testing.assert_array_equal(grid, grids[int(stem[4:])], err_msg=stem)
@@ -145,6 +173,29 @@ def test_every_kind_of_bad_file_gets_its_message(codec, damage, message):
     with pytest.raises(CodecError, match=message) as error:
         codec.decode([damage(files[0])], ["face.vqf"])
     assert "face.vqf" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda data: b"VQ" + data[2:], "is not a .vqfs file"),
+        (lambda data: data[:2] + b"\x02" + data[3:], ".vqfs format version 2; this program reads version 1"),
+        (lambda data: data[:12], "is truncated"),
+        (lambda data: data[: CONTAINER_HEADER_BYTES + 8], "corrupt"),
+        (
+            lambda data: data[:CONTAINER_HEADER_BYTES] + bytes(b ^ 0x5A for b in data[CONTAINER_HEADER_BYTES:]),
+            "corrupt",
+        ),
+        (lambda data: data[:16] + bytes([data[16] ^ 1]) + data[17:], "do not match the checksum"),
+        (lambda data: data[:12] + bytes([data[12] - 1]) + data[13:], "do not match the checksum"),  # one face fewer
+        (lambda data: data[:6] + bytes([data[6] ^ 1]) + data[7:], "other models"),
+    ],
+)
+def test_every_kind_of_bad_container_gets_its_message(codec, damage, message):
+    _, container, _ = codec.encode_all(faces(3))
+    with pytest.raises(CodecError, match=message) as error:
+        codec.decode_container(damage(container), "all.vqfs")
+    assert "all.vqfs" in str(error.value)
 
 
 def test_other_weights_are_refused_naming_both_sets(codec, model_files):

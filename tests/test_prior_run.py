@@ -227,6 +227,9 @@ def test_compare_reports_real_vqf_file_sizes_that_equal_the_bytes_on_disk(out):
         files = sorted(Path(row["files"]).glob("*.vqf"))
         assert len(files) == 10  # every test face of the bundled split
         assert float(row["bits_per_image"]) == pytest.approx(np.mean([8 * f.stat().st_size for f in files]))
+        container = Path(row["files"] + ".vqfs")
+        assert float(row["container_bits_per_image"]) == pytest.approx(8 * container.stat().st_size / 10)
+        assert float(row["container_bits_per_image"]) < float(row["payload_bits_per_image"])
     nearest = table[("VQ-VAE codec (pr)", "0.0")]
     assert float(nearest["psnr"]) == pytest.approx(float(ideal["psnr"]))  # the same tokens: the nearest codes
     # a real file is the ideal code length plus the header and at most a few bits of coder overhead
@@ -257,3 +260,18 @@ def test_encode_and_decode_photos_on_the_command_line(out, tmp_path, caplog):
     (photos / "junk.jpg").write_text("not a photo")
     assert main(out, "--encode", str(photos / "junk.jpg")) == 2 and "junk.jpg: not an image" in caplog.text
     assert not (photos / "junk.vqf").exists()
+    # Both photos in one container: its faces decode to the pictures of the single files.
+    both = [str(photos / "lfw_style.jpg"), str(photos / "wide.png")]
+    assert main(out, "--encode", *both, "--into", str(tmp_path / "all.vqfs")) == 0
+    assert (tmp_path / "all.vqfs").stat().st_size < (photos / "lfw_style.vqf").stat().st_size + (
+        photos / "wide.vqf"
+    ).stat().st_size
+    assert main(out, "--decode", str(tmp_path / "all.vqfs"), "--to", str(tmp_path / "decoded")) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "decoded" / "all-1.png")), decoded)
+    assert main(out, "--decode", str(photos / "wide.vqf"), "--to", str(tmp_path / "decoded")) == 0
+    wide = np.asarray(Image.open(tmp_path / "decoded" / "wide.png"))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "decoded" / "all-2.png")), wide)
+    assert main(out, "--encode", *both, "--into", str(tmp_path / "all.vqfs")) == 2  # never replaced silently
+    assert "all.vqfs already exists: pass --overwrite" in caplog.text
+    assert main(out, "--decode", str(photos / "lfw_style.vqf"), "--into", str(tmp_path / "x.vqfs")) == 2
+    assert "--into" in caplog.text and not (tmp_path / "x.vqfs").exists()

@@ -25,6 +25,22 @@ File layout (version 1), big-endian:
     8       1      token grid columns
     9       2      checksum of the tokens (CRC-32 of the int16 grid, low 16 bits)
     11      ...    range coder words (little-endian uint32), trailing zero bytes dropped
+
+A container (`.vqfs`, version 1) holds many faces behind one header and in one range-coder
+stream, so a face costs its code length and nothing more; its symbols are in the order the
+decoder reads them: group by group of `CODEC_BATCH` faces, and within a group position by
+position, every face of the group at each position:
+
+    offset  bytes  field
+    0       2      magic b"VS"
+    2       1      format version
+    3       2      fingerprint of the VQ-VAE's model file
+    5       2      fingerprint of the prior's model file
+    7       1      token grid rows
+    8       1      token grid columns
+    9       4      number of faces
+    13      4      CRC-32 of all the token grids (int16, in order)
+    17      ...    range coder words, as above
 """
 
 from __future__ import annotations
@@ -44,6 +60,11 @@ MAGIC = b"VQ"
 FORMAT_VERSION = 1
 HEADER = struct.Struct(">2sBHHBBH")
 HEADER_BYTES = HEADER.size
+CONTAINER_MAGIC = b"VS"
+CONTAINER_HEADER = struct.Struct(">2sBHHBBII")
+CONTAINER_HEADER_BYTES = CONTAINER_HEADER.size
+# The most faces a container holds: a damaged count is refused before any decoding.
+MAX_CONTAINER_FACES = 100_000
 # Grids are coded in groups of this many, padded: every probability is computed on inputs of one shape.
 # A step costs about the same for 16 grids as for 64 on 2 cores, so larger groups code faster
 # (bench/RESULTS.md); a single file still pays for a whole group.
@@ -72,6 +93,17 @@ class Fingerprints:
 def token_checksum(grid: np.ndarray) -> int:
     """16-bit checksum of one token grid (h, w)."""
     return zlib.crc32(np.ascontiguousarray(grid, dtype="<i2").tobytes()) & 0xFFFF
+
+
+def _payload(encoder) -> bytes:
+    """A range encoder's words as bytes (little-endian uint32), trailing zero bytes dropped."""
+    return encoder.get_compressed().astype("<u4").tobytes().rstrip(b"\0")
+
+
+def _decoder(payload: bytes):
+    """A range decoder of `_payload` bytes (the dropped zero bytes put back)."""
+    payload += b"\0" * (-len(payload) % 4)
+    return constriction.stream.queue.RangeDecoder(np.frombuffer(payload, "<u4").astype(np.uint32))
 
 
 def _model_family():
@@ -147,23 +179,59 @@ class FaceCodec:
 
     def encode(self, images: np.ndarray, rate_lambda: float = 0.0) -> tuple[list[bytes], np.ndarray]:
         """`.vqf` bytes of each uint8 image (N, H, W, C), and the token grids they hold (N, h, w)."""
-        files, grids = [], []
-        for start in range(0, len(images), CODEC_BATCH):
-            chunk = images[start : start + CODEC_BATCH]
-            tokens, _, probabilities = self._choose_chunk(chunk, rate_lambda, keep_probabilities=True)
-            for index in range(len(chunk)):
-                files.append(self._write(tokens[index], probabilities[index]))
-            grids.append(tokens[: len(chunk)])
-        return files, (np.concatenate(grids) if grids else np.zeros((0, *self.grid), np.int16))
+        files, _, grids = self.encode_all(images, rate_lambda)
+        return files, grids
 
-    def encode_tokens(self, grids: np.ndarray) -> list[bytes]:
-        """`.vqf` bytes of given token grids (N, h, w)."""
-        files = []
-        for start in range(0, len(grids), CODEC_BATCH):
-            chunk = grids[start : start + CODEC_BATCH]
-            tokens, _, probabilities = self._choose_chunk(None, 0.0, keep_probabilities=True, given=chunk)
-            files += [self._write(tokens[index], probabilities[index]) for index in range(len(chunk))]
-        return files
+    def encode_all(
+        self, images: np.ndarray, rate_lambda: float = 0.0, on_group=None
+    ) -> tuple[list[bytes], bytes, np.ndarray]:
+        """Each uint8 image (N, H, W, C) as `.vqf` bytes, all of them as one `.vqfs` container, and the
+        token grids both hold (N, h, w): the prior runs once for both. `on_group(n)` is called after
+        each group of n faces (a progress bar's `add`)."""
+        return self._encode_groups(
+            lambda start: self._choose_chunk(images[start : start + CODEC_BATCH], rate_lambda, keep_probabilities=True),
+            len(images),
+            on_group,
+        )
+
+    def encode_tokens(self, grids: np.ndarray) -> tuple[list[bytes], bytes]:
+        """`.vqf` bytes of each given token grid (N, h, w), and one `.vqfs` container of them all."""
+        files, container, _ = self._encode_groups(
+            lambda start: self._choose_chunk(
+                None, 0.0, keep_probabilities=True, given=grids[start : start + CODEC_BATCH]
+            ),
+            len(grids),
+        )
+        return files, container
+
+    def _encode_groups(self, choose, count: int, on_group=None) -> tuple[list[bytes], bytes, np.ndarray]:
+        """Files, container and grids of `count` faces whose groups `choose(start)` codes."""
+        if count > MAX_CONTAINER_FACES:
+            raise ValueError(f"at most {MAX_CONTAINER_FACES} faces per call, received {count}")
+        files, grids = [], []
+        stream = constriction.stream.queue.RangeEncoder()
+        for start in range(0, count, CODEC_BATCH):
+            size = min(CODEC_BATCH, count - start)
+            tokens, _, probabilities = choose(start)
+            files += [self._write(tokens[index], probabilities[index]) for index in range(size)]
+            symbols = tokens[:size].reshape(size, self.length).T.reshape(-1).astype(np.int32)
+            stream.encode(symbols, _model_family(), probabilities[:size].transpose(1, 0, 2).reshape(len(symbols), -1))
+            grids.append(tokens[:size])
+            if on_group is not None:
+                on_group(size)
+        grids = np.concatenate(grids) if grids else np.zeros((0, *self.grid), np.int16)
+        rows, columns = self.grid
+        header = CONTAINER_HEADER.pack(
+            CONTAINER_MAGIC,
+            FORMAT_VERSION,
+            self.fingerprints.vqvae,
+            self.fingerprints.prior,
+            rows,
+            columns,
+            count,
+            zlib.crc32(np.ascontiguousarray(grids, dtype="<i2").tobytes()),
+        )
+        return files, header + _payload(stream), grids
 
     def _targets(self, images: np.ndarray, with_costs: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """The tokens coded at `rate_lambda` 0 (CODEC_BATCH, L) of up to CODEC_BATCH uint8 images: the
@@ -218,24 +286,40 @@ class FaceCodec:
     def _write(self, grid: np.ndarray, probabilities: np.ndarray) -> bytes:
         encoder = constriction.stream.queue.RangeEncoder()
         encoder.encode(grid.reshape(-1).astype(np.int32), _model_family(), probabilities)
-        payload = encoder.get_compressed().astype("<u4").tobytes().rstrip(b"\0")
         rows, columns = self.grid
         header = HEADER.pack(
             MAGIC, FORMAT_VERSION, self.fingerprints.vqvae, self.fingerprints.prior, rows, columns, token_checksum(grid)
         )
-        return header + payload
+        return header + _payload(encoder)
 
     # -- decoding ---------------------------------------------------------------------------------
 
     def read_header(self, data: bytes, name: str) -> int:
-        """Check a file's header against this codec; returns its token checksum. `CodecError` otherwise."""
-        if len(data) < 3 or data[:2] != MAGIC:
-            raise CodecError(f"{name} is not a .vqf file (it does not start with {MAGIC!r}).")
-        if data[2] != FORMAT_VERSION:
-            raise CodecError(f"{name} is .vqf format version {data[2]}; this program reads version {FORMAT_VERSION}.")
-        if len(data) < HEADER_BYTES:
-            raise CodecError(f"{name} is truncated: {len(data)} bytes, shorter than the {HEADER_BYTES}-byte header.")
+        """Check a `.vqf` file's header against this codec; returns its token checksum. `CodecError` otherwise."""
+        self._check_start(data, name, MAGIC, HEADER_BYTES, ".vqf")
         _, _, vqvae, prior, rows, columns, checksum = HEADER.unpack_from(data)
+        self._check_models(name, vqvae, prior, rows, columns)
+        return checksum
+
+    def read_container_header(self, data: bytes, name: str) -> tuple[int, int]:
+        """Check a `.vqfs` container's header; returns (number of faces, CRC-32 of their tokens)."""
+        self._check_start(data, name, CONTAINER_MAGIC, CONTAINER_HEADER_BYTES, ".vqfs")
+        _, _, vqvae, prior, rows, columns, count, checksum = CONTAINER_HEADER.unpack_from(data)
+        self._check_models(name, vqvae, prior, rows, columns)
+        if count > MAX_CONTAINER_FACES:
+            raise CodecError(f"{name} is corrupt: it claims {count} faces, more than a container holds.")
+        return count, checksum
+
+    @staticmethod
+    def _check_start(data: bytes, name: str, magic: bytes, header_bytes: int, kind: str) -> None:
+        if len(data) < 3 or data[:2] != magic:
+            raise CodecError(f"{name} is not a {kind} file (it does not start with {magic!r}).")
+        if data[2] != FORMAT_VERSION:
+            raise CodecError(f"{name} is {kind} format version {data[2]}; this program reads version {FORMAT_VERSION}.")
+        if len(data) < header_bytes:
+            raise CodecError(f"{name} is truncated: {len(data)} bytes, shorter than the {header_bytes}-byte header.")
+
+    def _check_models(self, name: str, vqvae: int, prior: int, rows: int, columns: int) -> None:
         mine = self.fingerprints
         if (vqvae, prior) != (mine.vqvae, mine.prior):
             raise CodecError(
@@ -245,36 +329,59 @@ class FaceCodec:
             )
         if (rows, columns) != self.grid:
             raise CodecError(f"{name} holds a {rows}x{columns} grid; these models use {self.grid[0]}x{self.grid[1]}.")
-        return checksum
 
     def decode(self, files: list[bytes], names: list[str]) -> np.ndarray:
         """Token grids (N, h, w) int16 of `.vqf` bytes; a `CodecError` naming the first bad file."""
         checksums = [self.read_header(data, name) for data, name in zip(files, names)]
         grids = []
         for start in range(0, len(files), CODEC_BATCH):
-            grids.append(self._decode_chunk(files[start : start + CODEC_BATCH], names[start : start + CODEC_BATCH]))
+            group, group_names = files[start : start + CODEC_BATCH], names[start : start + CODEC_BATCH]
+            decoders = [_decoder(data[HEADER_BYTES:]) for data in group]
+
+            def read(position, probabilities, decoders=decoders, group_names=group_names):
+                tokens = np.zeros(len(decoders), np.int64)
+                for index, decoder in enumerate(decoders):
+                    tokens[index] = self._read_symbols(decoder, probabilities[index : index + 1], group_names[index])[0]
+                return tokens
+
+            grids.append(self._decode_group(len(group), read))
         grids = np.concatenate(grids) if grids else np.zeros((0, *self.grid), np.int16)
         for grid, checksum, name in zip(grids, checksums, names):
             if token_checksum(grid) != checksum:
                 raise CodecError(f"{name} is corrupt: its tokens do not match the checksum in its header.")
         return grids
 
-    def _decode_chunk(self, files: list[bytes], names: list[str]) -> np.ndarray:
-        decoders = []
-        for data in files:
-            payload = data[HEADER_BYTES:]
-            payload += b"\0" * (-len(payload) % 4)
-            decoders.append(constriction.stream.queue.RangeDecoder(np.frombuffer(payload, "<u4").astype(np.uint32)))
+    def decode_container(self, data: bytes, name: str, on_group=None) -> np.ndarray:
+        """Token grids (N, h, w) int16 of a `.vqfs` container's bytes; a `CodecError` when it is bad.
+        `on_group(n)` is called after each group of n faces."""
+        count, checksum = self.read_container_header(data, name)
+        decoder = _decoder(data[CONTAINER_HEADER_BYTES:])
+        grids = []
+        for start in range(0, count, CODEC_BATCH):
+            size = min(CODEC_BATCH, count - start)
+            grids.append(self._decode_group(size, lambda position, p: self._read_symbols(decoder, p, name)))
+            if on_group is not None:
+                on_group(size)
+        grids = np.concatenate(grids) if grids else np.zeros((0, *self.grid), np.int16)
+        if zlib.crc32(np.ascontiguousarray(grids, dtype="<i2").tobytes()) != checksum:
+            raise CodecError(f"{name} is corrupt: its tokens do not match the checksum in its header.")
+        return grids
+
+    @staticmethod
+    def _read_symbols(decoder, probabilities: np.ndarray, name: str) -> np.ndarray:
+        try:
+            return decoder.decode(_model_family(), probabilities)
+        except Exception as error:  # the coder's own complaint about a damaged stream
+            raise CodecError(f"{name} is corrupt or truncated ({error}).") from None
+
+    def _decode_group(self, count: int, read) -> np.ndarray:
+        """Token grids (count, h, w) of one group: at each position the shared step's distributions of the
+        CODEC_BATCH rows, of which `read(position, probabilities[:count])` returns the count decoded tokens."""
         tokens = np.zeros((CODEC_BATCH, self.length), np.int64)
-        previous = -np.ones(CODEC_BATCH, np.int64)
         caches = self.prior.empty_caches(CODEC_BATCH)
-        family = _model_family()
+        previous = -np.ones(CODEC_BATCH, np.int64)
         for position in range(self.length):
             probabilities = self._probabilities(previous, caches, position)
-            for index, decoder in enumerate(decoders):
-                try:
-                    tokens[index, position] = decoder.decode(family, probabilities[index : index + 1])[0]
-                except Exception as error:  # the coder's own complaint about a damaged stream
-                    raise CodecError(f"{names[index]} is corrupt or truncated ({error}).") from None
+            tokens[:count, position] = read(position, probabilities[:count])
             previous = tokens[:, position]
-        return tokens[: len(files)].reshape(len(files), *self.grid).astype(np.int16)
+        return tokens[:count].reshape(count, *self.grid).astype(np.int16)

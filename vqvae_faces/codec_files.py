@@ -1,4 +1,5 @@
-"""`--encode` and `--decode`: photos to `.vqf` files and back, with the models of an --out folder.
+"""`--encode` and `--decode`: photos to `.vqf` files (or one `.vqfs` container) and back, with the
+models of an --out folder.
 
 Every output name is decided and checked before any work: an existing file is never
 replaced without `--overwrite`, and two inputs never write the same output. Each file is
@@ -19,7 +20,7 @@ from PIL import Image
 
 from vqvae_faces import lfw_files
 from vqvae_faces.atomic_files import write_atomically
-from vqvae_faces.codec import CODEC_BATCH, FaceCodec, Fingerprints
+from vqvae_faces.codec import CODEC_BATCH, CONTAINER_MAGIC, MAX_CONTAINER_FACES, FaceCodec, Fingerprints
 from vqvae_faces.config import ExperimentConfig
 from vqvae_faces.errors import ConfigError, DataError, EvaluationError
 from vqvae_faces.evaluation import decode as decode_tokens
@@ -27,6 +28,10 @@ from vqvae_faces.model_settings import load_model
 from vqvae_faces.run_folder import RunPaths, file_digest, run_lock
 
 log = logging.getLogger("vqvae_faces.codec")
+
+# The largest .vqf or .vqfs file read: a .vqf is a few hundred bytes, a container of the most faces it may
+# hold (MAX_CONTAINER_FACES) a few tens of megabytes.
+MAX_CODED_BYTES = 1 << 26
 
 
 def choose_prior_run(config: ExperimentConfig, selected: Optional[list[str]]) -> str:
@@ -64,11 +69,10 @@ def opened_codec(config: ExperimentConfig, prior_run: str, out: Path):
         )
 
 
-def _targets(inputs: list[Path], suffix: str, to: Optional[Path], overwrite: bool) -> list[Path]:
-    """Output path of each input (beside it, or in `to`), refusing clashes and, without `overwrite`, existing files."""
-    targets = [(to or path.parent) / (path.stem + suffix) for path in inputs]
+def _check_targets(sources: list[Path], targets: list[Path], overwrite: bool) -> None:
+    """Refuse two sources writing one target and, without `overwrite`, any existing target."""
     seen: dict[Path, Path] = {}
-    for source, target in zip(inputs, targets):
+    for source, target in zip(sources, targets):
         if target in seen:
             raise DataError(f"{seen[target]} and {source} would both be written to {target}: rename one of them.")
         seen[target] = source
@@ -76,7 +80,6 @@ def _targets(inputs: list[Path], suffix: str, to: Optional[Path], overwrite: boo
     if existing and not overwrite:
         shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
         raise DataError(f"{shown} already exist{'s' if len(existing) == 1 else ''}: pass --overwrite to replace them.")
-    return targets
 
 
 def _read(path: Path, max_bytes: int) -> bytes:
@@ -88,10 +91,20 @@ def _read(path: Path, max_bytes: int) -> bytes:
 
 
 def encode_photos(
-    codec: FaceCodec, photos: list[Path], config: ExperimentConfig, rate_lambda: float, to=None, overwrite=False
+    codec: FaceCodec,
+    photos: list[Path],
+    config: ExperimentConfig,
+    rate_lambda: float,
+    to=None,
+    overwrite=False,
+    into: Optional[Path] = None,
 ) -> list[Path]:
-    """Write `<photo stem>.vqf` for each photo; returns the files written."""
-    targets = _targets(photos, ".vqf", to, overwrite)
+    """Write `<photo stem>.vqf` for each photo, or with `into` one `.vqfs` container of them all
+    (in the order given); returns the files written."""
+    if into is not None and len(photos) > MAX_CONTAINER_FACES:
+        raise DataError(f"{len(photos)} photos: a .vqfs container holds at most {MAX_CONTAINER_FACES} faces.")
+    targets = [into] if into is not None else [(to or path.parent) / (path.stem + ".vqf") for path in photos]
+    _check_targets(photos[: len(targets)], targets, overwrite)
     channels = codec.vqvae.get_build_config()["input_shape"][-1]
     faces = []
     for photo in photos:
@@ -102,9 +115,14 @@ def encode_photos(
         if note:
             log.warning("%s: %s", photo, note)
         faces.append(face)
-    if to is not None:
-        to.mkdir(parents=True, exist_ok=True)
+    for folder in {target.parent for target in targets}:
+        folder.mkdir(parents=True, exist_ok=True)
     bar = keras.utils.Progbar(len(photos), unit_name="photo")
+    if into is not None:
+        _, container, _ = codec.encode_all(np.stack(faces), rate_lambda, on_group=bar.add)
+        write_atomically(into, lambda tmp: tmp.write_bytes(container))
+        log.info("wrote %s: %d faces, %.0f bits per face", into, len(faces), 8 * len(container) / len(faces))
+        return targets
     sizes = []
     for start in range(0, len(photos), CODEC_BATCH):
         files, _ = codec.encode(np.stack(faces[start : start + CODEC_BATCH]), rate_lambda)
@@ -117,23 +135,42 @@ def encode_photos(
 
 
 def decode_files(codec: FaceCodec, files: list[Path], to=None, overwrite=False) -> list[Path]:
-    """Write `<file stem>.png` for each `.vqf` file; returns the pictures written."""
-    targets = _targets(files, ".png", to, overwrite)
-    contents = [_read(path, 1 << 20) for path in files]
-    for data, path in zip(contents, files):
-        codec.read_header(data, str(path))  # every header checked before any work
+    """Write `<file stem>.png` for each `.vqf` file and `<file stem>-<n>.png` for the n-th face (from 1)
+    of each `.vqfs` container; returns the pictures written."""
+    contents = [_read(path, MAX_CODED_BYTES) for path in files]
+    singles, containers = [], []  # (source, bytes, target) and (source, bytes, targets)
+    for path, data in zip(files, contents):  # every header checked before any work
+        folder = to or path.parent
+        if data[:2] == CONTAINER_MAGIC:
+            count, _ = codec.read_container_header(data, str(path))
+            digits = len(str(count))
+            containers.append((path, data, [folder / f"{path.stem}-{n:0{digits}d}.png" for n in range(1, count + 1)]))
+        else:
+            codec.read_header(data, str(path))
+            singles.append((path, data, folder / f"{path.stem}.png"))
+    sources = [path for path, _, _ in singles] + [path for path, _, targets in containers for _ in targets]
+    targets = [target for _, _, target in singles] + [target for _, _, group in containers for target in group]
+    _check_targets(sources, targets, overwrite)
     if to is not None:
         to.mkdir(parents=True, exist_ok=True)
-    bar = keras.utils.Progbar(len(files), unit_name="file")
-    for start in range(0, len(files), CODEC_BATCH):
-        names = [str(path) for path in files[start : start + CODEC_BATCH]]
-        grids = codec.decode(contents[start : start + CODEC_BATCH], names)
-        images = np.clip(decode_tokens(codec.vqvae, grids, CODEC_BATCH), 0.0, 1.0)
+    bar = keras.utils.Progbar(len(targets), unit_name="face")
+    for start in range(0, len(singles), CODEC_BATCH):
+        group = singles[start : start + CODEC_BATCH]
+        grids = codec.decode([data for _, data, _ in group], [str(path) for path, _, _ in group])
+        _write_faces(codec, grids, [target for _, _, target in group])
+        bar.add(len(grids))
+    for path, data, group in containers:
+        _write_faces(codec, codec.decode_container(data, str(path), on_group=bar.add), group)
+    return targets
+
+
+def _write_faces(codec: FaceCodec, grids: np.ndarray, targets: list[Path]) -> None:
+    """Decode token grids to pictures and write each as a PNG."""
+    for start in range(0, len(grids), CODEC_BATCH):
+        images = np.clip(decode_tokens(codec.vqvae, grids[start : start + CODEC_BATCH], CODEC_BATCH), 0.0, 1.0)
         for image, target in zip(images, targets[start : start + CODEC_BATCH]):
             pixels = np.round(image * 255.0).astype(np.uint8)
             write_atomically(target, lambda tmp, pixels=pixels: _save_png(pixels, tmp))
-        bar.add(len(grids))
-    return targets
 
 
 def _save_png(pixels: np.ndarray, path: Path) -> None:

@@ -228,7 +228,8 @@ def build_table(
 
 def vqf_rows(codec, prior_run: str, images: np.ndarray, names, lambdas, folder: Path) -> list[dict]:
     """The VQ-VAE codec's rate-distortion points: every test face written as a real `.vqf` file per
-    `rate_lambda`, sizes read back from disk (header included), quality of the decoded tokens.
+    `rate_lambda`, sizes read back from disk (header included), quality of the decoded tokens; and
+    all of them in one `.vqfs` container (`container_bits_per_image`: its size / the faces).
 
     The first `CODEC_BATCH` files of each setting are decoded from disk and must give the
     encoded tokens (the full round trip of every face is `bench/bench_codec.py`'s).
@@ -239,10 +240,12 @@ def vqf_rows(codec, prior_run: str, images: np.ndarray, names, lambdas, folder: 
     for rate_lambda in lambdas:
         target = folder / prior_run / f"lambda_{rate_lambda:g}"
         target.mkdir(parents=True, exist_ok=True)
-        files, grids = codec.encode(images, rate_lambda)
+        files, container, grids = codec.encode_all(images, rate_lambda)
         paths = [target / (str(name).replace("/", "__").rsplit(".", 1)[0] + ".vqf") for name in names]
         for data, path in zip(files, paths):
             write_atomically(path, lambda tmp, data=data: tmp.write_bytes(data))
+        container_path = target.with_name(f"{target.name}.vqfs")
+        write_atomically(container_path, lambda tmp: tmp.write_bytes(container))
         sizes = np.array([8 * path.stat().st_size for path in paths], np.float64)
         checked = paths[:CODEC_BATCH]
         decoded = codec.decode([path.read_bytes() for path in checked], [str(path) for path in checked])
@@ -258,6 +261,7 @@ def vqf_rows(codec, prior_run: str, images: np.ndarray, names, lambdas, folder: 
                 rate_lambda=rate_lambda,
                 search_steps=codec.search_steps,
                 payload_bits_per_image=float(sizes.mean() - 8 * HEADER_BYTES),
+                container_bits_per_image=8.0 * container_path.stat().st_size / len(images),
                 files=str(target),
             )
         )
