@@ -225,6 +225,17 @@ class RandomStream(layers.Layer):
         return {**super().get_config(), "seed": self.seed}
 
 
+def step_logs(results: dict) -> dict:
+    """A train or test step's logs, in the shape the running distribution strategy can reduce.
+
+    Keras 3 reduces multi-worker logs with reduce(MEAN, axis=0), which fails on scalars
+    (tensorflow/tensorflow#72388): there each value gets one axis of length 1.
+    """
+    if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+        return {name: ops.reshape(value, (1,)) for name, value in results.items()}
+    return results
+
+
 def _all_reduce_sum(value):
     """Sum over replicas inside a tf.distribute replica context; identity otherwise."""
     context = tf.distribute.get_replica_context()
@@ -657,12 +668,7 @@ class ReconstructionModel(keras.Model):
     def _record(self, values):
         for name, tracker in self.trackers.items():
             tracker.update_state(values[name])
-        results = {name: tracker.result() for name, tracker in self.trackers.items()}
-        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
-            # Keras 3 reduces multi-worker logs with reduce(MEAN, axis=0), which fails on
-            # scalars (tensorflow/tensorflow#72388): give each value one axis of length 1.
-            results = {name: ops.reshape(value, (1,)) for name, value in results.items()}
-        return results
+        return step_logs({name: tracker.result() for name, tracker in self.trackers.items()})
 
     def train_step(self, data):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync

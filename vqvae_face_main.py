@@ -176,38 +176,49 @@ def run(args) -> int:
         other_faces = TestFaces(other.images, other.names, other.description + " (all images)")
 
     results, test_names = {}, {}
-    for run_name in run_names:
-        paths = RunPaths.for_run(out, run_name)
-        if not args.retrain:
-            check_compatible(paths, config, run_name)
-        if config.enable_training and not training.is_chief():
-            training.train_as_worker(config, run_name, faces, out, args.retrain, strategy)
-            continue
-        if config.enable_training:
-            training.train_run(config, run_name, faces, out, retrain=args.retrain, strategy=strategy)
-        # A shared lock: other evaluations may read the run at once, a trainer may not rewrite it.
-        lock = run_lock(paths.checkpoints, exclusive=False) if paths.checkpoints.is_dir() else None
-        run = config.runs[run_name]
-        with lock or contextlib.nullcontext():
-            model, _ = load_trained_model(paths, run_name)
-            test_faces = other_faces or test_set(paths, faces)
-            if run.model != "prior":
-                result = evaluate_run(run_name, run, model, paths, test_faces)
-                results[run_name], test_names[run_name] = result, list(test_faces.names)
-                log.info("run %s: metrics in %s", run_name, paths.images / "metrics.json")
+    # A non-chief worker trains into a scratch folder it keeps for all its runs, so a prior finds the
+    # VQ-VAE this command trained before it; the chief (and every other process) gets None.
+    with training.worker_scratch(config.enable_training) as scratch:
+        for run_name in run_names:
+            paths = RunPaths.for_run(out, run_name)
+            if not args.retrain:
+                check_compatible(paths, config, run_name)
+            if scratch is not None:
+                training.train_as_worker(config, run_name, faces, out, scratch, args.retrain, strategy)
                 continue
-            source = load_prior_source(config, run_name, faces, out)
-            training_faces = faces.subset(source.split["train"])
-            if args.sample is not None:
-                prior_evaluation.write_samples(
-                    run_name, model, source.vqvae, args.sample, run.sampling, config.seed, training_faces, paths
+            if config.enable_training:
+                training.train_run(config, run_name, faces, out, retrain=args.retrain, strategy=strategy)
+            # A shared lock: other evaluations may read the run at once, a trainer may not rewrite it.
+            lock = run_lock(paths.checkpoints, exclusive=False) if paths.checkpoints.is_dir() else None
+            run = config.runs[run_name]
+            with lock or contextlib.nullcontext():
+                model, _ = load_trained_model(paths, run_name)
+                test_faces = other_faces or test_set(paths, faces)
+                if run.model != "prior":
+                    result = evaluate_run(run_name, run, model, paths, test_faces)
+                    results[run_name], test_names[run_name] = result, list(test_faces.names)
+                    log.info("run %s: metrics in %s", run_name, paths.images / "metrics.json")
+                    continue
+                source = load_prior_source(config, run_name, faces, out)
+                training_faces = faces.subset(source.split["train"])
+                if args.sample is not None:
+                    prior_evaluation.write_samples(
+                        run_name, model, source.vqvae, args.sample, run.sampling, config.seed, training_faces, paths
+                    )
+                    continue
+                result = prior_evaluation.evaluate_prior(
+                    run_name,
+                    run,
+                    model,
+                    paths,
+                    source,
+                    test_faces,
+                    training_faces,
+                    config.seed,
+                    other_faces is not None,
                 )
-                continue
-            result = prior_evaluation.evaluate_prior(
-                run_name, run, model, paths, source, test_faces, training_faces, config.seed, other_faces is not None
-            )
-        results[run_name], test_names[run_name] = result, list(test_faces.names)
-        log.info("run %s: metrics in %s", run_name, paths.images / "metrics.json")
+            results[run_name], test_names[run_name] = result, list(test_faces.names)
+            log.info("run %s: metrics in %s", run_name, paths.images / "metrics.json")
     if results:
         print(metrics_table([r.metrics for r in results.values()]))
         for line in filter(None, (prior_evaluation.describe(r.metrics) for r in results.values())):

@@ -28,7 +28,7 @@ def codebooks(tmp_path_factory):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     records = json.loads(result.stdout.strip().splitlines()[-1])
-    found = {}
+    found = {"prior": records.pop("prior")}
     for init, record in records.items():
         assert record["replicas"] == 2
         assert record["reload_difference"] < 1e-5, "the mirrored checkpoint reloads on one device, same outputs"
@@ -49,6 +49,13 @@ def test_mirrored_codebook_is_identical_on_every_replica(codebooks, codebook_ini
         for one, two in zip(single, mirrored):
             np.testing.assert_allclose(two[0], one[0], atol=1e-5)
         assert np.abs(single[-1][0] - single[0][0]).max() > 0, "the codebook moved"
+
+
+def test_a_prior_trains_alike_on_one_device_and_on_two_replicas(codebooks):
+    """Each replica differentiates its loss / replicas: the summed gradients are the global batch's."""
+    prior = codebooks["prior"]
+    assert prior["moved"] > 1e-3
+    assert prior["difference"] < 1e-5
 
 
 def free_port() -> int:
@@ -73,17 +80,19 @@ def recomputed_psnr(out):
 
 
 def test_two_workers_write_one_checkpoint_that_a_single_process_resumes(tmp_path, caplog):
-    """Each worker gets its own --out: the chief's receives the run and its evaluation, the other
-    worker's stays empty; one process on one device then resumes the run and evaluates it again."""
+    """Each worker gets its own --out: the chief's receives the runs (a VQ-VAE, then its token prior)
+    and their evaluations, the other worker's stays empty; one process on one device then resumes
+    the VQ-VAE run and evaluates it again."""
     cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
     outs = [tmp_path / "chief", tmp_path / "worker"]
     settings = [item for setting in TINY_RUN + COMPILED for item in ("--set", setting)]
     # A time budget shorter than the epochs: both workers must stop at the same step.
-    settings += ["--set", "max_train_minutes=0.05", "--set", "epochs=40", "--data", "bundled", "--run", "vqvae"]
+    settings += ["--set", "max_train_minutes=0.05", "--set", "epochs=40", "--data", "bundled"]
     workers = []
     for index, out in enumerate(outs):
         out.mkdir()
         command = [sys.executable, str(ROOT / "vqvae_face_main.py"), "--out", str(out), *settings]
+        command += ["--run", "vqvae", "--run", "prior"]
         env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
         workers.append(
             subprocess.Popen(command, env=env, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -100,7 +109,10 @@ def test_two_workers_write_one_checkpoint_that_a_single_process_resumes(tmp_path
     assert "distribution: multi_worker" in outputs[0][1] and "with 2 replica(s)" in outputs[0][1]
     assert list(outs[1].iterdir()) == [], "the non-chief worker writes nothing into its --out"
     digests = [re.findall(r"weights digest (\w+)", stderr) for _, stderr in outputs]
-    assert len(digests[0]) == 1 and digests[0] == digests[1], "both workers end with identical weights and codebook"
+    assert len(digests[0]) == 2 and digests[0] == digests[1], "both workers end with identical weights and codebook"
+    assert (outs[0] / "checkpoints" / "prior" / "best.keras").is_file()
+    prior_metrics = json.loads((outs[0] / "images_saved" / "prior" / "metrics.json").read_text())
+    assert 0 < prior_metrics["test_bits_per_token"] < 8
     folder = outs[0] / "checkpoints" / "vqvae"
     assert (folder / "best.keras").is_file() and (folder / "latest.keras").is_file()
     state = json.loads((folder / "state.json").read_text())
@@ -112,7 +124,7 @@ def test_two_workers_write_one_checkpoint_that_a_single_process_resumes(tmp_path
     # on a busy machine can overrun a fixed budget).
     caplog.set_level("INFO")
     longer = ["--set", f"max_train_minutes={state['train_seconds'] / 60 + 0.05:.4f}"]
-    assert vqvae_face_main.main(["--out", str(outs[0]), *settings, *longer]) == 0
+    assert vqvae_face_main.main(["--out", str(outs[0]), *settings, *longer, "--run", "vqvae"]) == 0
     assert "continuing from epoch" in caplog.text and "with 1 replica(s)" in caplog.text
     assert json.loads((folder / "state.json").read_text())["epochs_done"] > state["epochs_done"]
     metrics = json.loads((outs[0] / "images_saved" / "vqvae" / "metrics.json").read_text())

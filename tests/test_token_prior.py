@@ -170,3 +170,20 @@ def test_the_pixelcnn_learns_a_deterministic_pattern():
     history = model.fit(data, batch_size=32, epochs=15, verbose=0).history
     assert history["bits_per_token"][-1] < 0.5
     assert history["bits_per_token"][-1] < 0.25 * history["bits_per_token"][0]
+
+
+@pytest.mark.parametrize("architecture", ["pixelcnn", "transformer"])
+def test_a_loss_scale_optimizer_makes_the_same_step_as_its_inner_optimizer(architecture):
+    """Under mixed_float16 the optimizer is a LossScaleOptimizer: the step must scale the loss it
+    differentiates, or the unscaled gradients would move the weights 2**15 times too little."""
+    tokens = grids(8)
+    steps = []
+    for optimizer in (keras.optimizers.SGD(0.5), keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.5))):
+        model = tiny(architecture)
+        model.compile(optimizer=optimizer)
+        before = [w.numpy() for w in model.trainable_weights]
+        model.fit(tokens, batch_size=len(tokens), epochs=1, verbose=0)
+        steps.append([w.numpy() - b for w, b in zip(model.trainable_weights, before)])
+    assert max(np.abs(step).max() for step in steps[0]) > 1e-3, "the plain step moves the weights"
+    for plain, scaled in zip(*steps):
+        np.testing.assert_allclose(scaled, plain, rtol=1e-4, atol=1e-6)

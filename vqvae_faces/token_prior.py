@@ -23,6 +23,8 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+from vqvae_class_keras import step_logs
+
 PACKAGE = "vqvae_faces"
 # Positions per chunk of cached keys and values: a cached step reads the chunks up to its own
 # and writes only its own (bench/RESULTS.md: sampling 1.9x and the codec 1.6x faster with 64
@@ -72,9 +74,13 @@ class TokenPrior(keras.Model):
         return -ops.mean(self.token_log_probs(tokens))
 
     def train_step(self, tokens):
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
             loss = self._nll(tokens)
-        gradients = tape.gradient(loss, self.trainable_variables)
+            # Gradients are summed over replicas, so each replica contributes loss / replicas; a
+            # LossScaleOptimizer (mixed_float16) scales the loss and unscales the gradients.
+            scaled_loss = self.optimizer.scale_loss(loss / replicas)
+        gradients = tape.gradient(scaled_loss, self.trainable_variables)
         self.optimizer.apply(gradients, self.trainable_variables)
         return self._record(loss)
 
@@ -84,7 +90,7 @@ class TokenPrior(keras.Model):
     def _record(self, loss):
         self.nll_tracker.update_state(loss)
         self.bits_tracker.update_state(loss / math.log(2.0))
-        return {"loss": self.nll_tracker.result(), "bits_per_token": self.bits_tracker.result()}
+        return step_logs({"loss": self.nll_tracker.result(), "bits_per_token": self.bits_tracker.result()})
 
     def sample_tokens(self, count, seed, temperature=1.0, top_k=None, top_p=None):
         """`count` grids (count, h, w) int32, one full pass per token (the reference path).

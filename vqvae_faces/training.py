@@ -6,6 +6,7 @@ from settings to a model is `model_settings`'; this module orchestrates them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -244,24 +245,34 @@ def _callbacks(model, job: FitJob, snapshots: keras.callbacks.Callback, train_co
     return callbacks, clock, throughput, checkpoint
 
 
-def train_as_worker(
-    config: ExperimentConfig, run_name: str, faces: FaceSet, out: Path, retrain: bool, strategy
-) -> None:
-    """A non-chief worker trains in lockstep with the chief but writes into a scratch folder.
-
-    It starts from a copy of the chief's checkpoints (so both resume from the same
-    epoch) and throws its own files away: only the chief writes checkpoints.
-    """
+@contextlib.contextmanager
+def worker_scratch(training: bool):
+    """A scratch folder for a non-chief worker's runs, removed at the end; None when not `training`
+    or on the chief (or a single process)."""
+    if not training or is_chief():
+        yield None
+        return
     with tempfile.TemporaryDirectory(prefix="vqvae-worker-") as scratch:
-        copied = [run_name] if not retrain else []
-        if config.runs[run_name].tokens_from:  # a prior: the worker tokenizes with the chief's VQ-VAE
-            copied.append(config.runs[run_name].tokens_from)
-        for name in copied:
-            chief_folder = RunPaths.for_run(out, name).checkpoints
-            if chief_folder.is_dir():
-                target = RunPaths.for_run(Path(scratch), name).checkpoints
-                shutil.copytree(chief_folder, target, ignore=shutil.ignore_patterns("train.lock", "tensorboard"))
-        train_run(config, run_name, faces, Path(scratch), retrain=retrain, strategy=strategy)
+        yield Path(scratch)
+
+
+def train_as_worker(
+    config: ExperimentConfig, run_name: str, faces: FaceSet, out: Path, scratch: Path, retrain: bool, strategy
+) -> None:
+    """A non-chief worker trains in lockstep with the chief but writes into `scratch` (`worker_scratch`).
+
+    It starts from a copy of the chief's checkpoints in `out` (so both resume from the same
+    epoch); a prior's VQ-VAE comes from `scratch` when this worker trained it there earlier
+    in the same command, with the chief's weights. Only the chief keeps checkpoints.
+    """
+    copied = [run_name] if not retrain else []
+    if config.runs[run_name].tokens_from:  # a prior: the worker tokenizes with the chief's VQ-VAE
+        copied.append(config.runs[run_name].tokens_from)
+    for name in copied:
+        chief_folder, target = RunPaths.for_run(out, name).checkpoints, RunPaths.for_run(scratch, name).checkpoints
+        if chief_folder.is_dir() and not target.is_dir():
+            shutil.copytree(chief_folder, target, ignore=shutil.ignore_patterns("train.lock", "tensorboard"))
+    train_run(config, run_name, faces, scratch, retrain=retrain, strategy=strategy)
 
 
 def train_run(

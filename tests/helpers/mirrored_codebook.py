@@ -1,10 +1,13 @@
 """Train a tiny VQ-VAE a few steps on one device and with MirroredStrategy over two
 logical CPUs, from the same initial weights, for both codebook initialisations; print
-the codebooks as JSON. Usage: mirrored_codebook.py FOLDER (where checkpoints go).
+the codebooks as JSON, with the largest difference between a tiny token prior's weights
+after the same steps on one device and on two replicas. Usage: mirrored_codebook.py FOLDER
+(where checkpoints go).
 
 Run as a separate process: logical devices must be configured before TensorFlow starts.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -22,8 +25,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vqvae_class_keras import VQVAE  # noqa: E402
+from vqvae_faces.token_prior import CausalTransformer  # noqa: E402
 
 STEPS = 3
+# One strategy for every model: strategies made one after another in a process can reuse each
+# other's collective keys, and models of other shapes then meet in one all-reduce.
+STRATEGY = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 FOLDER = sys.argv[1]
 images = np.random.default_rng(0).random((STEPS * 16, 16, 16, 3)).astype("float32")
 
@@ -73,7 +80,7 @@ def compare(codebook_init, with_single_device):
     when `with_single_device`), and a reload check of the mirrored model."""
     single = make_model(codebook_init)
     initial = single.get_weights()
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = STRATEGY
     with strategy.scope():
         mirrored = make_model(codebook_init)
     mirrored.set_weights(initial)
@@ -87,6 +94,27 @@ def compare(codebook_init, with_single_device):
     return {"replicas": strategy.num_replicas_in_sync, "reload_difference": reload_difference, **records}
 
 
-# Both codebook initialisations in one process: TensorFlow starts once. Only the uniform start is
-# compared with one device: a data start samples its codes from replica 0's half of the batch.
-print(json.dumps({"uniform": compare("uniform", True), "data": compare("data", False)}))
+def prior_steps(strategy=None):
+    """A tiny prior's weights before and after STEPS steps of SGD on the same global batches."""
+    tokens = np.random.default_rng(1).integers(0, 16, (STEPS * 16, 4, 4)).astype("int32")
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        keras.utils.set_random_seed(0)
+        prior = CausalTransformer(16, (4, 4), width=16, num_heads=2, num_layers=1)
+        prior.compile(optimizer=keras.optimizers.SGD(0.5))
+        prior(tokens[:1])
+    before = [w.numpy() for w in prior.trainable_weights]
+    prior.fit(tf.data.Dataset.from_tensor_slices(tokens).batch(16), epochs=1, verbose=0, shuffle=False)
+    return before, [w.numpy() for w in prior.trainable_weights]
+
+
+def compare_prior():
+    """Largest weight difference between one device and two replicas, and the largest weight change."""
+    (start, single), (_, mirrored) = prior_steps(), prior_steps(STRATEGY)
+    difference = max(float(np.abs(a - b).max()) for a, b in zip(single, mirrored))
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(single, start))
+    return {"difference": difference, "moved": moved}
+
+
+# Everything in one process: TensorFlow starts once. Only the uniform start is compared with one
+# device: a data start samples its codes from replica 0's half of the batch.
+print(json.dumps({"uniform": compare("uniform", True), "data": compare("data", False), "prior": compare_prior()}))
