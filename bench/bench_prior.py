@@ -4,8 +4,11 @@ and the `.vqf` codec's encoding and decoding faces/s.
 The transformer's cached path runs one compiled step per token; the full-pass path (the only
 one the PixelCNN has) runs the whole network once per token. The codec rows encode 64x64 faces
 (nearest codes + range coding, rate_lambda 0) and decode the files again, one CODEC_BATCH group
-after a warm-up group. Sizes are those of the default VQ-VAE and prior: a 16x16 grid of 512
-codes. Untrained weights: speed does not depend on them.
+after a warm-up group. The step rows split the codec's per-position step (milliseconds, mean over
+the grid's positions, CODEC_BATCH grids): the whole step; the same program returning only the
+logits (its cache chunk not written back); a program that only hands its cache chunk back.
+Sizes are those of the default VQ-VAE and prior: a 16x16 grid of 512 codes. Untrained weights:
+speed does not depend on them.
 
     python bench/bench_prior.py [--batch 64] [--passes 4]
 """
@@ -56,6 +59,30 @@ def codec_faces_per_second(prior) -> tuple[float, float]:
     return encoding, decoding
 
 
+def step_milliseconds(prior) -> dict[str, float]:
+    """Milliseconds per position of the codec's compiled step and of its parts (see the docstring)."""
+    logits_only = tf.function(lambda *args: prior.step_logits(*args)[0], jit_compile=True)
+    chunk_only = tf.function(lambda previous, done, current, position: (previous, current), jit_compile=True)
+    variants = {"whole step": prior.compiled_step(), "logits only": logits_only, "cache chunk only": chunk_only}
+
+    def run(step):
+        caches = prior.empty_caches(CODEC_BATCH)
+        previous = tf.zeros((CODEC_BATCH, 1), tf.int32)
+        for position in range(GRID[0] * GRID[1]):
+            chunk, done = prior.caches_at(caches, position)
+            result = step(previous, done, caches[chunk], tf.constant(position, tf.int32))
+            caches[chunk] = result[1] if isinstance(result, tuple) else caches[chunk]
+        tf.nest.flatten(result)[0].numpy()
+
+    times = {}
+    for name, step in variants.items():
+        run(step)  # compiles
+        started = time.perf_counter()
+        run(step)
+        times[name] = 1000 * (time.perf_counter() - started) / (GRID[0] * GRID[1])
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=64)
@@ -81,6 +108,8 @@ def main() -> None:
     encoding, decoding = codec_faces_per_second(transformer)
     rows.append({"sampler": ".vqf codec: encode (nearest codes + range coding)", "faces_per_second": encoding})
     rows.append({"sampler": ".vqf codec: decode", "faces_per_second": decoding})
+    for name, milliseconds in step_milliseconds(transformer).items():
+        rows.append({"sampler": f".vqf codec step: {name}", "ms_per_position": milliseconds})
     report("bench_prior", rows, vars(args))
 
 

@@ -95,6 +95,11 @@ def token_checksum(grid: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(grid, dtype="<i2").tobytes()) & 0xFFFF
 
 
+def container_checksum(grids: np.ndarray) -> int:
+    """32-bit checksum of a container's token grids (N, h, w), in order."""
+    return zlib.crc32(np.ascontiguousarray(grids, dtype="<i2").tobytes())
+
+
 def _payload(encoder) -> bytes:
     """A range encoder's words as bytes (little-endian uint32), trailing zero bytes dropped."""
     return encoder.get_compressed().astype("<u4").tobytes().rstrip(b"\0")
@@ -229,7 +234,7 @@ class FaceCodec:
             rows,
             columns,
             count,
-            zlib.crc32(np.ascontiguousarray(grids, dtype="<i2").tobytes()),
+            container_checksum(grids),
         )
         return files, header + _payload(stream), grids
 
@@ -363,7 +368,7 @@ class FaceCodec:
             if on_group is not None:
                 on_group(size)
         grids = np.concatenate(grids) if grids else np.zeros((0, *self.grid), np.int16)
-        if zlib.crc32(np.ascontiguousarray(grids, dtype="<i2").tobytes()) != checksum:
+        if container_checksum(grids) != checksum:
             raise CodecError(f"{name} is corrupt: its tokens do not match the checksum in its header.")
         return grids
 
