@@ -155,9 +155,8 @@ def run(args) -> int:
     out = Path(args.out)
 
     from vqvae_faces import prior_evaluation, training
-    from vqvae_faces.evaluation import TestFaces, evaluate_run, load_trained_model, metrics_table, test_set
-    from vqvae_faces.prior_data import load_prior_source
-    from vqvae_faces.run_folder import RunPaths, check_compatible, run_lock
+    from vqvae_faces.evaluation import TestFaces, metrics_table
+    from vqvae_faces.run_folder import RunPaths, check_compatible
 
     if config.deterministic:
         training.enable_determinism()
@@ -180,45 +179,17 @@ def run(args) -> int:
     # VQ-VAE this command trained before it; the chief (and every other process) gets None.
     with training.worker_scratch(config.enable_training) as scratch:
         for run_name in run_names:
-            paths = RunPaths.for_run(out, run_name)
             if not args.retrain:
-                check_compatible(paths, config, run_name)
+                check_compatible(RunPaths.for_run(out, run_name), config, run_name)
             if scratch is not None:
                 training.train_as_worker(config, run_name, faces, out, scratch, args.retrain, strategy)
                 continue
             if config.enable_training:
                 training.train_run(config, run_name, faces, out, retrain=args.retrain, strategy=strategy)
-            # A shared lock: other evaluations may read the run at once, a trainer may not rewrite it.
-            lock = run_lock(paths.checkpoints, exclusive=False) if paths.checkpoints.is_dir() else None
-            run = config.runs[run_name]
-            with lock or contextlib.nullcontext():
-                model, _ = load_trained_model(paths, run_name)
-                test_faces = other_faces or test_set(paths, faces)
-                if run.model != "prior":
-                    result = evaluate_run(run_name, run, model, paths, test_faces)
-                    results[run_name], test_names[run_name] = result, list(test_faces.names)
-                    log.info("run %s: metrics in %s", run_name, paths.images / "metrics.json")
-                    continue
-                source = load_prior_source(config, run_name, faces, out)
-                training_faces = faces.subset(source.split["train"])
-                if args.sample is not None:
-                    prior_evaluation.write_samples(
-                        run_name, model, source.vqvae, args.sample, run.sampling, config.seed, training_faces, paths
-                    )
-                    continue
-                result = prior_evaluation.evaluate_prior(
-                    run_name,
-                    run,
-                    model,
-                    paths,
-                    source,
-                    test_faces,
-                    training_faces,
-                    config.seed,
-                    other_faces is not None,
-                )
-            results[run_name], test_names[run_name] = result, list(test_faces.names)
-            log.info("run %s: metrics in %s", run_name, paths.images / "metrics.json")
+            evaluated = evaluate_trained(args, config, run_name, faces, other_faces, out)
+            if evaluated is not None:
+                results[run_name], test_faces = evaluated
+                test_names[run_name] = list(test_faces.names)
     if results:
         print(metrics_table([r.metrics for r in results.values()]))
         for line in filter(None, (prior_evaluation.describe(r.metrics) for r in results.values())):
@@ -226,6 +197,37 @@ def run(args) -> int:
     if args.compare and results:
         compare_runs(results, test_names, test_faces.images, test_faces.description, out, config)
     return 0
+
+
+def evaluate_trained(args, config, run_name: str, faces, other_faces, out: Path):
+    """Evaluate a trained run on its test faces (`other_faces` when given), or with --sample draw new faces
+    from a prior run: (its result, the test faces), or None after --sample."""
+    from vqvae_faces import prior_evaluation
+    from vqvae_faces.evaluation import evaluate_run, load_trained_model, test_set
+    from vqvae_faces.prior_data import load_prior_source
+    from vqvae_faces.run_folder import RunPaths, run_lock
+
+    paths, run = RunPaths.for_run(out, run_name), config.runs[run_name]
+    # A shared lock: other evaluations may read the run at once, a trainer may not rewrite it.
+    lock = run_lock(paths.checkpoints, exclusive=False) if paths.checkpoints.is_dir() else None
+    with lock or contextlib.nullcontext():
+        model, _ = load_trained_model(paths, run_name)
+        test_faces = other_faces or test_set(paths, faces)
+        if run.model != "prior":
+            result = evaluate_run(run_name, run, model, paths, test_faces)
+        else:
+            source = load_prior_source(config, run_name, faces, out)
+            training_faces = faces.subset(source.split["train"])
+            if args.sample is not None:
+                prior_evaluation.write_samples(
+                    run_name, model, source.vqvae, args.sample, run.sampling, config.seed, training_faces, paths
+                )
+                return None
+            result = prior_evaluation.evaluate_prior(
+                run_name, run, model, paths, source, test_faces, training_faces, config.seed, other_faces is not None
+            )
+    log.info("run %s: metrics in %s", run_name, paths.images / "metrics.json")
+    return result, test_faces
 
 
 def run_codec(args, config) -> int:
