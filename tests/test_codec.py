@@ -156,46 +156,43 @@ def test_another_process_with_other_threads_and_other_batches_decodes_the_same_t
         np.testing.assert_array_equal(grid, grids[int(stem[4:])], err_msg=stem)
 
 
-@pytest.mark.parametrize(
-    "damage, message",
-    [
-        (lambda data: b"PK" + data[2:], "is not a .vqf file"),
-        (lambda data: data[:2] + b"\x07" + data[3:], "format version 7; this program reads version 1"),
-        (lambda data: data[:6], "is truncated"),
-        (lambda data: data[: HEADER_BYTES + 1], "corrupt"),
-        (lambda data: data[:HEADER_BYTES] + bytes(b ^ 0x5A for b in data[HEADER_BYTES:]), "corrupt"),
-        (lambda data: data[:9] + bytes([data[9] ^ 1]) + data[10:], "do not match the checksum"),
-        (lambda data: data[:4] + bytes([data[4] ^ 1]) + data[5:], "other models"),
-    ],
-)
-def test_every_kind_of_bad_file_gets_its_message(codec, damage, message):
-    files, _ = codec.encode(faces(1))
-    with pytest.raises(CodecError, match=message) as error:
-        codec.decode([damage(files[0])], ["face.vqf"])
-    assert "face.vqf" in str(error.value)
+def flipped_bit(offset):
+    return lambda data: data[:offset] + bytes([data[offset] ^ 1]) + data[offset + 1 :]
+
+
+def scrambled_after(offset):
+    return lambda data: data[:offset] + bytes(b ^ 0x5A for b in data[offset:])
 
 
 @pytest.mark.parametrize(
-    "damage, message",
+    "container, damage, message",
     [
-        (lambda data: b"VQ" + data[2:], "is not a .vqfs file"),
-        (lambda data: data[:2] + b"\x02" + data[3:], ".vqfs format version 2; this program reads version 1"),
-        (lambda data: data[:12], "is truncated"),
-        (lambda data: data[: CONTAINER_HEADER_BYTES + 8], "corrupt"),
-        (
-            lambda data: data[:CONTAINER_HEADER_BYTES] + bytes(b ^ 0x5A for b in data[CONTAINER_HEADER_BYTES:]),
-            "corrupt",
-        ),
-        (lambda data: data[:16] + bytes([data[16] ^ 1]) + data[17:], "do not match the checksum"),
-        (lambda data: data[:12] + bytes([data[12] - 1]) + data[13:], "do not match the checksum"),  # one face fewer
-        (lambda data: data[:6] + bytes([data[6] ^ 1]) + data[7:], "other models"),
+        (False, lambda data: b"PK" + data[2:], "is not a .vqf file"),
+        (False, lambda data: data[:2] + b"\x07" + data[3:], "format version 7; this program reads version 1"),
+        (False, lambda data: data[:6], "is truncated"),
+        (False, lambda data: data[: HEADER_BYTES + 1], "corrupt"),
+        (False, scrambled_after(HEADER_BYTES), "corrupt"),
+        (False, flipped_bit(9), "do not match the checksum"),
+        (False, flipped_bit(4), "other models"),
+        (True, lambda data: b"VQ" + data[2:], "is not a .vqfs file"),
+        (True, lambda data: data[:2] + b"\x02" + data[3:], ".vqfs format version 2; this program reads version 1"),
+        (True, lambda data: data[:12], "is truncated"),
+        (True, lambda data: data[: CONTAINER_HEADER_BYTES + 8], "corrupt"),
+        (True, scrambled_after(CONTAINER_HEADER_BYTES), "corrupt"),
+        (True, flipped_bit(16), "do not match the checksum"),
+        (True, lambda data: data[:12] + bytes([data[12] - 1]) + data[13:], "do not match the checksum"),  # a face less
+        (True, flipped_bit(6), "other models"),
     ],
 )
-def test_every_kind_of_bad_container_gets_its_message(codec, damage, message):
-    _, container, _ = codec.encode_all(faces(3))
+def test_every_kind_of_bad_file_or_container_gets_its_message(codec, container, damage, message):
+    files, packed, _ = codec.encode_all(faces(3))
+    name = "all.vqfs" if container else "face.vqf"
     with pytest.raises(CodecError, match=message) as error:
-        codec.decode_container(damage(container), "all.vqfs")
-    assert "all.vqfs" in str(error.value)
+        if container:
+            codec.decode_container(damage(packed), name)
+        else:
+            codec.decode([damage(files[0])], [name])
+    assert name in str(error.value)
 
 
 def test_other_weights_are_refused_naming_both_sets(codec, model_files):
