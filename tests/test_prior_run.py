@@ -271,6 +271,10 @@ def test_encode_and_decode_photos_on_the_command_line(out, tmp_path, caplog):
     assert main(out, "--decode", str(photos / "wide.vqf"), "--to", str(tmp_path / "decoded")) == 0
     wide = np.asarray(Image.open(tmp_path / "decoded" / "wide.png"))
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "decoded" / "all-2.png")), wide)
+    truncated = tmp_path / "truncated.vqfs"
+    truncated.write_bytes((tmp_path / "all.vqfs").read_bytes()[:30])
+    assert main(out, "--decode", str(truncated), "--to", str(tmp_path / "never")) == 2
+    assert "truncated.vqfs is corrupt" in caplog.text and not (tmp_path / "never").exists()
     assert main(out, "--encode", *both, "--into", str(tmp_path / "all.vqfs")) == 2  # never replaced silently
     assert "all.vqfs already exists: pass --overwrite" in caplog.text
     assert main(out, "--decode", str(photos / "lfw_style.vqf"), "--into", str(tmp_path / "x.vqfs")) == 2

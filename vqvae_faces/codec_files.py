@@ -151,8 +151,6 @@ def decode_files(codec: FaceCodec, files: list[Path], to=None, overwrite=False) 
     sources = [path for path, _, _ in singles] + [path for path, _, targets in containers for _ in targets]
     targets = [target for _, _, target in singles] + [target for _, _, group in containers for target in group]
     _check_targets(sources, targets, overwrite)
-    if to is not None:
-        to.mkdir(parents=True, exist_ok=True)
     bar = keras.utils.Progbar(len(targets), unit_name="face")
     for start in range(0, len(singles), CODEC_BATCH):
         group = singles[start : start + CODEC_BATCH]
@@ -165,7 +163,10 @@ def decode_files(codec: FaceCodec, files: list[Path], to=None, overwrite=False) 
 
 
 def _write_faces(codec: FaceCodec, grids: np.ndarray, targets: list[Path]) -> None:
-    """Decode token grids to pictures and write each as a PNG."""
+    """Decode token grids to pictures and write each as a PNG (its folder made when the first is written,
+    so a file that does not decode leaves no new folder behind)."""
+    for folder in {target.parent for target in targets}:
+        folder.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(grids), CODEC_BATCH):
         images = np.clip(decode_tokens(codec.vqvae, grids[start : start + CODEC_BATCH], CODEC_BATCH), 0.0, 1.0)
         for image, target in zip(images, targets[start : start + CODEC_BATCH]):
