@@ -102,6 +102,9 @@ def setup_runtime(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
+    # TensorFlow's own Python logger reports at INFO what this program reports in one line of its own,
+    # e.g. a lost worker's error with tf.distribute's traceback; -v shows it.
+    logging.getLogger("tensorflow").setLevel(logging.DEBUG if verbose else logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # TensorFlow leaves its oneDNN kernels off on CPUs other than recent Intel ones;
     # on this project's 2-core AMD machine they train about 1.25x faster (bench/RESULTS.md).
