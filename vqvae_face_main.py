@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from vqvae_faces.errors import Terminated, UserFacingError, WorkerLost
@@ -277,7 +278,17 @@ def compare_runs(results, test_names, images, dataset, out: Path, config) -> Non
     print(compare.markdown_table(table))
 
 
+# Seconds after which a SIGTERM that arrived inside a finalizer is sent again (see `_terminate`).
+RESIGNAL_SECONDS = 0.1
+
+
 def _terminate(signum, frame):
+    """SIGTERM: stop like Ctrl-C. Python prints and drops an exception raised inside a `__del__`
+    (TensorFlow's finalizers run often during training), so a signal that lands there is sent again
+    a moment later instead of being lost."""
+    if frame is not None and frame.f_code.co_name == "__del__":
+        threading.Timer(RESIGNAL_SECONDS, os.kill, (os.getpid(), signum)).start()
+        return
     raise Terminated()
 
 

@@ -5,6 +5,7 @@ Kept apart from `test_faults.py` so the two long tests run beside the others on 
 
 import errno
 import json
+import os
 import re
 import signal
 import subprocess
@@ -15,10 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import PEOPLE, ROOT, write_lfw_tree
 from test_faults import FAST, info_logs, main  # noqa: F401  (info_logs is an autouse fixture)
 
+import vqvae_face_main
 from vqvae_faces import atomic_files
+from vqvae_faces.errors import Terminated
 
 
 def assert_whole(folder: Path) -> None:
@@ -98,3 +102,25 @@ def test_sigterm_keeps_the_last_epoch_exits_143_and_the_run_resumes(tmp_path, ca
     caplog.set_level("INFO")
     assert main(out, tree, "--set", f"epochs={done + 1}") == 0  # the same command, in this process
     assert f"resuming run vqvae from epoch {done}" in caplog.text
+
+
+def test_a_sigterm_that_lands_in_a_finalizer_is_sent_again_not_lost(monkeypatch):
+    """Python drops an exception raised inside __del__: the handler must not raise there."""
+    scheduled = []
+
+    class Timer:
+        def __init__(self, delay, function, args):
+            scheduled.append((delay, function, args))
+
+        def start(self):
+            pass
+
+    monkeypatch.setattr(vqvae_face_main.threading, "Timer", Timer)
+
+    def __del__():
+        return sys._getframe()
+
+    vqvae_face_main._terminate(signal.SIGTERM, __del__())
+    assert scheduled == [(vqvae_face_main.RESIGNAL_SECONDS, os.kill, (os.getpid(), signal.SIGTERM))]
+    with pytest.raises(Terminated):
+        vqvae_face_main._terminate(signal.SIGTERM, sys._getframe())
