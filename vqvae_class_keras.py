@@ -236,6 +236,13 @@ def step_logs(results: dict) -> dict:
     return results
 
 
+def replica_loss(optimizer, loss):
+    """The loss one replica differentiates: gradients are summed over replicas, so each contributes
+    loss / replicas, scaled by the optimizer (a LossScaleOptimizer under mixed_float16 scales it and
+    unscales the gradients; any other optimizer leaves it as it is)."""
+    return optimizer.scale_loss(loss / tf.distribute.get_strategy().num_replicas_in_sync)
+
+
 def _all_reduce_sum(value):
     """Sum over replicas inside a tf.distribute replica context; identity otherwise."""
     context = tf.distribute.get_replica_context()
@@ -671,11 +678,9 @@ class ReconstructionModel(keras.Model):
         return step_logs({name: tracker.result() for name, tracker in self.trackers.items()})
 
     def train_step(self, data):
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
             values = self.compute_losses(data, training=True)
-            # Gradients are summed over replicas, so each replica contributes loss / replicas.
-            scaled_loss = self.optimizer.scale_loss(values["loss"] / replicas)
+            scaled_loss = replica_loss(self.optimizer, values["loss"])
         gradients = tape.gradient(scaled_loss, self.trainable_variables)
         self.optimizer.apply(gradients, self.trainable_variables)
         return self._record(values)

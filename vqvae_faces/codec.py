@@ -111,10 +111,9 @@ def _decoder(payload: bytes):
     return constriction.stream.queue.RangeDecoder(np.frombuffer(payload, "<u4").astype(np.uint32))
 
 
-def _model_family():
-    # perfect=False: constriction gives every symbol a nonzero probability after quantization,
-    # so even a token the prior thinks impossible can be coded.
-    return constriction.stream.model.Categorical(perfect=False)
+# The range coder's model family, one for every encoder and decoder call. perfect=False: constriction gives
+# every symbol a nonzero probability after quantization, so even a token the prior thinks impossible can be coded.
+CODER_MODEL = constriction.stream.model.Categorical(perfect=False)
 
 
 class FaceCodec:
@@ -220,7 +219,7 @@ class FaceCodec:
             tokens, _, probabilities = choose(start)
             files += [self._write(tokens[index], probabilities[index]) for index in range(size)]
             symbols = tokens[:size].reshape(size, self.length).T.reshape(-1).astype(np.int32)
-            stream.encode(symbols, _model_family(), probabilities[:size].transpose(1, 0, 2).reshape(len(symbols), -1))
+            stream.encode(symbols, CODER_MODEL, probabilities[:size].transpose(1, 0, 2).reshape(len(symbols), -1))
             grids.append(tokens[:size])
             if on_group is not None:
                 on_group(size)
@@ -290,7 +289,7 @@ class FaceCodec:
 
     def _write(self, grid: np.ndarray, probabilities: np.ndarray) -> bytes:
         encoder = constriction.stream.queue.RangeEncoder()
-        encoder.encode(grid.reshape(-1).astype(np.int32), _model_family(), probabilities)
+        encoder.encode(grid.reshape(-1).astype(np.int32), CODER_MODEL, probabilities)
         rows, columns = self.grid
         header = HEADER.pack(
             MAGIC, FORMAT_VERSION, self.fingerprints.vqvae, self.fingerprints.prior, rows, columns, token_checksum(grid)
@@ -343,7 +342,7 @@ class FaceCodec:
             group, group_names = files[start : start + CODEC_BATCH], names[start : start + CODEC_BATCH]
             decoders = [_decoder(data[HEADER_BYTES:]) for data in group]
 
-            def read(position, probabilities, decoders=decoders, group_names=group_names):
+            def read(probabilities, decoders=decoders, group_names=group_names):
                 tokens = np.zeros(len(decoders), np.int64)
                 for index, decoder in enumerate(decoders):
                     tokens[index] = self._read_symbols(decoder, probabilities[index : index + 1], group_names[index])[0]
@@ -364,7 +363,7 @@ class FaceCodec:
         grids = []
         for start in range(0, count, CODEC_BATCH):
             size = min(CODEC_BATCH, count - start)
-            grids.append(self._decode_group(size, lambda position, p: self._read_symbols(decoder, p, name)))
+            grids.append(self._decode_group(size, lambda p: self._read_symbols(decoder, p, name)))
             if on_group is not None:
                 on_group(size)
         grids = np.concatenate(grids) if grids else np.zeros((0, *self.grid), np.int16)
@@ -375,18 +374,18 @@ class FaceCodec:
     @staticmethod
     def _read_symbols(decoder, probabilities: np.ndarray, name: str) -> np.ndarray:
         try:
-            return decoder.decode(_model_family(), probabilities)
+            return decoder.decode(CODER_MODEL, probabilities)
         except Exception as error:  # the coder's own complaint about a damaged stream
             raise CodecError(f"{name} is corrupt or truncated ({error}).") from None
 
     def _decode_group(self, count: int, read) -> np.ndarray:
         """Token grids (count, h, w) of one group: at each position the shared step's distributions of the
-        CODEC_BATCH rows, of which `read(position, probabilities[:count])` returns the count decoded tokens."""
+        CODEC_BATCH rows, of which `read(probabilities[:count])` returns the count decoded tokens."""
         tokens = np.zeros((CODEC_BATCH, self.length), np.int64)
         caches = self.prior.empty_caches(CODEC_BATCH)
         previous = -np.ones(CODEC_BATCH, np.int64)
         for position in range(self.length):
             probabilities = self._probabilities(previous, caches, position)
-            tokens[:count, position] = read(position, probabilities[:count])
+            tokens[:count, position] = read(probabilities[:count])
             previous = tokens[:, position]
         return tokens[:count].reshape(count, *self.grid).astype(np.int16)

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from vqvae_class_keras import step_logs
+from vqvae_class_keras import replica_loss, step_logs
 
 PACKAGE = "vqvae_faces"
 # Positions per chunk of cached keys and values: a cached step reads the chunks up to its own
@@ -74,12 +74,9 @@ class TokenPrior(keras.Model):
         return -ops.mean(self.token_log_probs(tokens))
 
     def train_step(self, tokens):
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
             loss = self._nll(tokens)
-            # Gradients are summed over replicas, so each replica contributes loss / replicas; a
-            # LossScaleOptimizer (mixed_float16) scales the loss and unscales the gradients.
-            scaled_loss = self.optimizer.scale_loss(loss / replicas)
+            scaled_loss = replica_loss(self.optimizer, loss)
         gradients = tape.gradient(scaled_loss, self.trainable_variables)
         self.optimizer.apply(gradients, self.trainable_variables)
         return self._record(loss)
