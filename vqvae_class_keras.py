@@ -803,7 +803,7 @@ class VQVAE(ReconstructionModel):
         """(B, h, w) int code indices -> (B, H, W, C) reconstructions."""
         return self.decoder(self.quantizer.lookup(tokens))
 
-    def search_tokens(self, images, steps, step_size):
+    def search_tokens(self, images, steps, step_size, code_lengths=None, rate_lambda=0.0):
         """(B, H, W, C) images -> (B, h, w) int32 tokens chosen by decoding them (analysis by synthesis).
 
         The encoder's nearest codes are a local guess; the decoder may rebuild a
@@ -813,10 +813,32 @@ class VQVAE(ReconstructionModel):
         (straight-through), normalised per image to an RMS of `step_size` x the
         codebook's RMS x (1 - step / steps): the step shrinks linearly to zero,
         so the search ranges widely first and refines near its end. Each image
-        keeps the tokens of its lowest MSE so far, so the result is never worse
-        than `encode_to_tokens` and the token budget does not change: only the
-        choice of tokens does.
+        keeps the tokens of its lowest cost so far, so the result is never worse
+        than `encode_to_tokens` by that cost.
+
+        The cost is the reconstruction MSE, or with `code_lengths` and `rate_lambda` > 0,
+        distortion + `rate_lambda` x (code length of the grid in bits): the distortion is
+        the MSE in units of the nearest codes' MSE / (h * w), so that a position's share
+        of the nearest codes' distortion is 1, as in the codec's nearest-code rate term.
+        Each step then quantizes z to the code minimising its squared distance to z (in
+        units of the image's mean nearest-code distance) + `rate_lambda` x its code length
+        given the previous step's tokens before it.
+
+        Args:
+            images: (B, H, W, C) in [0, 1].
+            steps: decoder steps; 0 returns the nearest codes.
+            step_size: the first step's RMS in units of the codebook's RMS.
+            code_lengths: None, or a function of tokens (B, h, w) int32 returning the code
+                length in bits of every token at every position given the tokens before it,
+                (B, h, w, K) float32 (`TokenPrior.code_lengths`).
+            rate_lambda: bits' weight in the cost; 0 ignores `code_lengths`.
+
+        Returns:
+            (B, h, w) int32 tokens.
         """
+        if rate_lambda < 0:
+            raise ValueError(f"rate_lambda must be >= 0, received rate_lambda={rate_lambda}")
+        with_rate = code_lengths is not None and rate_lambda > 0
         images = ops.cast(images, "float32")
         latents = ops.cast(self.encoder(images), "float32")
         step = step_size * ops.sqrt(ops.mean(ops.square(self.quantizer.embeddings)))
@@ -829,20 +851,43 @@ class VQVAE(ReconstructionModel):
                 total = ops.sum(errors)
             return errors, tape.gradient(total, codes)
 
-        def body(index, latents, best_tokens, best_errors):
-            tokens = self.quantizer.encode_indices(latents)
+        start = self.quantizer.encode_indices(latents)
+        no_costs = ops.full((ops.shape(images)[0],), float("inf"))
+        start_lengths = ops.zeros((1, 1, 1, 1))
+        if with_rate:
+            start_errors, _ = error_and_gradient(start)
+            positions = float(np.prod(start.shape[1:]))
+            distances = self.quantizer.squared_distances(latents)
+            distance_unit = ops.mean(ops.min(distances, axis=-1), axis=(1, 2))[:, None, None, None] + 1e-12
+            start_lengths = code_lengths(start)
+            start_bits = ops.sum(ops.take_along_axis(start_lengths, start[..., None], axis=-1), axis=(1, 2, 3))
+            no_costs = positions + rate_lambda * start_bits
+
+        def quantize_and_cost(latents, previous_lengths):
+            """Tokens of latents and their costs (B,); with the rate, also their code lengths (B, h, w, K)."""
+            if not with_rate:
+                tokens = self.quantizer.encode_indices(latents)
+                errors, gradient = error_and_gradient(tokens)
+                return tokens, errors, gradient, previous_lengths
+            scores = self.quantizer.squared_distances(latents) / distance_unit + rate_lambda * previous_lengths
+            tokens = ops.cast(ops.argmin(scores, axis=-1), "int32")
             errors, gradient = error_and_gradient(tokens)
-            better = errors < best_errors
+            lengths = code_lengths(tokens)
+            bits = ops.sum(ops.take_along_axis(lengths, tokens[..., None], axis=-1), axis=(1, 2, 3))
+            cost = positions * errors / (start_errors + 1e-12) + rate_lambda * bits
+            return tokens, cost, gradient, lengths
+
+        def body(index, latents, lengths, best_tokens, best_costs):
+            tokens, costs, gradient, lengths = quantize_and_cost(latents, lengths)
+            better = costs < best_costs
             best_tokens = ops.where(better[:, None, None], tokens, best_tokens)
-            best_errors = ops.where(better, errors, best_errors)
+            best_costs = ops.where(better, costs, best_costs)
             scale = ops.sqrt(ops.mean(ops.square(gradient), axis=(1, 2, 3), keepdims=True)) + 1e-12
             remaining = 1.0 - ops.cast(index, "float32") / ops.cast(steps, "float32")
-            return index + 1, latents - step * remaining * gradient / scale, best_tokens, best_errors
+            return index + 1, latents - step * remaining * gradient / scale, lengths, best_tokens, best_costs
 
-        start = self.quantizer.encode_indices(latents)
-        no_errors = ops.full((ops.shape(images)[0],), float("inf"))
-        _, _, tokens, _ = tf.while_loop(
-            lambda index, *_: index < steps, body, (tf.constant(0), latents, start, no_errors)
+        _, _, _, tokens, _ = tf.while_loop(
+            lambda index, *_: index < steps, body, (tf.constant(0), latents, start_lengths, start, no_costs)
         )
         return tokens
 

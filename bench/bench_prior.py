@@ -4,9 +4,10 @@ and the `.vqf` codec's encoding and decoding faces/s.
 The transformer's cached path runs one compiled step per token; the full-pass path (the only
 one the PixelCNN has) runs the whole network once per token. The codec rows encode 64x64 faces
 (nearest codes + range coding, rate_lambda 0) and decode the files again, one CODEC_BATCH group
-after a warm-up group. The step rows split the codec's per-position step (milliseconds, mean over
-the grid's positions, CODEC_BATCH grids): the whole step; the same program returning only the
-logits (its cache chunk not written back); a program that only hands its cache chunk back.
+after a warm-up group. The step rows time the codec's program (`chunk_probabilities`, milliseconds
+per position, mean over the grid, CODEC_BATCH grids) called once per position, as decoding does, and
+once per cache chunk, as encoding does; and for reference a step returning only the logits (its
+cache chunk not handed back), a call per position.
 Sizes are those of the default VQ-VAE and prior: a 16x16 grid of 512 codes. Untrained weights:
 speed does not depend on them.
 
@@ -60,25 +61,46 @@ def codec_faces_per_second(prior) -> tuple[float, float]:
 
 
 def step_milliseconds(prior) -> dict[str, float]:
-    """Milliseconds per position of the codec's compiled step and of its parts (see the docstring)."""
+    """Milliseconds per position of the codec's compiled program and of a reference step (see the docstring)."""
+    program = prior.compiled_chunk_probabilities()
     logits_only = tf.function(lambda *args: prior.step_logits(*args)[0], jit_compile=True)
-    chunk_only = tf.function(lambda previous, done, current, position: (previous, current), jit_compile=True)
-    variants = {"whole step": prior.compiled_step(), "logits only": logits_only, "cache chunk only": chunk_only}
 
-    def run(step):
+    def per_position():
+        caches = prior.empty_caches(CODEC_BATCH)
+        for position in range(GRID[0] * GRID[1]):
+            chunk, done = prior.caches_at(caches, position)
+            previous = tf.zeros((CODEC_BATCH, prior.cache_chunks()[chunk][1]), tf.int32)
+            result = program(previous, done, caches[chunk], tf.constant(position), tf.constant(1))
+            caches[chunk] = result[1]
+        result[0].numpy()
+
+    def per_chunk():
+        caches = prior.empty_caches(CODEC_BATCH)
+        for chunk, (start, length) in enumerate(prior.cache_chunks()):
+            _, done = prior.caches_at(caches, start)
+            previous = tf.zeros((CODEC_BATCH, length), tf.int32)
+            result = program(previous, done, caches[chunk], tf.constant(start), tf.constant(length))
+            caches[chunk] = result[1]
+        result[0].numpy()
+
+    def logits_per_position():
         caches = prior.empty_caches(CODEC_BATCH)
         previous = tf.zeros((CODEC_BATCH, 1), tf.int32)
         for position in range(GRID[0] * GRID[1]):
             chunk, done = prior.caches_at(caches, position)
-            result = step(previous, done, caches[chunk], tf.constant(position, tf.int32))
-            caches[chunk] = result[1] if isinstance(result, tuple) else caches[chunk]
-        tf.nest.flatten(result)[0].numpy()
+            logits = logits_only(previous, done, caches[chunk], tf.constant(position, tf.int32))
+        logits.numpy()
 
+    variants = {
+        "a call per position (decoding)": per_position,
+        "a call per cache chunk (encoding)": per_chunk,
+        "a step returning only logits, a call per position": logits_per_position,
+    }
     times = {}
-    for name, step in variants.items():
-        run(step)  # compiles
+    for name, run in variants.items():
+        run()  # compiles
         started = time.perf_counter()
-        run(step)
+        run()
         times[name] = 1000 * (time.perf_counter() - started) / (GRID[0] * GRID[1])
     return times
 

@@ -255,3 +255,35 @@ def test_searched_tokens_are_coded_and_the_rate_term_moves_away_from_them(model_
     np.testing.assert_array_equal(codec.decode(files, list("abcdef")), grids)
     with pytest.raises(ValueError, match="search_step_size=0"):
         FaceCodec(codec.vqvae, codec.prior, Fingerprints(1, 2), search_steps=5)
+
+
+def test_with_search_steps_the_rate_term_is_in_the_search_and_its_tokens_are_coded(model_files):
+    """With search_steps and rate_lambda > 0 the codec codes the tokens of the search whose cost has the
+    prior's code lengths in it; each face's cost (squared error in units of its nearest codes' error / 16
+    positions, + rate_lambda x bits under the prior, computed here in NumPy from the prior's full pass)
+    is at most its nearest codes' cost, and the rate term gives fewer bits than the search without it."""
+    steps, step_size, rate_lambda = 8, 0.3, 0.5
+    vqvae, prior = (load_model(model_files / name) for name in ("vqvae.keras", "prior.keras"))
+    bias = np.zeros(K, np.float32)
+    bias[3] = 2.0
+    prior.head.bias.assign(bias)
+    codec = FaceCodec(vqvae, prior, Fingerprints(1, 2), search_steps=steps, search_step_size=step_size)
+    images = faces(6)
+    pixels = images.astype(np.float32) / 255.0
+    files, grids = codec.encode(images, rate_lambda)
+    np.testing.assert_array_equal(codec.decode(files, list("abcdef")), grids)
+    expected = vqvae.search_tokens(pixels, steps, step_size, prior.code_lengths, rate_lambda).numpy()
+    np.testing.assert_array_equal(grids, expected)
+
+    def mse(tokens):
+        return ((vqvae.decode_tokens(tokens).numpy() - pixels) ** 2).mean(axis=(1, 2, 3))
+
+    def bits(tokens):
+        return -prior.log_likelihood(tokens).numpy() / np.log(2.0)
+
+    nearest = vqvae.encode_to_tokens(pixels).numpy()
+    cost = 16 * mse(grids) / mse(nearest) + rate_lambda * bits(grids)
+    assert (cost <= 16 + rate_lambda * bits(nearest) + 1e-3).all()
+    without_rate = vqvae.search_tokens(pixels, steps, step_size).numpy()
+    assert bits(grids).mean() < bits(without_rate).mean()
+    assert (grids != nearest).any() and (grids != without_rate).any()

@@ -271,6 +271,32 @@ def test_token_search_steps_the_latent_across_to_the_code_the_decoder_prefers():
     assert int(model.search_tokens(x, 7, 0.02)[0, 0, 0]) == 1
 
 
+def constant_code_lengths(bits):
+    """A `code_lengths` function whose code lengths ignore the tokens: bits[k] for code k everywhere."""
+    bits = tf.constant(bits, tf.float32)
+    return lambda tokens: tf.broadcast_to(bits, (*tokens.shape, len(bits)))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_rate_term_in_the_token_search_moves_the_token_to_the_shorter_code(compiled):
+    """The one-latent model with image 0.9 (e0: MSE 0.49, e1: MSE 0.01; the latent 0.55 is 0.35^2 = 0.1225
+    from e0, the unit of distance, and 0.45^2 = 0.2025 = 1.653 units from e1). Costs: e0 1 x 0.49 / 0.49
+    + lambda b0, e1 0.01 / 0.49 + lambda b1. With b = (1, 0) and lambda 1 the first quantization already
+    scores e0 1 + 1 = 2 and e1 1.653: one step gives e1 (cost 0.02 against e0's 2), where the search
+    without the rate needs 7 steps. With b = (0, 10), 7 steps keep e0: at 0.6056 the latent is 1.34 units
+    from e0 and 1.27 from e1, and e1's 10 bits outweigh that (cost 1 against 10.02)."""
+    model = one_latent_model()
+    x = tf.constant(np.full((1, 2, 2, 1), 0.9, np.float32))
+    search = tf.function(model.search_tokens) if compiled else model.search_tokens
+    assert int(search(x, 1, 0.02)[0, 0, 0]) == 0
+    assert int(search(x, 1, 0.02, constant_code_lengths([1.0, 0.0]), 1.0)[0, 0, 0]) == 1
+    assert int(search(x, 7, 0.02)[0, 0, 0]) == 1
+    assert int(search(x, 7, 0.02, constant_code_lengths([0.0, 10.0]), 1.0)[0, 0, 0]) == 0
+    assert int(search(x, 7, 0.02, constant_code_lengths([0.0, 10.0]), 0.0)[0, 0, 0]) == 1
+    with pytest.raises(ValueError, match="rate_lambda=-1"):
+        model.search_tokens(x, 1, 0.02, constant_code_lengths([0.0, 1.0]), -1)
+
+
 def smooth_images(n, size=16):
     y, x = np.mgrid[0:size, 0:size] / size
     pictures = [

@@ -109,6 +109,34 @@ def test_the_cached_step_spans_several_cache_chunks():
     )
 
 
+
+def test_a_chunk_in_one_call_equals_one_position_per_call_bit_for_bit():
+    """The codec's program over a 9x10 grid (a full cache chunk and a partial one): an encoder's call per
+    chunk and a decoder's call per position give identical probabilities and caches, equal to the
+    softmax of the full pass; rows of positions not computed are zero."""
+    grid = (9, 10)
+    keras.utils.set_random_seed(1)
+    model = CausalTransformer(K, grid, width=16, num_heads=2, num_layers=2, mlp_ratio=2)
+    tokens = np.random.default_rng(2).integers(0, K, (3, grid[0] * grid[1])).astype(np.int32)
+    previous = np.concatenate([-np.ones((3, 1), np.int32), tokens[:, :-1]], axis=1)
+    full = tf.nn.softmax(model(tokens.reshape(3, *grid))).numpy().reshape(3, -1, K)
+    program = model.compiled_chunk_probabilities()
+    whole, single = model.empty_caches(3), model.empty_caches(3)
+    for chunk, (start, length) in enumerate(model.cache_chunks()):
+        _, done = model.caches_at(whole, start)
+        before = tf.constant(previous[:, start : start + length])
+        at_once, whole[chunk] = program(before, done, whole[chunk], tf.constant(start), tf.constant(length))
+        np.testing.assert_allclose(at_once.numpy().transpose(1, 0, 2), full[:, start : start + length], atol=1e-5)
+        for position in range(start, start + length):
+            _, done = model.caches_at(single, position)
+            known = np.zeros((3, length), np.int32)  # a decoder knows only the token before this position
+            known[:, position - start] = previous[:, position]
+            one, single[chunk] = program(known, done, single[chunk], tf.constant(position), tf.constant(1))
+            np.testing.assert_array_equal(one.numpy()[position - start], at_once.numpy()[position - start])
+            assert not one.numpy()[position - start + 1 :].any() and not one.numpy()[: position - start].any()
+        np.testing.assert_array_equal(np.array(single[chunk]), np.array(whole[chunk]))
+
+
 @pytest.mark.parametrize("architecture", ["pixelcnn", "transformer"])
 def test_seeded_sampling_is_reproducible(architecture):
     model = tiny(architecture)

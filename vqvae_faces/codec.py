@@ -1,18 +1,19 @@
 """The face codec: a VQ-VAE's token grid, range-coded with its token prior, in a `.vqf` file.
 
-Encoding: each face gets target latents, the encoder's own or, with `search_steps`, the
-codes of the tokens `VQVAE.search_tokens` chooses by decoding (better faces, slower);
-they are quantized position by position in raster order: at each position the prior's
-distribution given the tokens chosen so far is computed, the token minimising
-`distance to the code + rate_lambda x (-log2 p)` is chosen (the distance in units of the
-face's mean nearest-code distance; `rate_lambda` 0: the nearest code, which is the
-searched token itself when searching), and the grid is range-coded (`constriction`) with
-those distributions. Decoding runs the same step of the prior with the tokens decoded so
-far, so both sides compute the same probabilities: the same function
-(`CausalTransformer.step_logits`) on inputs of the same shapes (`CODEC_BATCH` grids,
-padded, the same cache chunks), converted to float64 the same way. The file carries a
-checksum of its tokens, so a decoder that ever computed other probabilities reports the
-file as undecodable instead of returning wrong faces.
+Encoding: each face's tokens are the encoder's nearest codes, quantized position by position in
+raster order: at each position the prior's distribution given the tokens chosen so far is
+computed, the token minimising `distance to the encoder's latent + rate_lambda x (-log2 p)` is
+chosen (the distance in units of the face's mean nearest-code distance; `rate_lambda` 0: the
+nearest code), and the grid is range-coded (`constriction`) with those distributions. With
+`search_steps` the tokens are chosen by decoding instead (`VQVAE.search_tokens`, better faces,
+slower), with the prior's code lengths in the search's cost when `rate_lambda` > 0, and coded as
+they are. Decoding runs the prior position by position with the tokens decoded so far, so
+both sides compute the same probabilities: the same XLA program
+(`CausalTransformer.chunk_probabilities`, a loop over the positions of a cache chunk, called
+for a whole chunk when the tokens are known and for one position when decoding) on inputs of
+the same shapes (`CODEC_BATCH` grids, padded, the same cache chunks), converted to float64
+the same way. The file carries a checksum of its tokens, so a decoder that ever computed
+other probabilities reports the file as undecodable instead of returning wrong faces.
 
 File layout (version 1), big-endian:
 
@@ -123,13 +124,14 @@ class FaceCodec:
         vqvae: the VQ-VAE whose tokens the prior learned.
         prior: a `CausalTransformer` (the codec needs its one-position step).
         fingerprints: written into every file and checked when decoding.
-        search_steps: steps of `VQVAE.search_tokens` before coding; 0 codes from the
-            encoder's nearest codes. Decoding never searches, so files decode alike.
+        search_steps: steps of `VQVAE.search_tokens` (with the rate term in its cost) choosing
+            the tokens; 0 codes from the encoder's nearest codes. Decoding never searches,
+            so files decode alike.
         search_step_size: the search's step size (the VQ-VAE run's `token_search_step_size`).
     """
 
     def __init__(self, vqvae, prior, fingerprints: Fingerprints, search_steps: int = 0, search_step_size: float = 0.0):
-        if not hasattr(prior, "compiled_step"):
+        if not hasattr(prior, "compiled_chunk_probabilities"):
             raise UserFacingError(
                 f'the codec needs a prior with a one-position step (prior.architecture "transformer"); '
                 f"this prior is a {type(prior).__name__}."
@@ -141,24 +143,42 @@ class FaceCodec:
             )
         self.vqvae, self.prior, self.fingerprints = vqvae, prior, fingerprints
         self.search_steps, self.search_step_size = search_steps, search_step_size
-        self._search = tf.function(lambda images: vqvae.search_tokens(images, search_steps, search_step_size))
+        self._searches = {}
         self.grid = tuple(prior.grid_size)
         self.length = self.grid[0] * self.grid[1]
-        self._step = prior.compiled_step()
+        self._chunk = prior.compiled_chunk_probabilities()
 
-    # -- the shared step ------------------------------------------------------------------------
+    # -- the shared program ------------------------------------------------------------------------
 
     def _probabilities(self, previous: np.ndarray, caches: list, position: int) -> np.ndarray:
-        """float64 distributions (CODEC_BATCH, K) of `position`, computed identically when encoding and
-        decoding; adds this position's keys and values to `caches` (`CausalTransformer.empty_caches`)."""
+        """float64 distributions (CODEC_BATCH, K) of `position` given the tokens `previous` (CODEC_BATCH,)
+        before it; adds this position's keys and values to `caches` (`CausalTransformer.empty_caches`)."""
         chunk, done = self.prior.caches_at(caches, position)
-        logits, caches[chunk] = self._step(
-            tf.constant(previous.reshape(CODEC_BATCH, 1), tf.int32),
-            done,
-            caches[chunk],
-            tf.constant(position, tf.int32),
+        start, length = self.prior.cache_chunks()[chunk]
+        before = np.zeros((CODEC_BATCH, length), np.int32)
+        before[:, position - start] = previous
+        probabilities, caches[chunk] = self._chunk(
+            tf.constant(before), done, caches[chunk], tf.constant(position, tf.int32), tf.constant(1, tf.int32)
         )
-        return tf.nn.softmax(logits, axis=-1).numpy().astype(np.float64)
+        return probabilities[position - start].numpy().astype(np.float64)
+
+    def _all_probabilities(self, tokens: np.ndarray) -> np.ndarray:
+        """float64 distributions (CODEC_BATCH, L, K) of every position of the grids `tokens` (CODEC_BATCH, L),
+        a cache chunk per call of the program `_probabilities` calls for one position."""
+        previous = np.concatenate([-np.ones((CODEC_BATCH, 1)), tokens[:, :-1]], axis=1).astype(np.int32)
+        caches = self.prior.empty_caches(CODEC_BATCH)
+        rows = []
+        for chunk, (start, length) in enumerate(self.prior.cache_chunks()):
+            _, done = self.prior.caches_at(caches, start)
+            probabilities, caches[chunk] = self._chunk(
+                tf.constant(previous[:, start : start + length]),
+                done,
+                caches[chunk],
+                tf.constant(start, tf.int32),
+                tf.constant(length, tf.int32),
+            )
+            rows.append(probabilities.numpy())
+        return np.ascontiguousarray(np.concatenate(rows).transpose(1, 0, 2), dtype=np.float64)
 
     # -- encoding ---------------------------------------------------------------------------------
 
@@ -167,8 +187,9 @@ class FaceCodec:
 
         With `rate_lambda` 0 the tokens are the encoder's nearest codes (the searched tokens
         with `search_steps`). Otherwise each position takes the code minimising its squared
-        distance to the target latent (in units of the face's mean nearest-code distance)
-        + `rate_lambda` x (-log2 p(code | tokens before it)): a larger `rate_lambda` gives
+        distance to the encoder's latent (in units of the face's mean nearest-code distance)
+        + `rate_lambda` x (-log2 p(code | tokens before it)), or with `search_steps` the search
+        minimises the decoded face's error + `rate_lambda` x the grid's code length: a larger `rate_lambda` gives
         shorter files and blurrier faces.
         """
         grids, bits = [], []
@@ -237,55 +258,67 @@ class FaceCodec:
         )
         return files, header + _payload(stream), grids
 
-    def _targets(self, images: np.ndarray, with_costs: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        """The tokens coded at `rate_lambda` 0 (CODEC_BATCH, L) of up to CODEC_BATCH uint8 images: the
-        encoder's nearest codes, or with `search_steps` the searched tokens. With `with_costs`, also the
-        squared distances (CODEC_BATCH, L, K) from each position's target (the encoder's latent, or the
-        searched token's code) to every code, in units of the face's mean distance from its encoder
-        latents to their nearest codes, so `rate_lambda` means the same for every face, searched or not."""
+    def _targets(self, images: np.ndarray, rate_lambda: float) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """The tokens (CODEC_BATCH, L) of up to CODEC_BATCH uint8 images, and what the coding pass still
+        chooses between: None when they are coded as they are (`rate_lambda` 0, or searched tokens, whose
+        search had the rate term in its cost), else each position's squared distances from its encoder
+        latent to every code (CODEC_BATCH, L, K), in units of the face's mean nearest-code distance, so
+        that `rate_lambda` means the same for every face."""
         padded = np.zeros((CODEC_BATCH, *images.shape[1:]), np.float32)
         padded[: len(images)] = images.astype(np.float32) / 255.0
         padded = tf.constant(padded)
-        vqvae, quantizer = self.vqvae, self.vqvae.quantizer
-        tokens = self._search(padded) if self.search_steps else vqvae.encode_to_tokens(padded)
-        if not with_costs:
-            return tokens.numpy().reshape(CODEC_BATCH, self.length), None
-        distances = quantizer.squared_distances(vqvae.encoder(padded)).numpy().astype(np.float64)
-        scale = np.maximum(distances.min(axis=-1).mean(axis=(1, 2)), 1e-12)[:, None, None]
         if self.search_steps:
-            distances = quantizer.squared_distances(quantizer.lookup(tokens)).numpy().astype(np.float64)
-        costs = distances.reshape(CODEC_BATCH, self.length, -1) / scale
-        return tokens.numpy().reshape(CODEC_BATCH, self.length), costs
+            return self._searched(padded, rate_lambda).numpy().reshape(CODEC_BATCH, self.length), None
+        latents = self.vqvae.encoder(padded)
+        tokens = self.vqvae.quantizer.encode_indices(latents).numpy().reshape(CODEC_BATCH, self.length)
+        if rate_lambda == 0.0:
+            return tokens, None
+        distances = self.vqvae.quantizer.squared_distances(latents).numpy().astype(np.float64)
+        scale = np.maximum(distances.min(axis=-1).mean(axis=(1, 2)), 1e-12)[:, None, None]
+        return tokens, distances.reshape(CODEC_BATCH, self.length, -1) / scale
+
+    def _searched(self, images: tf.Tensor, rate_lambda: float) -> tf.Tensor:
+        """`VQVAE.search_tokens` of the images (CODEC_BATCH, H, W, C) with the prior's code lengths in its
+        cost; one compiled search per `rate_lambda`."""
+        if rate_lambda not in self._searches:
+            vqvae, steps, step_size = self.vqvae, self.search_steps, self.search_step_size
+            self._searches[rate_lambda] = tf.function(
+                lambda x: vqvae.search_tokens(x, steps, step_size, self.prior.code_lengths, rate_lambda)
+            )
+        return self._searches[rate_lambda](images)
 
     def _choose_chunk(self, images, rate_lambda: float, keep_probabilities: bool = False, given=None):
         """Tokens (CODEC_BATCH, h, w) of up to CODEC_BATCH images (or the `given` grids), their code
-        lengths (CODEC_BATCH,) and, when asked, the distributions they are coded with (CODEC_BATCH, L, K)."""
+        lengths (CODEC_BATCH,) and, when asked, the distributions they are coded with (CODEC_BATCH, L, K).
+        Tokens known before coding get their distributions a chunk at a time; tokens chosen by the
+        rate term position by position, each from its position's distribution."""
         if given is not None:
             targets, costs = np.zeros((CODEC_BATCH, self.length), np.int64), None
             targets[: len(given)] = given.reshape(len(given), self.length)
         else:
-            targets, costs = self._targets(images, with_costs=rate_lambda > 0.0)
+            targets, costs = self._targets(images, rate_lambda)
+        if costs is None:
+            tokens, probabilities = targets, self._all_probabilities(targets)
+        else:
+            tokens, probabilities = self._choose_by_rate(costs, rate_lambda)
+        chosen = np.take_along_axis(probabilities, tokens[..., None], axis=-1)[..., 0]
+        bits = -np.log2(np.maximum(chosen, 1e-30)).sum(axis=1)
+        grids = tokens.reshape(CODEC_BATCH, *self.grid).astype(np.int16)
+        return (grids, bits, probabilities) if keep_probabilities else (grids, bits)
+
+    def _choose_by_rate(self, costs: np.ndarray, rate_lambda: float) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens (CODEC_BATCH, L) minimising `costs` (CODEC_BATCH, L, K) + rate_lambda x bits position by
+        position, and their distributions (CODEC_BATCH, L, K)."""
         tokens = np.zeros((CODEC_BATCH, self.length), np.int64)
-        bits = np.zeros(CODEC_BATCH)
         kept = []
         previous = -np.ones(CODEC_BATCH, np.int64)
         caches = self.prior.empty_caches(CODEC_BATCH)
         for position in range(self.length):
             probabilities = self._probabilities(previous, caches, position)
-            if costs is None:
-                chosen = targets[:, position]
-            else:
-                rate = -np.log2(np.maximum(probabilities, 1e-30))
-                chosen = np.argmin(costs[:, position] + rate_lambda * rate, axis=-1)
-            tokens[:, position] = chosen
-            bits -= np.log2(np.maximum(probabilities[np.arange(CODEC_BATCH), chosen], 1e-30))
-            if keep_probabilities:
-                kept.append(probabilities)
-            previous = chosen
-        grids = tokens.reshape(CODEC_BATCH, *self.grid).astype(np.int16)
-        if keep_probabilities:
-            return grids, bits, np.stack(kept, axis=1)
-        return grids, bits
+            rate = -np.log2(np.maximum(probabilities, 1e-30))
+            previous = tokens[:, position] = np.argmin(costs[:, position] + rate_lambda * rate, axis=-1)
+            kept.append(probabilities)
+        return tokens, np.stack(kept, axis=1)
 
     def _write(self, grid: np.ndarray, probabilities: np.ndarray) -> bytes:
         encoder = constriction.stream.queue.RangeEncoder()

@@ -60,6 +60,12 @@ class TokenPrior(keras.Model):
     def metrics(self):
         return [self.nll_tracker, self.bits_tracker]
 
+    def code_lengths(self, tokens):
+        """-log2 p(k | t_<i) in bits for every token k at every position, given the tokens before
+        it in `tokens`: (B, h, w) int -> (B, h, w, K) float32."""
+        logits = ops.cast(self(tokens), "float32")
+        return ops.log_softmax(logits, axis=-1) * (-1.0 / math.log(2.0))
+
     def token_log_probs(self, tokens):
         """log p(t_i | t_<i) in nats for every position: (B, h, w) int -> (B, h, w) float32."""
         logits = ops.cast(self(tokens), "float32")
@@ -249,7 +255,7 @@ class CausalTransformer(TokenPrior):
         self.blocks = [_Block(width, num_heads, mlp_ratio, name=f"block_{i}") for i in range(num_layers)]
         self.norm = layers.LayerNormalization(epsilon=1e-5, name="norm")
         self.head = layers.Dense(num_embeddings, name="head")
-        self._compiled_step = None
+        self._compiled_chunk = None
         self._compiled_sampler = None
 
     def _inputs(self, previous_tokens, positions):
@@ -308,12 +314,48 @@ class CausalTransformer(TokenPrior):
             updated.append(block_current)
         return ops.cast(self.head(self.norm(x))[:, 0], "float32"), tuple(updated)
 
-    def compiled_step(self):
-        """`step_logits` compiled with XLA (one program per chunk count, compiled when first reached),
-        which fuses each step's cache update and attention; created once per model."""
-        if self._compiled_step is None:
-            self._compiled_step = tf.function(self.step_logits, jit_compile=True)
-        return self._compiled_step
+    def chunk_probabilities(self, previous, done, current, position, count):
+        """Distributions of `count` positions from `position` on, all in the cache chunk
+        `current`, computed one position after the other as `step_logits` does.
+
+        The codec's one program (`compiled_chunk_probabilities`): an encoder, which knows
+        every token, computes a whole chunk in one call, with the chunk's keys and values
+        updated in place inside the loop; a decoder calls it for one position at a time.
+        Both run the same compiled loop body, so they compute the same probabilities.
+
+        Args:
+            previous: (B, n) int32, column j the token before the chunk's position j
+                (-1 before position 0); only the columns of the positions computed are read.
+            done, current: as in `step_logits`; `current` is n positions long.
+            position: int32 scalar, the first position computed.
+            count: int32 scalar, how many positions (at most to the chunk's end).
+
+        Returns:
+            (n, B, K) float32 softmax probabilities (zero in the rows not computed), and
+            `current` with the computed positions' keys and values written.
+        """
+        start = sum(keys.shape[2] for keys, _ in done[0]) if done else 0
+        length = current[0][0].shape[2]
+        batch = ops.shape(previous)[0]
+
+        def body(at, current, probabilities):
+            before = tf.gather(previous, at - start, axis=1)[:, None]
+            logits, current = self.step_logits(before, done, current, at)
+            row = tf.nn.softmax(logits, axis=-1)[None]
+            return at + 1, current, tf.tensor_scatter_nd_update(probabilities, [[at - start]], row)
+
+        empty = tf.zeros((length, batch, self.num_embeddings))
+        _, current, probabilities = tf.while_loop(
+            lambda at, *_: at < position + count, body, (position, current, empty)
+        )
+        return probabilities, current
+
+    def compiled_chunk_probabilities(self):
+        """`chunk_probabilities` compiled with XLA (one program per chunk count, compiled when first
+        reached), created once per model."""
+        if self._compiled_chunk is None:
+            self._compiled_chunk = tf.function(self.chunk_probabilities, jit_compile=True)
+        return self._compiled_chunk
 
     def sample_tokens(self, count, seed, temperature=1.0, top_k=None, top_p=None):
         """`count` grids (count, h, w) int32 with cached keys and values: one step per position.
