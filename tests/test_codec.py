@@ -110,6 +110,11 @@ def test_a_container_costs_the_code_lengths_and_no_header_per_face(codec):
     assert bits.sum() <= payload_bits <= bits.sum() + 64
     assert payload_bits < 8 * sum(len(data) - HEADER_BYTES for data in files)
     np.testing.assert_array_equal(codec.decode_container(container, "all.vqfs"), grids)
+    alone, in_it = codec.encode_container(images)  # what --into writes: the same bytes, without the files
+    only_files, file_grids = codec.encode(images)
+    assert alone == container and only_files == files
+    np.testing.assert_array_equal(in_it, grids)
+    np.testing.assert_array_equal(file_grids, grids)
 
 
 def test_images_encode_to_their_nearest_codes_and_decode_to_them(codec):
@@ -136,9 +141,13 @@ print(json.dumps({{**{{p.stem: g.tolist() for p, g in zip(names, grids)}}, "all"
 
 
 def test_another_process_with_other_threads_and_other_batches_decodes_the_same_tokens(codec, model_files):
-    """Encoded here with one TensorFlow thread (conftest), decoded by a program with two."""
+    """Encoded here with one TensorFlow thread (conftest), decoded by a program with two: files of nearest
+    codes (their probabilities computed a cache chunk per call) and a container of tokens chosen by the rate
+    term (a position per call)."""
     images = faces(CODEC_BATCH + 5)
-    files, container, grids = codec.encode_all(images, rate_lambda=0.3)
+    files, grids = codec.encode(images)
+    container, chosen = codec.encode_container(images, rate_lambda=0.3)
+    assert (chosen != grids).any(), "the rate term must change some tokens for the container to test that path"
     for index, data in enumerate(files):
         (model_files / f"face{index:03d}.vqf").write_bytes(data)
     (model_files / "all.vqfs").write_bytes(container)
@@ -150,7 +159,7 @@ def test_another_process_with_other_threads_and_other_batches_decodes_the_same_t
     )
     assert result.returncode == 0, result.stderr[-3000:]
     decoded = json.loads(result.stdout.strip().splitlines()[-1])
-    np.testing.assert_array_equal(decoded.pop("all"), grids)
+    np.testing.assert_array_equal(decoded.pop("all"), chosen)
     assert len(decoded) == len(files) - 2
     for stem, grid in decoded.items():
         np.testing.assert_array_equal(grid, grids[int(stem[4:])], err_msg=stem)

@@ -109,7 +109,6 @@ def test_the_cached_step_spans_several_cache_chunks():
     )
 
 
-
 def test_a_chunk_in_one_call_equals_one_position_per_call_bit_for_bit():
     """The codec's program over a 9x10 grid (a full cache chunk and a partial one): an encoder's call per
     chunk and a decoder's call per position give identical probabilities and caches, equal to the

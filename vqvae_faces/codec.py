@@ -202,22 +202,23 @@ class FaceCodec:
             return np.zeros((0, *self.grid), np.int16), np.zeros(0)
         return np.concatenate(grids), np.concatenate(bits)
 
-    def encode(self, images: np.ndarray, rate_lambda: float = 0.0) -> tuple[list[bytes], np.ndarray]:
-        """`.vqf` bytes of each uint8 image (N, H, W, C), and the token grids they hold (N, h, w)."""
-        files, _, grids = self.encode_all(images, rate_lambda)
+    def encode(self, images: np.ndarray, rate_lambda: float = 0.0, on_group=None) -> tuple[list[bytes], np.ndarray]:
+        """`.vqf` bytes of each uint8 image (N, H, W, C), and the token grids they hold (N, h, w).
+        `on_group(n)` is called after each group of n faces (a progress bar's `add`)."""
+        files, _, grids = self._encode_images(images, rate_lambda, on_group, files=True, container=False)
         return files, grids
+
+    def encode_container(self, images: np.ndarray, rate_lambda: float = 0.0, on_group=None) -> tuple[bytes, np.ndarray]:
+        """One `.vqfs` container of the uint8 images (N, H, W, C), and the token grids it holds (N, h, w)."""
+        _, container, grids = self._encode_images(images, rate_lambda, on_group, files=False, container=True)
+        return container, grids
 
     def encode_all(
         self, images: np.ndarray, rate_lambda: float = 0.0, on_group=None
     ) -> tuple[list[bytes], bytes, np.ndarray]:
         """Each uint8 image (N, H, W, C) as `.vqf` bytes, all of them as one `.vqfs` container, and the
-        token grids both hold (N, h, w): the prior runs once for both. `on_group(n)` is called after
-        each group of n faces (a progress bar's `add`)."""
-        return self._encode_groups(
-            lambda start: self._choose_chunk(images[start : start + CODEC_BATCH], rate_lambda, keep_probabilities=True),
-            len(images),
-            on_group,
-        )
+        token grids both hold (N, h, w): the prior runs once for both."""
+        return self._encode_images(images, rate_lambda, on_group, files=True, container=True)
 
     def encode_tokens(self, grids: np.ndarray) -> tuple[list[bytes], bytes]:
         """`.vqf` bytes of each given token grid (N, h, w), and one `.vqfs` container of them all."""
@@ -229,22 +230,39 @@ class FaceCodec:
         )
         return files, container
 
-    def _encode_groups(self, choose, count: int, on_group=None) -> tuple[list[bytes], bytes, np.ndarray]:
-        """Files, container and grids of `count` faces whose groups `choose(start)` codes."""
+    def _encode_images(self, images, rate_lambda, on_group, files: bool, container: bool):
+        return self._encode_groups(
+            lambda start: self._choose_chunk(images[start : start + CODEC_BATCH], rate_lambda, keep_probabilities=True),
+            len(images),
+            on_group,
+            files,
+            container,
+        )
+
+    def _encode_groups(
+        self, choose, count: int, on_group=None, files: bool = True, container: bool = True
+    ) -> tuple[list[bytes], bytes, np.ndarray]:
+        """Files (with `files`, else []), container (with `container`, else b"") and grids of `count`
+        faces whose groups `choose(start)` codes."""
         if count > MAX_CONTAINER_FACES:
             raise ValueError(f"at most {MAX_CONTAINER_FACES} faces per call, received {count}")
-        files, grids = [], []
+        written, grids = [], []
         stream = constriction.stream.queue.RangeEncoder()
         for start in range(0, count, CODEC_BATCH):
             size = min(CODEC_BATCH, count - start)
             tokens, _, probabilities = choose(start)
-            files += [self._write(tokens[index], probabilities[index]) for index in range(size)]
-            symbols = tokens[:size].reshape(size, self.length).T.reshape(-1).astype(np.int32)
-            stream.encode(symbols, CODER_MODEL, probabilities[:size].transpose(1, 0, 2).reshape(len(symbols), -1))
+            if files:
+                written += [self._write(tokens[index], probabilities[index]) for index in range(size)]
+            if container:
+                symbols = tokens[:size].reshape(size, self.length).T.reshape(-1).astype(np.int32)
+                by_position = probabilities[:size].transpose(1, 0, 2).reshape(len(symbols), -1)
+                stream.encode(symbols, CODER_MODEL, by_position)
             grids.append(tokens[:size])
             if on_group is not None:
                 on_group(size)
         grids = np.concatenate(grids) if grids else np.zeros((0, *self.grid), np.int16)
+        if not container:
+            return written, b"", grids
         rows, columns = self.grid
         header = CONTAINER_HEADER.pack(
             CONTAINER_MAGIC,
@@ -256,7 +274,7 @@ class FaceCodec:
             count,
             container_checksum(grids),
         )
-        return files, header + _payload(stream), grids
+        return written, header + _payload(stream), grids
 
     def _targets(self, images: np.ndarray, rate_lambda: float) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """The tokens (CODEC_BATCH, L) of up to CODEC_BATCH uint8 images, and what the coding pass still

@@ -119,7 +119,7 @@ def encode_photos(
         folder.mkdir(parents=True, exist_ok=True)
     bar = keras.utils.Progbar(len(photos), unit_name="photo")
     if into is not None:
-        _, container, _ = codec.encode_all(np.stack(faces), rate_lambda, on_group=bar.add)
+        container, _ = codec.encode_container(np.stack(faces), rate_lambda, on_group=bar.add)
         write_atomically(into, lambda tmp: tmp.write_bytes(container))
         log.info("wrote %s: %d faces, %.0f bits per face", into, len(faces), 8 * len(container) / len(faces))
         return targets
