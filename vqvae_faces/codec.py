@@ -144,6 +144,7 @@ class FaceCodec:
         self.vqvae, self.prior, self.fingerprints = vqvae, prior, fingerprints
         self.search_steps, self.search_step_size = search_steps, search_step_size
         self._searches = {}
+        self._nearest = tf.function(vqvae.encode_to_tokens)
         self.grid = tuple(prior.grid_size)
         self.length = self.grid[0] * self.grid[1]
         self._chunk = prior.compiled_chunk_probabilities()
@@ -167,7 +168,7 @@ class FaceCodec:
         a cache chunk per call of the program `_probabilities` calls for one position."""
         previous = np.concatenate([-np.ones((CODEC_BATCH, 1)), tokens[:, :-1]], axis=1).astype(np.int32)
         caches = self.prior.empty_caches(CODEC_BATCH)
-        rows = []
+        distributions = np.empty((CODEC_BATCH, self.length, self.prior.num_embeddings))
         for chunk, (start, length) in enumerate(self.prior.cache_chunks()):
             _, done = self.prior.caches_at(caches, start)
             probabilities, caches[chunk] = self._chunk(
@@ -177,8 +178,8 @@ class FaceCodec:
                 tf.constant(start, tf.int32),
                 tf.constant(length, tf.int32),
             )
-            rows.append(probabilities.numpy())
-        return np.ascontiguousarray(np.concatenate(rows).transpose(1, 0, 2), dtype=np.float64)
+            distributions[:, start : start + length] = probabilities.numpy().transpose(1, 0, 2)
+        return distributions
 
     # -- encoding ---------------------------------------------------------------------------------
 
@@ -188,9 +189,9 @@ class FaceCodec:
         With `rate_lambda` 0 the tokens are the encoder's nearest codes (the searched tokens
         with `search_steps`). Otherwise each position takes the code minimising its squared
         distance to the encoder's latent (in units of the face's mean nearest-code distance)
-        + `rate_lambda` x (-log2 p(code | tokens before it)), or with `search_steps` the search
-        minimises the decoded face's error + `rate_lambda` x the grid's code length: a larger `rate_lambda` gives
-        shorter files and blurrier faces.
+        + `rate_lambda` x (-log2 p(code | tokens before it)); with `search_steps` the search
+        minimises the decoded face's error + `rate_lambda` x the grid's code length. A larger
+        `rate_lambda` gives shorter files and blurrier faces.
         """
         grids, bits = [], []
         for start in range(0, len(images), CODEC_BATCH):
@@ -287,10 +288,10 @@ class FaceCodec:
         padded = tf.constant(padded)
         if self.search_steps:
             return self._searched(padded, rate_lambda).numpy().reshape(CODEC_BATCH, self.length), None
+        if rate_lambda == 0.0:
+            return self._nearest(padded).numpy().reshape(CODEC_BATCH, self.length), None
         latents = self.vqvae.encoder(padded)
         tokens = self.vqvae.quantizer.encode_indices(latents).numpy().reshape(CODEC_BATCH, self.length)
-        if rate_lambda == 0.0:
-            return tokens, None
         distances = self.vqvae.quantizer.squared_distances(latents).numpy().astype(np.float64)
         scale = np.maximum(distances.min(axis=-1).mean(axis=(1, 2)), 1e-12)[:, None, None]
         return tokens, distances.reshape(CODEC_BATCH, self.length, -1) / scale
