@@ -195,9 +195,10 @@ class CodecConfig:
     of the face's mean nearest-code distance) + rate_lambda x its code length in bits; 0 codes
     the nearest codes. `--compare` encodes the test faces at each of `compare_lambdas`.
     `search_steps` > 0 chooses the tokens by decoding instead (the VQ-VAE's token search, with
-    its run's `token_search_step_size`): better faces, encoding about 50x slower (200x with a
-    rate term); the search then minimises the face's squared error (in units of its nearest
-    codes' error / positions) + rate_lambda x the grid's code length. Decoding is the same.
+    its run's `token_search_step_size`): better faces, encoding about 7x slower (25x with a
+    rate term, which the search then has in its cost: the face's squared error in units of
+    its nearest codes' error / positions + rate_lambda x the grid's code length). Decoding is
+    the same.
     """
 
     rate_lambda: float = 0.0
