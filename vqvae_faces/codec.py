@@ -232,6 +232,7 @@ class FaceCodec:
         return files, container
 
     def _encode_images(self, images, rate_lambda, on_group, files: bool, container: bool):
+        """`_encode_groups` of uint8 images, their tokens chosen at `rate_lambda`."""
         return self._encode_groups(
             lambda start: self._choose_chunk(images[start : start + CODEC_BATCH], rate_lambda, keep_probabilities=True),
             len(images),
