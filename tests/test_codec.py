@@ -60,6 +60,18 @@ def faces(count):
     return np.stack(images)
 
 
+def favour_token(prior, token, logit):
+    """Give the prior's output layer a bias of `logit` for `token` and 0 for every other token."""
+    bias = np.zeros(K, np.float32)
+    bias[token] = logit
+    prior.head.bias.assign(bias)
+
+
+def decoded_mse(vqvae, tokens, pixels):
+    """Per-face mean squared error (N,) of the decoded tokens against the pixels in [0, 1]."""
+    return ((vqvae.decode_tokens(tokens).numpy() - pixels) ** 2).mean(axis=(1, 2, 3))
+
+
 def test_tokens_round_trip_including_the_first_and_last_symbol_under_skewed_distributions(model_files):
     codec = make_codec(model_files)
     rng = np.random.default_rng(0)
@@ -69,9 +81,7 @@ def test_tokens_round_trip_including_the_first_and_last_symbol_under_skewed_dist
     np.testing.assert_array_equal(codec.decode(files, [f"f{i}" for i in range(len(files))]), grids)
     np.testing.assert_array_equal(codec.decode_container(container, "all.vqfs"), grids)
     # A prior almost sure of token 0: the unlikely last symbol still codes, and certain tokens cost almost nothing.
-    bias = np.zeros(K, np.float32)
-    bias[0] = 25.0
-    codec.prior.head.bias.assign(bias)
+    favour_token(codec.prior, 0, 25.0)
     skewed = np.zeros((2, *GRID), np.int16)
     skewed[1, 2, 3] = K - 1
     files, container = codec.encode_tokens(skewed)
@@ -214,9 +224,7 @@ def test_other_weights_are_refused_naming_both_sets(codec, model_files):
 def test_the_rate_term_moves_tokens_to_shorter_codes(model_files):
     """A prior that prefers token 3: the larger rate_lambda, the fewer bits; at a huge one every token is 3."""
     codec = make_codec(model_files)
-    bias = np.zeros(K, np.float32)
-    bias[3] = 4.0
-    codec.prior.head.bias.assign(bias)
+    favour_token(codec.prior, 3, 4.0)
     images = faces(6)
     bits, grids = [], []
     for rate_lambda in (0.0, 0.1, 0.3, 1e6):
@@ -248,16 +256,11 @@ def test_searched_tokens_are_coded_and_the_rate_term_moves_away_from_them(model_
     nearest = codec.vqvae.encode_to_tokens(pixels).numpy()
     assert (searched != nearest).any(), "the search must change some tokens for this test to mean anything"
 
-    def mse(tokens):
-        return ((codec.vqvae.decode_tokens(tokens).numpy() - pixels) ** 2).mean(axis=(1, 2, 3))
-
     files, grids = codec.encode(images)
     np.testing.assert_array_equal(grids, searched)
     np.testing.assert_array_equal(codec.decode(files, list("abcdef")), searched)
-    assert (mse(grids) <= mse(nearest)).all()
-    bias = np.zeros(K, np.float32)
-    bias[3] = 4.0
-    codec.prior.head.bias.assign(bias)
+    assert (decoded_mse(codec.vqvae, grids, pixels) <= decoded_mse(codec.vqvae, nearest, pixels)).all()
+    favour_token(codec.prior, 3, 4.0)
     np.testing.assert_array_equal(codec.choose_tokens(images, 1e-9)[0], searched)
     files, grids = codec.encode(images, 1e6)
     assert (grids == 3).all()
@@ -273,9 +276,7 @@ def test_with_search_steps_the_rate_term_is_in_the_search_and_its_tokens_are_cod
     is at most its nearest codes' cost, and the rate term gives fewer bits than the search without it."""
     steps, step_size, rate_lambda = 8, 0.3, 0.5
     vqvae, prior = (load_model(model_files / name) for name in ("vqvae.keras", "prior.keras"))
-    bias = np.zeros(K, np.float32)
-    bias[3] = 2.0
-    prior.head.bias.assign(bias)
+    favour_token(prior, 3, 2.0)
     codec = FaceCodec(vqvae, prior, Fingerprints(1, 2), search_steps=steps, search_step_size=step_size)
     images = faces(6)
     pixels = images.astype(np.float32) / 255.0
@@ -284,14 +285,11 @@ def test_with_search_steps_the_rate_term_is_in_the_search_and_its_tokens_are_cod
     expected = vqvae.search_tokens(pixels, steps, step_size, prior.code_lengths, rate_lambda).numpy()
     np.testing.assert_array_equal(grids, expected)
 
-    def mse(tokens):
-        return ((vqvae.decode_tokens(tokens).numpy() - pixels) ** 2).mean(axis=(1, 2, 3))
-
     def bits(tokens):
         return -prior.log_likelihood(tokens).numpy() / np.log(2.0)
 
     nearest = vqvae.encode_to_tokens(pixels).numpy()
-    cost = 16 * mse(grids) / mse(nearest) + rate_lambda * bits(grids)
+    cost = 16 * decoded_mse(vqvae, grids, pixels) / decoded_mse(vqvae, nearest, pixels) + rate_lambda * bits(grids)
     assert (cost <= 16 + rate_lambda * bits(nearest) + 1e-3).all()
     without_rate = vqvae.search_tokens(pixels, steps, step_size).numpy()
     assert bits(grids).mean() < bits(without_rate).mean()
