@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import scipy.stats
 import tensorflow as tf
 
 from vqvae_faces.token_prior import (
@@ -155,12 +156,56 @@ def test_top_k_and_top_p_restrict_the_draws():
     assert set(nucleus) == {0, 1}, "0.5 + 0.3 reach 0.7: the nucleus is the first two tokens"
     greedy = choose_tokens(logits, tf.constant([7, 0], tf.int64), top_p=0.1).numpy()
     assert set(greedy) == {0}
-    plain = choose_tokens(logits, tf.constant([8, 0], tf.int64)).numpy()
-    np.testing.assert_allclose(np.bincount(plain, minlength=4) / 2000, [0.5, 0.3, 0.15, 0.05], atol=0.04)
+    many = tf.math.log(tf.constant([[0.5, 0.3, 0.15, 0.05]] * 20000))
+    plain = choose_tokens(many, tf.constant([8, 0], tf.int64)).numpy()
+    assert_follows(plain, [0.5, 0.3, 0.15, 0.05])
     cold = choose_tokens(logits, tf.constant([9, 0], tf.int64), temperature=0.05).numpy()
     assert (cold == 0).mean() > 0.99
     with pytest.raises(ValueError, match="received temperature=0"):
         choose_tokens(logits, tf.constant([9, 0], tf.int64), temperature=0)
+
+
+def assert_follows(draws, probabilities):
+    """Pearson's chi-square test of `draws` (ints) against `probabilities`, at the 0.1% level. The
+    draws come from fixed seeds, so the outcome is the same on every run; a sampler off by a few
+    percent of a probability fails it with these counts."""
+    probabilities = np.asarray(probabilities, np.float64)
+    observed = np.bincount(np.ravel(draws), minlength=len(probabilities))
+    assert not observed[probabilities == 0].any(), f"a token of probability 0 was drawn: {observed}"
+    support = probabilities > 0
+    expected = probabilities[support] / probabilities.sum() * observed.sum()
+    result = scipy.stats.chisquare(observed[support], expected)
+    assert result.pvalue > 1e-3, (observed, expected.round(1), result)
+
+
+def hand_set_prior(probabilities):
+    """The tiny transformer with its output layer set by hand: logits log(probabilities) at every
+    position, whatever the tokens before it."""
+    model = tiny("transformer")
+    model.head.kernel.assign(np.zeros(model.head.kernel.shape, np.float32))
+    model.head.bias.assign(np.log(np.asarray(probabilities, np.float32)))
+    return model
+
+
+P = np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.04, 0.01])
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        ({}, P),
+        ({"temperature": 2.0}, P**0.5),
+        ({"temperature": 0.5}, P**2),
+        ({"top_k": 3}, np.where(np.arange(K) < 3, P, 0)),
+        ({"top_p": 0.7}, np.where(np.arange(K) < 3, P, 0)),  # 0.4 + 0.25 < 0.7: the third token is needed
+        ({"top_p": 0.65}, np.where(np.arange(K) < 2, P, 0)),  # 0.4 + 0.25 reach 0.65
+        ({"temperature": 2.0, "top_k": 4}, np.where(np.arange(K) < 4, P**0.5, 0)),
+    ],
+)
+def test_samples_follow_the_prior_s_distribution(settings, expected):
+    """The cached sampler users run (the full-pass one draws the same grids: test_cached_sampling_...)."""
+    draws = hand_set_prior(P).sample_tokens(600, tf.constant([3, 4], tf.int64), **settings).numpy()
+    assert_follows(draws, expected)  # 12,000 draws
 
 
 def test_a_uniform_draw_picks_the_first_token_whose_cumulative_probability_reaches_it():
