@@ -242,8 +242,14 @@ def test_compare_reports_numbers_that_an_independent_computation_reproduces(trai
         psnr.append(10 * np.log10(255.0**2 / np.mean((decoded - image[..., 0]) ** 2)))
     assert float(webp["bits_per_image"]) == pytest.approx(np.mean(sizes))
     assert float(webp["psnr"]) == pytest.approx(np.mean(psnr), rel=1e-4)
-    for method, row in table.items():
-        assert float(row["psnr_ci95_low"]) <= float(row["psnr"]) <= float(row["psnr_ci95_high"]), method
+    # Each interval is about the width the per-face spread gives its mean: 2 x 1.96 x standard error.
+    with np.load(out / "checkpoints" / "vqvae" / "test_quality.npz", allow_pickle=False) as quality:
+        assert list(quality["names"]) == split["test"]
+        per_face = {"WebP": np.array(psnr), "VQ-VAE (vqvae)": quality["psnr"]}
+    assert float(row["psnr"]) == pytest.approx(per_face["VQ-VAE (vqvae)"].mean())
+    for method, values in per_face.items():
+        width = float(table[method]["psnr_ci95_high"]) - float(table[method]["psnr_ci95_low"])
+        assert width == pytest.approx(2 * 1.96 * values.std() / np.sqrt(len(values)), rel=0.3), method
     page = (folder / "report.html").read_text()
     assert "<table" in page and page.count("data:image/png;base64,") >= 4
     assert "http://" not in page and "https://" not in page

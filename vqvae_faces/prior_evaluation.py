@@ -179,8 +179,8 @@ def evaluate_prior(
     )
     metrics["sampling_faces_per_second"] = len(samples) / seconds
     metrics["sampling_batch_size"] = run.sampling.batch_size
-    training = training_images.astype(np.float32) / 255.0
-    metrics["memorisation"] = prior_metrics.memorisation_check(samples, originals, training)
+    training = np.clip(decode(source.vqvae, source.tokens["train"], batch_size), 0.0, 1.0)
+    metrics["memorisation"] = prior_metrics.memorisation_check(samples, reconstructions, training)
     metrics["memorisation"]["num_samples"] = len(samples)
     metrics.update(_fid(run, prior, source, originals, reconstructions, samples, seed))
     state = read_state(paths) or {}

@@ -61,9 +61,12 @@ def memorisation_check(samples: np.ndarray, held_out: np.ndarray, training: np.n
     """Are samples closer to the training faces than faces of unseen people are?
 
     Both sets are compared with the training faces (pixels in [0, 1]); a prior that copies
-    its training data gives samples much nearer to them than held-out faces are. Returns
-    the medians of both distance sets and the fraction of samples nearer than the 5th
-    percentile of the held-out distances (about 0.05 when samples do not copy).
+    its training data gives samples much nearer to them than held-out faces are. Pass all
+    three as the same decoder renders them (reconstructions of the held-out and training
+    faces): a decoder's smoothing alone brings any face nearer to every other one, and a
+    copied grid then lies at distance 0 from its training face. Returns the medians of both
+    distance sets and the fraction of samples nearer than the 5th percentile of the
+    held-out distances (about 0.05 when samples do not copy).
     """
     sample_distances, _ = nearest_distances(samples, training)
     held_out_distances, _ = nearest_distances(held_out, training)
