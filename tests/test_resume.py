@@ -255,3 +255,30 @@ def test_compatibility_comes_from_the_model_saved_in_the_checkpoint(tmp_path):
     rewrite_model_config(paths.latest_model, drop_l1_weight)
     with pytest.raises(ConfigError, match=r"l1_weight: not recorded in the checkpoint \(saved by an older version\)"):
         run_folder.check_compatible(paths, config, "vqvae")
+
+
+def test_a_real_nan_keeps_the_last_good_epoch_and_exits_2_when_the_retries_run_out(
+    lfw_tree, tmp_path, monkeypatch, caplog
+):
+    """No stand-in for the training: one clean epoch, then a rerun for three whose faces are poisoned
+    with NaN pixels. The real train step's loss turns NaN, the retry at half the rate meets it too,
+    the command line ends with one line and exit 2, and latest.keras still holds the clean epoch."""
+    from vqvae_faces import pipeline
+
+    args = ["--run", "vqvae", "--data", str(lfw_tree), "--out", str(tmp_path)]
+    args += [item for setting in TINY_RUN for item in ("--set", setting)]
+    assert vqvae_face_main.main([*args, "--set", "epochs=1"]) == 0
+    latest = tmp_path / "checkpoints" / "vqvae" / "latest.keras"
+    good = weights(latest)
+    real_scaled = pipeline._scaled
+    monkeypatch.setattr(pipeline, "_scaled", lambda pool, index: real_scaled(pool, index) * float("nan"))
+    caplog.set_level("INFO")
+    assert vqvae_face_main.main([*args, "--set", "epochs=3", "--set", "divergence_retries=1"]) == 2
+    assert "Retry 1 of 1: resuming from it with learning_rate" in caplog.text
+    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1 and "NaN or infinite" in errors[0] and "Traceback" not in caplog.text
+    assert json.loads(zipfile.ZipFile(latest).read("training_state.json"))["epochs_done"] == 1
+    kept = weights(latest)
+    assert kept.keys() == good.keys()
+    for name in good:
+        np.testing.assert_array_equal(kept[name], good[name], err_msg=name)
