@@ -56,8 +56,33 @@ def test_grayscale_stays_one_channel_and_cmyk_becomes_rgb():
     gray, cmyk = io.BytesIO(), io.BytesIO()
     Image.new("L", (250, 250), 90).save(gray, format="JPEG")
     Image.new("CMYK", (250, 250), (0, 0, 0, 0)).save(cmyk, format="JPEG")
-    assert lfw_files.decode_face(gray.getvalue(), settings(image_size=16)).shape == (16, 16, 1)
-    assert lfw_files.decode_face(cmyk.getvalue(), settings(image_size=16)).shape == (16, 16, 3)
+    grey_face = lfw_files.decode_face(gray.getvalue(), settings(image_size=16))
+    assert grey_face.shape == (16, 16, 1) and np.abs(grey_face.astype(int) - 90).max() <= 1  # JPEG rounding
+    cmyk_face = lfw_files.decode_face(cmyk.getvalue(), settings(image_size=16))
+    assert cmyk_face.shape == (16, 16, 3) and cmyk_face.min() >= 254, "no ink is white"
+
+
+ONLY = {name: 0 for name in ("brightness", "contrast", "sharpness", "saturation", "rotation_degrees")}
+ONLY.update(noise_stddev=0, translation_pixels=0, blur_sigma=0, zoom=0, flip=False)
+
+
+def test_a_flip_mirrors_the_face_and_brightness_shifts_every_pixel_alike():
+    """One operation at probability 1: each image is its mirror image or itself, nothing else;
+    brightness adds one offset per image, within the configured amount."""
+    images = np.stack([face_image(seed, size=32) for seed in range(16)])  # not mirror-symmetric
+    batch = tf.constant(images / np.float32(255.0))
+    flip = pipeline.FaceAugmenter(AugmentationConfig(**{**ONLY, "flip": True}, probability=1.0), 32, 3)
+    flipped = flip(batch, tf.constant([3, 0])).numpy()
+    mirrored = np.all(flipped == batch.numpy()[:, :, ::-1], axis=(1, 2, 3))
+    untouched = np.all(flipped == batch.numpy(), axis=(1, 2, 3))
+    assert not (mirrored & untouched).any(), "the test faces are not symmetric"
+    assert (mirrored | untouched).all() and mirrored.sum() >= 4
+    brighter = pipeline.FaceAugmenter(AugmentationConfig(**{**ONLY, "brightness": 0.2}, probability=1.0), 32, 3)
+    shifted = brighter(batch, tf.constant([3, 0])).numpy()
+    inside = (batch.numpy() > 0.25) & (batch.numpy() < 0.75)  # no clipping at 0 or 1 for offsets up to 0.2
+    for image, original, keep in zip(shifted, batch.numpy(), inside):
+        offsets = (image - original)[keep]
+        assert np.ptp(offsets) < 1e-5 and np.abs(offsets).max() <= 0.2 + 1e-6
 
 
 def test_bad_images_are_skipped_with_a_reason():
