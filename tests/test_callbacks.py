@@ -13,6 +13,7 @@ from vqvae_faces.callbacks import (
     DeadCodeRevival,
     LearningRateDecay,
     TrainingCheckpoint,
+    ThroughputMeter,
     TrainingClock,
 )
 
@@ -140,17 +141,45 @@ class FakeModel:
         self.optimizer = keras.optimizers.Adam(1.0)
 
 
+class FakeTime:
+    """A clock that moves only when the test says so."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
 def test_time_limit_stops_training_and_progress_follows_it():
-    clock = TrainingClock(total_epochs=100, max_minutes=1.0, previous_seconds=45.0)
+    now = FakeTime()
+    clock = TrainingClock(total_epochs=100, max_minutes=1.0, previous_seconds=45.0, clock=now)
     clock.set_model(FakeModel())
     clock.on_train_begin()
-    assert 0.74 < clock.progress(1) < 0.8, "time fraction dominates the epoch fraction"
+    now.now += 3.0  # 48 of 60 s: the time fraction 0.8 dominates the epoch fraction 0.01
+    assert clock.elapsed_seconds == 48.0 and clock.progress(1) == pytest.approx(0.8)
     clock.on_train_batch_end(0)
     assert not clock.model.stop_training
-    clock.previous_seconds = 61.0
+    now.now += 12.5
     clock.on_train_batch_end(1)
     assert clock.model.stop_training and clock.time_limit_reached
     assert clock.progress(1) == 1.0
+
+
+def test_throughput_counts_batch_time_after_the_first_epoch():
+    """Epoch 1 (compilation) is left out; epoch 2's 3 batches take 2 s and hold 20 images (the last
+    batch of 8 only 4 of them): 10 images/s, not 12."""
+    now = FakeTime()
+    meter = ThroughputMeter(batch_size=8, num_images=20, clock=now)
+    for epoch, seconds_per_batch in enumerate([10.0, 2.0 / 3]):
+        meter.on_epoch_begin(epoch)
+        for batch in range(3):
+            now.now += seconds_per_batch
+            meter.on_train_batch_end(batch)
+        now.now += 5.0  # validation and callbacks after the last batch: not training time
+        logs = {}
+        meter.on_epoch_end(epoch, logs)
+    assert meter.images_per_second == pytest.approx(20 / 2.0) and logs["images_per_second"] == meter.images_per_second
 
 
 def test_linear_schedule_values():

@@ -15,7 +15,7 @@ import math
 import time
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import keras
 import numpy as np
@@ -136,6 +136,7 @@ class TrainingClock(keras.callbacks.Callback):
     With several workers (`strategy` given), every worker must stop at the same
     step and use the same learning rate, so after each batch the workers'
     clocks are averaged with one all-reduce and decisions use that shared time.
+    `clock` returns seconds (`time.monotonic`; a test passes its own).
     """
 
     def __init__(
@@ -144,8 +145,10 @@ class TrainingClock(keras.callbacks.Callback):
         max_minutes: Optional[float] = None,
         previous_seconds: float = 0.0,
         strategy: Optional[tf.distribute.Strategy] = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         super().__init__()
+        self.clock = clock
         self.total_epochs = total_epochs
         self.max_seconds = None if max_minutes is None else 60.0 * max_minutes
         self.previous_seconds = previous_seconds
@@ -156,7 +159,7 @@ class TrainingClock(keras.callbacks.Callback):
 
     @property
     def elapsed_seconds(self) -> float:
-        running = 0.0 if self.started is None else time.monotonic() - self.started
+        running = 0.0 if self.started is None else self.clock() - self.started
         return self.previous_seconds + running
 
     def _budget_seconds(self) -> float:
@@ -176,7 +179,7 @@ class TrainingClock(keras.callbacks.Callback):
         return float(self.strategy.experimental_local_results(context_mean)[0])
 
     def on_train_begin(self, logs=None):
-        self.started = time.monotonic()
+        self.started = self.clock()
         self.shared_seconds = self.previous_seconds
 
     def on_train_batch_end(self, batch, logs=None):
@@ -247,10 +250,14 @@ class LearningRateDecay(keras.callbacks.Callback):
 
 
 class ThroughputMeter(keras.callbacks.Callback):
-    """Steady-state training images/s: batches x batch size over batch time, first epoch excluded."""
+    """Steady-state training images/s: batches x batch size over batch time, first epoch excluded.
 
-    def __init__(self, batch_size: int, num_images: int):
+    `clock` returns seconds (`time.perf_counter`; a test passes its own).
+    """
+
+    def __init__(self, batch_size: int, num_images: int, clock: Callable[[], float] = time.perf_counter):
         super().__init__()
+        self.clock = clock
         self.batch_size = batch_size
         self.num_images = num_images
         self.images = 0
@@ -258,13 +265,13 @@ class ThroughputMeter(keras.callbacks.Callback):
         self.epochs_seen = 0
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_start = time.perf_counter()
+        self.epoch_start = self.clock()
         self.last_batch_end = self.epoch_start
         self.batches = 0
 
     def on_train_batch_end(self, batch, logs=None):
         self.batches += 1
-        self.last_batch_end = time.perf_counter()
+        self.last_batch_end = self.clock()
 
     def on_epoch_end(self, epoch, logs=None):
         self.epochs_seen += 1
