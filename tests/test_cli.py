@@ -185,9 +185,11 @@ def test_an_early_stopped_run_stays_finished_when_the_budget_is_raised(out_copy,
     assert (folder / "latest.keras").read_bytes() == before
 
 
-def test_architecture_change_is_refused(out_copy, caplog):
+def test_architecture_or_image_size_change_is_refused(out_copy, caplog):
     assert main(out_copy, "--eval", "--run", "vqvae", "--set", "num_embeddings=32") == 2
     assert "num_embeddings: checkpoint 16, config 32" in caplog.records[-1].getMessage()
+    assert main(out_copy, "--run", "vqvae", "--set", "data.image_size=16", "--set", "epochs=3") == 2
+    assert "data.image_size: checkpoint 32, config 16" in caplog.records[-1].getMessage()
 
 
 @pytest.mark.parametrize(

@@ -83,7 +83,11 @@ def test_a_full_disk_at_any_write_ends_in_one_line_and_the_next_run_resumes(tmp_
     assert (out / "images_saved" / "compare" / "report.html").is_file()
 
 
-def test_sigterm_keeps_the_last_epoch_exits_143_and_the_run_resumes(tmp_path, caplog):
+@pytest.mark.parametrize(
+    "sent, code, said", [(signal.SIGTERM, 143, "terminated (SIGTERM)"), (signal.SIGINT, 130, "interrupted")]
+)
+def test_a_signal_keeps_the_last_epoch_exits_with_its_status_and_the_run_resumes(tmp_path, caplog, sent, code, said):
+    """SIGTERM from a scheduler, SIGINT from Ctrl-C."""
     tree = write_lfw_tree(tmp_path / "data", people=PEOPLE[:5], per_person=2)
     out = tmp_path / "out"
     command = [sys.executable, str(ROOT / "vqvae_face_main.py"), "--out", str(out), "--data", str(tree)]
@@ -93,10 +97,10 @@ def test_sigterm_keeps_the_last_epoch_exits_143_and_the_run_resumes(tmp_path, ca
     deadline = time.monotonic() + 120
     while not latest.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(sent)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 143, stderr[-2000:]
-    assert "terminated (SIGTERM)" in stderr and "Traceback" not in stderr
+    assert process.returncode == code, stderr[-2000:]
+    assert said in stderr and "Traceback" not in stderr
     done = json.loads(zipfile.ZipFile(latest).read("training_state.json"))["epochs_done"]
     assert 1 <= done < 500
     caplog.set_level("INFO")

@@ -261,19 +261,42 @@ def test_an_infinite_psnr_is_written_as_valid_json(tmp_path):
     assert json.loads(path.read_text(), parse_constant=refuse) == {"psnr": None, "nested": [None, 1.5], "n": 3}
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [(["--set", "bogus_key=1"], "unknown key 'runs.vqvae.bogus_key'"), (["--data", "missing.tgz"], "does not exist")],
-)
-def test_config_and_path_mistakes_are_reported_before_tensorflow_loads(tmp_path, args, message):
+CONFIG_MISTAKES = [
+    (["--set", "bogus_key=1"], "unknown key 'runs.vqvae.bogus_key'"),
+    (["--set", "data.bogus=1"], "unknown key 'data.bogus'"),
+    (["--set", "epochs=many"], "runs.vqvae.epochs"),  # not JSON: a string where a number goes
+    (["--set", 'epochs="3"'], "runs.vqvae.epochs"),  # JSON, of the wrong type
+    (["--set", "batch_size=2.5"], "runs.vqvae.batch_size"),
+    (["--set", "learning_rate=2"], "runs.vqvae.learning_rate=2"),  # out of range
+    (["--set", "data.image_size=17"], "data.image_size=17"),
+    (["--set", "annealing.factor=-1"], "annealing.factor"),
+    (["--set", 'activation="tanh"'], "activation"),
+    (["--set", "encoder_filters=[8]"], "decoder_filters"),  # the two lists must mirror each other
+    (["--set", "sampling.temperature=0"], "sampling.temperature"),
+    (["--config", "{folder}/broken.json"], "broken.json"),  # not JSON at all
+    (["--data", "missing.tgz"], "does not exist"),
+    (["--run", "nope"], "--run 'nope'"),
+]
+
+
+def test_config_and_path_mistakes_are_reported_before_tensorflow_loads(tmp_path):
+    """Every kind of mistake in one program (no TensorFlow to load, so a second each): one line, exit
+    2, nothing written, and TensorFlow never imported."""
+    (tmp_path / "broken.json").write_text('{"runs": {"vqvae": {"epochs": 2,}}}')
+    out = tmp_path / "out"
     script = (
-        "import sys, vqvae_face_main\n"
-        f"code = vqvae_face_main.main({['--out', str(tmp_path), '--run', 'vqvae', *args]!r})\n"
-        "print('tensorflow loaded' if 'tensorflow' in sys.modules else 'tensorflow not loaded')\n"
-        "sys.exit(code)\n"
+        "import json, logging, sys, vqvae_face_main\n"
+        "results = []\n"
+        f"for args in {[[a.format(folder=tmp_path) for a in args] for args, _ in CONFIG_MISTAKES]!r}:\n"
+        f"    results.append(vqvae_face_main.main(['--out', {str(out)!r}, '--run', 'vqvae', *args]))\n"
+        "    print('=====', file=sys.stderr, flush=True)\n"
+        "print(json.dumps({'codes': results, 'tensorflow': 'tensorflow' in sys.modules}))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert result.stdout.strip() == "tensorflow not loaded"
-    assert os.listdir(tmp_path) == []
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome == {"codes": [2] * len(CONFIG_MISTAKES), "tensorflow": False}
+    for (args, message), printed in zip(CONFIG_MISTAKES, result.stderr.split("=====")[:-1]):
+        lines = [line for line in printed.strip().splitlines() if line]
+        assert len(lines) == 1 and message in lines[0] and "ERROR" in lines[0], (args, printed)
+    assert not out.exists()
