@@ -40,15 +40,17 @@ def assert_whole(folder: Path) -> None:
                 list(arrays.values())
 
 
-def test_a_full_disk_at_any_write_ends_in_one_line_and_the_next_run_resumes(tmp_path, monkeypatch, caplog):
+def test_a_full_disk_or_no_permission_at_any_write_ends_in_one_line_and_the_next_run_resumes(
+    tmp_path, monkeypatch, caplog
+):
     tree = write_lfw_tree(tmp_path / "data", people=PEOPLE[:5], per_person=2)
     out = tmp_path / "out"
     real_replace = atomic_files.fsync_replace
-    failing = {"name": None}
+    failing = {"name": None, "errno": errno.ENOSPC}
 
     def replace(tmp, final):
         if failing["name"] and re.fullmatch(failing["name"], Path(final).name):
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(failing["errno"], os.strerror(failing["errno"]))
         real_replace(tmp, final)
 
     monkeypatch.setattr(atomic_files, "fsync_replace", replace)
@@ -60,18 +62,25 @@ def test_a_full_disk_at_any_write_ends_in_one_line_and_the_next_run_resumes(tmp_
         ("latest.keras", []),
         ("best.keras", []),
         ("state.json", []),
+        ("training_curves.png", []),
         ("tokens.npz", []),
+        ("test_quality.npz", []),
         ("metrics.json", []),
+        ("reconstructions.png", []),
         ("codebook_usage.png", []),
+        ("comparison.csv", ["--compare"]),
         ("report.html", ["--compare"]),
     ]
-    for name, args in steps:
-        failing["name"] = name
+    # every write refused by a full disk, and two by a folder the user may not write to
+    steps = [(name, args, errno.ENOSPC) for name, args in steps]
+    steps += [("metrics.json", [], errno.EACCES), ("comparison.csv", ["--compare"], errno.EACCES)]
+    for name, args, number in steps:
+        failing.update(name=name, errno=number)
         caplog.clear()
         assert main(out, tree, "--set", "epochs=1", *args) == 2, name
         message = caplog.records[-1].getMessage()
-        assert message.startswith("cannot write ") and "No space left on device" in message, message
-        written = re.match(r"cannot write (.*?): No space", message).group(1)
+        assert message.startswith("cannot write ") and os.strerror(number) in message, message
+        written = re.match(rf"cannot write (.*?): {os.strerror(number)}", message).group(1)
         assert re.fullmatch(name, Path(written).name), (name, written)
         assert "Traceback" not in caplog.text
         assert_whole(out)
@@ -128,3 +137,35 @@ def test_a_sigterm_that_lands_in_a_finalizer_is_sent_again_not_lost(monkeypatch)
     assert scheduled == [(vqvae_face_main.RESIGNAL_SECONDS, os.kill, (os.getpid(), signal.SIGTERM))]
     with pytest.raises(Terminated):
         vqvae_face_main._terminate(signal.SIGTERM, sys._getframe())
+
+
+def limit_file_size(size):
+    """For a child process: files may not grow past `size` bytes; a write beyond it fails with EFBIG
+    (SIGXFSZ ignored), as a write to a full disk fails, part-way through the file."""
+
+    def apply():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+    return apply
+
+
+def test_a_write_that_fails_part_way_leaves_no_partial_file_and_the_run_resumes(tmp_path):
+    """A real program whose files may not grow past 40 kB: the first file larger than that (the model)
+    fails in the middle of being written. One line, exit 2, no partial file, every earlier file whole;
+    the same command without the limit then trains the run."""
+    tree = write_lfw_tree(tmp_path / "data", people=PEOPLE[:5], per_person=2)
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "vqvae_face_main.py"), "--out", str(out), "--data", str(tree)]
+    command += ["--run", "vqvae"] + [item for s in FAST + ["epochs=1"] for item in ("--set", s)]
+    limited = subprocess.run(command, capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size(40_000))
+    assert limited.returncode == 2, limited.stderr[-2000:]
+    last = limited.stderr.strip().splitlines()[-1]
+    assert re.search(r"ERROR cannot write \S+\.keras: File too large\. Files written before it are intact", last), last
+    assert "Traceback" not in limited.stderr
+    assert_whole(out)
+    assert (out / "checkpoints" / "vqvae" / "split.json").is_file() and not list(out.rglob("*.keras"))
+    assert main(out, tree, "--set", "epochs=1") == 0  # the same command, in this process
+    assert json.loads((out / "checkpoints" / "vqvae" / "state.json").read_text())["epochs_done"] == 1

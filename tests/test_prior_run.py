@@ -328,3 +328,42 @@ def test_a_prior_that_copies_training_grids_is_flagged_and_one_that_does_not_is_
     for name, images in decoded.items():
         expected = fid.frechet_distance(real, pixel_statistics(np.repeat(np.clip(images, 0, 1), 3, axis=-1)))
         assert metrics[f"fid_{name}"] == pytest.approx(expected, rel=1e-4), name
+
+
+def test_a_full_disk_at_the_prior_s_and_the_codec_s_writes_is_one_line_and_keeps_what_was_there(
+    out, tmp_path, monkeypatch, caplog
+):
+    import errno
+    import re
+
+    from vqvae_faces import atomic_files
+
+    photo = tmp_path / "face.png"
+    Image.fromarray(face_image(3)).convert("L").save(photo)
+    assert main(out, "--encode", str(photo)) == 0
+    real_replace, failing = atomic_files.fsync_replace, {}
+
+    def replace(tmp, final):
+        if re.fullmatch(failing["name"], Path(final).name):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(tmp, final)
+
+    monkeypatch.setattr(atomic_files, "fsync_replace", replace)
+    steps = [
+        ("metrics.json", ["--eval", "--run", "pr"], out / "images_saved" / "pr" / "metrics.json"),
+        ("samples.npz", ["--sample", "4"], None),
+        ("face.vqf", ["--encode", str(photo), "--overwrite"], photo.with_suffix(".vqf")),
+        ("all.vqfs", ["--encode", str(photo), "--into", str(tmp_path / "all.vqfs")], None),
+        ("face.png", ["--decode", str(photo.with_suffix(".vqf")), "--overwrite"], photo),
+    ]
+    for name, args, kept in steps:
+        before = kept.read_bytes() if kept else None
+        failing["name"] = name
+        caplog.clear()
+        assert main(out, *args) == 2, name
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and errors[0].startswith("cannot write ") and name in errors[0], errors
+        assert not list(out.rglob("*.partial.*")) and not list(tmp_path.rglob("*.partial.*"))
+        if kept:
+            assert kept.read_bytes() == before, f"{kept.name} is the earlier file"
+    assert not (tmp_path / "all.vqfs").exists()
