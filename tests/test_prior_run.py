@@ -367,3 +367,75 @@ def test_a_full_disk_at_the_prior_s_and_the_codec_s_writes_is_one_line_and_keeps
         if kept:
             assert kept.read_bytes() == before, f"{kept.name} is the earlier file"
     assert not (tmp_path / "all.vqfs").exists()
+
+
+def test_the_codec_s_command_lines_across_processes_and_every_mistake_as_one_line(out, tmp_path, monkeypatch, caplog):
+    """`--encode` here (one TensorFlow thread, the token search and the rate term from the command
+    line), `--decode` by another program with another thread count: the same faces as a decode here.
+    Then each mistake a user makes with these flags: one line, exit 2, nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, TWO_THREADS
+
+    from vqvae_faces import codec_files
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for number in range(3):
+        Image.fromarray(face_image(40 + number)).convert("L").save(photos / f"p{number}.jpg", quality=95)
+    names = [str(photos / f"p{number}.jpg") for number in range(3)]
+    real_encode, seen = codec_files.encode_photos, []
+
+    def spy(codec, photos, config, rate_lambda, *options):
+        seen.append((codec.search_steps, rate_lambda))
+        return real_encode(codec, photos, config, rate_lambda, *options)
+
+    monkeypatch.setattr(codec_files, "encode_photos", spy)
+    assert main(out, "--encode", *names, "--set", "codec.search_steps=3", "--rate-lambda", "2") == 0
+    assert seen == [(3, 2.0)], "the flags reach the codec"
+    here, there = tmp_path / "here", tmp_path / "there"
+    vqf = [str(photos / f"p{n}.vqf") for n in range(3)]
+    assert main(out, "--decode", *vqf, "--to", str(here)) == 0
+    command = [sys.executable, str(ROOT / "vqvae_face_main.py"), "--config", str(out / "experiment.json")]
+    command += ["--out", str(out), "--decode", *vqf, "--to", str(there)]
+    other = {name: "1" if os.environ.get(name) == "2" else "2" for name in TWO_THREADS}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, **other})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for n in range(3):
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(there / f"p{n}.png")), np.asarray(Image.open(here / f"p{n}.png")), err_msg=str(n)
+        )
+    # --overwrite replaces what is there
+    (here / "p0.png").write_bytes(b"old")
+    assert main(out, "--decode", vqf[0], "--to", str(here)) == 2 and (here / "p0.png").read_bytes() == b"old"
+    assert main(out, "--decode", vqf[0], "--to", str(here), "--overwrite") == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(here / "p0.png")), np.asarray(Image.open(there / "p0.png")))
+
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    shutil.copy(photos / "p0.jpg", twin / "p0.jpg")
+    no_prior = tmp_path / "no_prior.json"
+    no_prior.write_text(json.dumps({**CONFIG, "runs": {"vq": CONFIG["runs"]["vq"]}}))
+    other_models = tmp_path / "other_models"
+    shutil.copytree(out, other_models)
+    pr = other_models / "checkpoints" / "pr"
+    shutil.copy(pr / "latest.keras", pr / "best.keras")  # another prior file: other fingerprints
+    mistakes = [
+        (["--config", str(no_prior), "--encode", names[0]], "need a prior run"),
+        (["--out", str(tmp_path / "untrained"), "--encode", names[0]], "no trained model for run"),
+        (["--encode", str(photos / "missing.jpg")], "missing.jpg does not exist"),
+        (["--encode", names[0], "--to", str(tmp_path / "big"), "--set", "data.max_file_bytes=1000"], "larger than"),
+        (["--encode", names[0], str(twin / "p0.jpg"), "--to", str(tmp_path / "one")], "would both be written to"),
+        (["--out", str(other_models), "--decode", vqf[0], "--to", str(tmp_path / "never")], "other models"),
+        (["--decode", str(photos / "missing.vqf")], "missing.vqf does not exist"),
+    ]
+    for args, message in mistakes:
+        caplog.clear()
+        argv = ["--config", str(out / "experiment.json"), "--out", str(out), *args]
+        assert vqvae_face_main.main(argv) == 2, args
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and message in errors[0] and "\n" not in errors[0], (args, errors)
+    assert not any((tmp_path / name).exists() for name in ("one", "never", "big"))
+    assert not (photos / "missing.vqf").exists() and not list((tmp_path / "untrained").rglob("*.vqf"))
