@@ -12,8 +12,8 @@ from vqvae_faces.callbacks import (
     CommitmentAnnealing,
     DeadCodeRevival,
     LearningRateDecay,
-    TrainingCheckpoint,
     ThroughputMeter,
+    TrainingCheckpoint,
     TrainingClock,
 )
 

@@ -9,7 +9,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import subprocess
