@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import COMPILED, ON_THE_FLY, TINY_RUN
+from conftest import COMPILED, ON_THE_FLY, TINY_RUN, write_archive
 from PIL import Image
 
 import vqvae_face_main
@@ -274,8 +274,53 @@ def test_eval_on_other_people_with_test_data(out_copy, tmp_path):
     assert metrics["num_test_images"] == 4 and "(all images)" in metrics["dataset"]
     tokens = np.load(out_copy / "checkpoints" / "vqvae" / "tokens.npz")
     assert list(tokens["names"]) == [f"{p}/{p}_{i:04d}.jpg" for p in ("Other_Person", "Someone_Else") for i in (1, 2)]
+    # the same people in a .tgz archive: the same faces, the same figures
+    archive = write_archive(tmp_path / "other", tmp_path / "other.tgz")
+    assert main(out_copy, "--eval", "--run", "vqvae", "--test-data", str(archive), "--set", "token_search_steps=2") == 0
+    again = json.loads((out_copy / "images_saved" / "vqvae" / "metrics.json").read_text())
+    assert again["num_test_images"] == 4 and again["psnr"] == pytest.approx(metrics["psnr"], rel=1e-6)
 
 
 def test_test_data_with_other_channels_is_refused(out_copy, lfw_tree, caplog):
     assert main(out_copy, "--eval", "--run", "vqvae", "--test-data", str(lfw_tree)) == 2
     assert "trained on images of shape" in caplog.records[-1].getMessage()
+
+
+def test_evaluations_share_a_run_and_training_waits_for_none_of_them(out_copy, caplog):
+    """Another process evaluating the run (its shared lock held here, on a descriptor of its own, as
+    a second process holds it): a second evaluation succeeds; training is refused at once."""
+    from vqvae_faces.run_folder import run_lock
+
+    with run_lock(out_copy / "checkpoints" / "vqvae", exclusive=False):
+        assert main(out_copy, "--eval", "--run", "vqvae", "--set", "token_search_steps=2") == 0
+        assert main(out_copy, "--run", "vqvae", "--set", "epochs=2") == 2
+        message = caplog.records[-1].getMessage()
+        assert "cannot train run folder" in message and "another process is training or evaluating it" in message
+    assert json.loads((out_copy / "checkpoints" / "vqvae" / "state.json").read_text())["epochs_done"] == 1
+
+
+def test_lfw_deepfunneled_is_found_beside_the_script_or_in_the_current_folder(lfw_tree, tmp_path, monkeypatch):
+    from vqvae_faces import lfw_files
+
+    beside, current = tmp_path / "script", tmp_path / "cwd"
+    beside.mkdir()
+    current.mkdir()
+    monkeypatch.chdir(current)
+    monkeypatch.setattr(vqvae_face_main, "SCRIPT_DIR", beside)
+    found = []
+
+    class Resolved(Exception):
+        pass
+
+    def resolve_only(data, cache, search_dirs):  # stands in for loading the faces the program found
+        found.append(lfw_files.resolve_source(data.path, search_dirs))
+        raise Resolved
+
+    monkeypatch.setattr(lfw_files, "load_faces", resolve_only)
+    archive = write_archive(lfw_tree, current / "lfw-deepfunneled.tgz")
+    with pytest.raises(Resolved):
+        vqvae_face_main.run(vqvae_face_main.parse_args(["--out", str(tmp_path / "out"), "--eval"]))
+    shutil.copytree(lfw_tree, beside / "lfw-deepfunneled")
+    with pytest.raises(Resolved):
+        vqvae_face_main.run(vqvae_face_main.parse_args(["--out", str(tmp_path / "out"), "--eval"]))
+    assert found == [archive, beside / "lfw-deepfunneled"], "the current folder's, then the script's (searched first)"

@@ -61,6 +61,17 @@ def test_a_prior_trains_alike_on_one_device_and_on_two_replicas(codebooks):
     assert prior["difference"] < 1e-5
 
 
+def test_distribution_and_scale_learning_rate_set_through_the_program(tmp_path):
+    """"mirrored" over two logical CPUs: two replicas and, with scale_learning_rate, twice the rate;
+    "none": one replica, the rate as set (scaled by 1)."""
+    command = [sys.executable, str(ROOT / "tests" / "helpers" / "distribution_settings.py"), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["mirrored"] == {"code": 0, "replicas": [2], "learning_rate": pytest.approx(0.004)}
+    assert found["none"] == {"code": 0, "replicas": [1], "learning_rate": pytest.approx(0.002)}
+
+
 def free_port() -> int:
     with socket.socket() as handle:
         handle.bind(("127.0.0.1", 0))

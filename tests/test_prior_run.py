@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
 from conftest import face_image
@@ -439,3 +440,15 @@ def test_the_codec_s_command_lines_across_processes_and_every_mistake_as_one_lin
         assert len(errors) == 1 and message in errors[0] and "\n" not in errors[0], (args, errors)
     assert not any((tmp_path / name).exists() for name in ("one", "never", "big"))
     assert not (photos / "missing.vqf").exists() and not list((tmp_path / "untrained").rglob("*.vqf"))
+
+
+def test_the_prior_s_tensorboard_logs_hold_its_curves_and_samples(trained):
+    from test_cli import tensorboard_tags
+
+    tags = tensorboard_tags(trained / "checkpoints" / "pr" / "tensorboard")
+    for tag in ("epoch_loss", "epoch_bits_per_token"):
+        assert sorted(tags[tag]) == [0, 0, 1, 1], (tag, tags[tag])  # training and validation, two epochs
+    assert tags["epoch_learning_rate"] == [0, 1]
+    history = pd.read_csv(trained / "checkpoints" / "pr" / "history.csv")
+    np.testing.assert_allclose(history["bits_per_token"], history["loss"] / math.log(2.0), rtol=1e-5)
+    assert any(sorted(steps) == [0, 1] for tag, steps in tags.items() if "sample" in tag), sorted(tags)
