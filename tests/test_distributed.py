@@ -62,7 +62,7 @@ def test_a_prior_trains_alike_on_one_device_and_on_two_replicas(codebooks):
 
 
 def test_distribution_and_scale_learning_rate_set_through_the_program(tmp_path):
-    """"mirrored" over two logical CPUs: two replicas and, with scale_learning_rate, twice the rate;
+    """ "mirrored" over two logical CPUs: two replicas and, with scale_learning_rate, twice the rate;
     "none": one replica, the rate as set (scaled by 1)."""
     command = [sys.executable, str(ROOT / "tests" / "helpers" / "distribution_settings.py"), str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)

@@ -167,12 +167,14 @@ class Schedule:
 
     global_batch: `batch_size` x replicas; learning_rate: the base rate (scaled by the
     replicas when `scale_learning_rate`); workers_strategy: the strategy whose workers
-    must share one clock and whole batches (multi-worker runs only, else None).
+    must share one clock (multi-worker runs only, else None); whole_batches: drop a last
+    partial batch, as with several replicas, whose all-reduces need the same batch shape on each.
     """
 
     global_batch: int
     learning_rate: float
     workers_strategy: Optional[tf.distribute.Strategy]
+    whole_batches: bool
 
     @classmethod
     def for_run(cls, run: RunConfig, config: ExperimentConfig, strategy: tf.distribute.Strategy) -> "Schedule":
@@ -182,6 +184,7 @@ class Schedule:
             global_batch=run.batch_size * replicas,
             learning_rate=run.learning_rate * (replicas if config.scale_learning_rate else 1),
             workers_strategy=strategy if multi_worker else None,
+            whole_batches=replicas > 1,
         )
 
 
@@ -409,7 +412,7 @@ def _image_inputs(job: FitJob):
     if config.data.augmentation.enabled:
         augmenter = pipeline.FaceAugmenter(config.data.augmentation, config.data.image_size, faces.channels)
         augmenter = augmenter if augmenter.names else None
-    whole_batches = schedule.workers_strategy is not None
+    whole_batches = schedule.whole_batches
     train_ds = pipeline.make_training_dataset(
         train_images,
         schedule.global_batch,
@@ -446,7 +449,7 @@ def _image_inputs(job: FitJob):
 def _token_inputs(job: FitJob):
     """A prior's training and validation datasets of token grids, training-set size and snapshot callback."""
     config, run, schedule = job.config, job.run, job.schedule
-    whole_batches = schedule.workers_strategy is not None
+    whole_batches = schedule.whole_batches
     train_grids, val_grids = job.train_grids, job.prior.tokens["val"]
     train_ds = pipeline.make_token_training_dataset(
         train_grids, schedule.global_batch, config.seed, job.initial_epoch, run.epochs, drop_remainder=whole_batches
@@ -469,7 +472,7 @@ def _token_inputs(job: FitJob):
 def _fit(model, job: FitJob) -> None:
     """Train `model` as `job` says, then write the final state and the training curves."""
     run, paths, state, schedule = job.run, job.paths, job.state, job.schedule
-    whole_batches = schedule.workers_strategy is not None
+    whole_batches = schedule.whole_batches
     train_ds, val_ds, train_count, snapshots = (_token_inputs if job.prior else _image_inputs)(job)
     callbacks, clock, throughput, checkpoint = _callbacks(model, job, snapshots, train_count)
     try:

@@ -1,7 +1,7 @@
 """Train through the command line (`vqvae_face_main.main`) with `distribution: "mirrored"` over two
 logical CPUs and `scale_learning_rate`, then with `distribution: "none"`; print each run's replica
-count (from the log) and its learning rate (from history.csv) as JSON. Usage:
-distribution_settings.py FOLDER (where the runs go).
+count (from the log) and its optimizer's learning rate (constant; from latest.keras) as JSON.
+Usage: distribution_settings.py FOLDER (where the runs go).
 
 Run as a separate process: logical devices must be configured before TensorFlow starts.
 """
@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import zipfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -20,17 +21,18 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import pandas as pd  # noqa: E402
+import h5py  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
-import vqvae_face_main  # noqa: E402
 from conftest import TINY_RUN  # noqa: E402
 
+import vqvae_face_main  # noqa: E402
+
 FOLDER = Path(sys.argv[1])
-SETTINGS = TINY_RUN + ["lr_schedule=\"constant\"", "learning_rate=0.002", "scale_learning_rate=true"]
+SETTINGS = TINY_RUN + ['lr_schedule="constant"', "learning_rate=0.002", "scale_learning_rate=true"]
 log = io.StringIO()
 logging.getLogger().addHandler(logging.StreamHandler(log))
 logging.getLogger().setLevel(logging.INFO)
@@ -42,10 +44,9 @@ for distribution in ("mirrored", "none"):
     start = len(log.getvalue())
     code = vqvae_face_main.main(arguments)
     replicas = re.findall(r"distribution: \w+ \(\w+\) with (\d+) replica", log.getvalue()[start:])
-    history = pd.read_csv(out / "checkpoints" / "vqvae" / "history.csv") if code == 0 else None
-    found[distribution] = {
-        "code": code,
-        "replicas": [int(r) for r in replicas],
-        "learning_rate": None if history is None else float(history["learning_rate"].iloc[-1]),
-    }
+    found[distribution] = {"code": code, "replicas": [int(r) for r in replicas], "learning_rate": None}
+    if code == 0:
+        latest = out / "checkpoints" / "vqvae" / "latest.keras"
+        with zipfile.ZipFile(latest) as archive, archive.open("model.weights.h5") as handle, h5py.File(handle) as file:
+            found[distribution]["learning_rate"] = float(file["optimizer/vars/1"][()])  # after the step counter
 print(json.dumps(found))
