@@ -69,6 +69,15 @@ def face_image(seed: int, size: int = 250) -> np.ndarray:
     return np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.uint8)
 
 
+def token_log_probs(logits, tokens) -> np.ndarray:
+    """NumPy oracle of a prior's code: log-probability (nats, float64) of each token (B, h, w) under
+    its logits (B, h, w, K), by a log-softmax computed here."""
+    logits = np.asarray(logits, np.float64)
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    return np.take_along_axis(log_probs, np.asarray(tokens)[..., None], axis=-1)[..., 0]
+
+
 def write_lfw_tree(root: Path, people=PEOPLE, per_person=IMAGES_PER_PERSON) -> Path:
     """`root/lfw-deepfunneled/<Person>/<Person>_000N.jpg`, plus one corrupt JPEG and one non-image."""
     top = root / "lfw-deepfunneled"

@@ -286,7 +286,7 @@ def test_test_data_with_other_channels_is_refused(out_copy, lfw_tree, caplog):
     assert "trained on images of shape" in caplog.records[-1].getMessage()
 
 
-def test_evaluations_share_a_run_and_training_waits_for_none_of_them(out_copy, caplog):
+def test_evaluations_share_a_run_while_training_is_refused(out_copy, caplog):
     """Another process evaluating the run (its shared lock held here, on a descriptor of its own, as
     a second process holds it): a second evaluation succeeds; training is refused at once."""
     from vqvae_faces.run_folder import run_lock

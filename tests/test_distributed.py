@@ -14,7 +14,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import COMPILED, ROOT, TINY_RUN
+from conftest import COMPILED, ROOT, TINY_RUN, token_log_probs
 
 import vqvae_face_main
 from vqvae_faces import lfw_files, training
@@ -121,10 +121,7 @@ def recomputed_bits_per_token(out):
     vqvae = keras.saving.load_model(out / "checkpoints" / "vqvae" / "best.keras", safe_mode=True)
     prior = keras.saving.load_model(out / "checkpoints" / "prior" / "best.keras", safe_mode=True)
     tokens = vqvae.encode_to_tokens(originals).numpy()
-    logits = np.asarray(prior(tokens), np.float64)
-    log_probs = logits - logits.max(-1, keepdims=True)
-    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
-    return float(-np.take_along_axis(log_probs, tokens[..., None], axis=-1).mean() / np.log(2.0))
+    return float(-token_log_probs(prior(tokens), tokens).mean() / np.log(2.0))
 
 
 def test_two_workers_write_one_checkpoint_that_a_single_process_resumes(tmp_path, caplog):
@@ -238,8 +235,8 @@ def test_a_lost_worker_ends_the_chief_in_time_with_a_message_naming_it(tmp_path,
     last = stderr.strip().splitlines()[-1]
     assert f"worker 1 ({cluster['worker'][1]}) did not answer" in last and "resume" in last
     assert "Traceback" not in stderr
-    # within the timeout, plus the epoch's end and the process's exit
-    assert seconds < TIMEOUT_SECONDS + 30, seconds
+    # within the timeout (7 s measured for either fault), plus 10 s for a busy machine to exit
+    assert seconds < TIMEOUT_SECONDS + 10, seconds
     state = json.loads(zipfile.ZipFile(latest).read("training_state.json"))
     assert 1 <= state["epochs_done"] < MANY_EPOCHS, "the last completed epoch is kept"
     with open(tmp_path / "checkpoints" / "vqvae" / "train.lock") as handle:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
-from conftest import face_image
+from conftest import face_image, token_log_probs
 from PIL import Image
 
 import vqvae_face_main
@@ -111,11 +111,7 @@ def test_code_lengths_in_metrics_json_equal_an_independent_numpy_computation(tra
     split = lfw_files.load_split(trained / "checkpoints" / "pr" / "split.json", faces)
     for part in ("test", "val"):
         tokens = vqvae.encode_to_tokens(faces.subset(split[part]).astype(np.float32) / 255.0).numpy()
-        logits = np.asarray(prior(tokens), np.float64)
-        log_probs = logits - logits.max(-1, keepdims=True)
-        log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
-        chosen = np.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
-        bits = -chosen.sum(axis=(1, 2)) / math.log(2.0)
+        bits = -token_log_probs(prior(tokens), tokens).sum(axis=(1, 2)) / math.log(2.0)
         assert metrics[f"{part}_num_faces"] == len(tokens)
         assert metrics[f"{part}_bits_per_face"] == pytest.approx(bits.mean(), rel=1e-5)
         assert metrics[f"{part}_bits_per_token"] == pytest.approx(bits.mean() / 16, rel=1e-5)
