@@ -9,6 +9,7 @@ written atomically, so an interrupted run leaves whole files only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 from pathlib import Path
@@ -21,7 +22,7 @@ from PIL import Image
 from vqvae_faces import lfw_files
 from vqvae_faces.atomic_files import write_atomically
 from vqvae_faces.codec import CODEC_BATCH, CONTAINER_MAGIC, MAX_CONTAINER_FACES, FaceCodec, Fingerprints
-from vqvae_faces.config import ExperimentConfig
+from vqvae_faces.config import DataConfig, ExperimentConfig
 from vqvae_faces.errors import ConfigError, DataError, EvaluationError
 from vqvae_faces.evaluation import decode as decode_tokens
 from vqvae_faces.model_settings import load_model
@@ -90,6 +91,15 @@ def _read(path: Path, max_bytes: int) -> bytes:
     return path.read_bytes()
 
 
+def photo_settings(codec: FaceCodec, config: ExperimentConfig) -> tuple[DataConfig, int]:
+    """The data settings photos are cropped with, their `image_size` the one the VQ-VAE was trained on
+    (whatever the current config says), and the VQ-VAE's image channels."""
+    _, height, _, channels = codec.vqvae.get_build_config()["input_shape"]
+    if height != config.data.image_size:
+        log.info("photos resized to %dx%d, as the VQ-VAE was trained (data.image_size=%d)", height, height, height)
+    return dataclasses.replace(config.data, image_size=height), channels
+
+
 def encode_photos(
     codec: FaceCodec,
     photos: list[Path],
@@ -105,11 +115,11 @@ def encode_photos(
         raise DataError(f"{len(photos)} photos: a .vqfs container holds at most {MAX_CONTAINER_FACES} faces.")
     targets = [into] if into is not None else [(to or path.parent) / (path.stem + ".vqf") for path in photos]
     _check_targets(photos[: len(targets)], targets, overwrite)
-    channels = codec.vqvae.get_build_config()["input_shape"][-1]
+    settings, channels = photo_settings(codec, config)
     faces = []
     for photo in photos:
         try:
-            face, note = lfw_files.decode_photo(_read(photo, config.data.max_file_bytes), config.data, channels)
+            face, note = lfw_files.decode_photo(_read(photo, config.data.max_file_bytes), settings, channels)
         except DataError as error:
             raise DataError(f"{photo}: {error}") from None
         if note:

@@ -1,0 +1,85 @@
+"""A finished run and `.vqf` files written by an earlier version of the code (tests/data/saved_run, see its
+README) still load, evaluate to the same figures and decode to the same faces."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from conftest import TINY_RUN, face_image
+from PIL import Image
+
+import vqvae_face_main
+
+SAVED = Path(__file__).resolve().parent / "data" / "saved_run"
+RUN_SETTINGS = TINY_RUN + ["data.image_size=32", "epochs=12"]
+RUN_CLASSES = {"vqvae": "VQVAE", "vae": "VAE", "prior": "CausalTransformer"}
+CODED = ["face0.vqf", "face1.vqf", "face2.vqf", "all.vqfs"]
+
+
+def main(out, *args):
+    overrides = [item for setting in RUN_SETTINGS for item in ("--set", setting)]
+    return vqvae_face_main.main(["--out", str(out), "--data", "bundled", *overrides, *args])
+
+
+def cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def same_instruction_sets() -> bool:
+    """Whether this CPU has the instruction sets of the one that wrote the files (format version 1 files
+    hold probabilities computed in float32, exactly reproducible only there)."""
+    written = set(json.loads((SAVED / "expected" / "machine.json").read_text())["cpu_flags"])
+    checked = {"avx2", "avx512_bf16", "avx512_vnni", "avx512f", "fma", "sse4_2"}
+    return written == cpu_flags() & checked
+
+
+@pytest.fixture
+def saved(tmp_path):
+    copy = tmp_path / "out"
+    shutil.copytree(SAVED, copy)
+    return copy
+
+
+@pytest.mark.parametrize("run", sorted(RUN_CLASSES))
+def test_each_saved_model_loads_in_safe_mode_as_its_class(run):
+    import vqvae_faces.model_settings  # noqa: F401  (registers every class the runs hold)
+
+    model = keras.saving.load_model(SAVED / "checkpoints" / run / "best.keras", safe_mode=True)
+    assert type(model).__name__ == RUN_CLASSES[run]
+
+
+def test_the_saved_runs_evaluate_to_the_figures_they_were_saved_with(saved):
+    assert main(saved, "--eval") == 0
+    for run in RUN_CLASSES:
+        expected = json.loads((SAVED / "expected" / f"{run}-metrics.json").read_text())
+        measured = json.loads((saved / "images_saved" / run / "metrics.json").read_text())
+        for key, value in expected.items():
+            if key.endswith("per_second") or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            assert math.isclose(measured[key], value, rel_tol=1e-5, abs_tol=1e-7), (run, key, measured[key], value)
+        assert ("test_bits_per_token" if run == "prior" else "psnr") in expected
+
+
+@pytest.mark.skipif(not same_instruction_sets(), reason="format version 1 files decode only on the writer's CPU")
+def test_files_written_before_decode_to_the_same_faces_and_photos_encode_to_the_same_tokens(saved, tmp_path):
+    assert main(saved, "--decode", *[str(saved / "vqf" / name) for name in CODED], "--to", str(tmp_path / "faces")) == 0
+    for picture in sorted((SAVED / "decoded").iterdir()):
+        expected = np.asarray(Image.open(picture))
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "faces" / picture.name)), expected)
+    photos = []
+    for index in range(3):
+        photos.append(tmp_path / f"face{index}.png")
+        Image.fromarray(face_image(100 + index)).save(photos[-1])
+    # without the run's settings: photos are resized to the size the VQ-VAE was trained on, not the config's 64
+    again = tmp_path / "again"
+    assert vqvae_face_main.main(["--out", str(saved), "--encode", *map(str, photos), "--to", str(again)]) == 0
+    assert main(saved, "--encode", *map(str, photos), "--into", str(again / "all.vqfs"), "--rate-lambda", "1") == 0
+    for name in CODED:
+        assert (again / name).read_bytes() == (SAVED / "vqf" / name).read_bytes(), name
