@@ -1,8 +1,9 @@
-"""VQ-VAE and Gaussian VAE for faces: encoder, decoder, EMA vector quantizer, models.
+"""The VQ-VAE for faces: encoder, decoder, EMA vector quantizer, and the model that trains them.
 
-All classes are registered as Keras serializable (package "vqvae_faces"), so a
-`.keras` file saved by `model.save()` reloads with `keras.saving.load_model(...,
-safe_mode=True)` once this module is imported.
+`ReconstructionModel` is the trunk and training loop the VQ-VAE shares with the Gaussian VAE it is
+compared with (`vqvae_faces.gaussian_vae`); the token search is `vqvae_faces.token_search`. All classes
+are registered as Keras serializable (package "vqvae_faces"), so a `.keras` file saved by `model.save()`
+reloads with `keras.saving.load_model(..., safe_mode=True)` once this module is imported.
 
 Shapes use B = batch, H x W = image size, h x w = token grid
 (H / 2**len(encoder_filters)), C = image channels (1 or 3), D = embedding_dim,
@@ -16,7 +17,9 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-PACKAGE = "vqvae_faces"
+from vqvae_faces import PACKAGE
+from vqvae_faces.replicas import all_reduce_sum, broadcast_from_first_replica, replica_loss, step_logs
+
 OUTPUT_ACTIVATIONS = ("sigmoid", "clip")
 
 
@@ -225,41 +228,6 @@ class RandomStream(layers.Layer):
         return {**super().get_config(), "seed": self.seed}
 
 
-def step_logs(results: dict) -> dict:
-    """A train or test step's logs, in the shape the running distribution strategy can reduce.
-
-    Keras 3 reduces multi-worker logs with reduce(MEAN, axis=0), which fails on scalars
-    (tensorflow/tensorflow#72388): there each value gets one axis of length 1.
-    """
-    if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
-        return {name: ops.reshape(value, (1,)) for name, value in results.items()}
-    return results
-
-
-def replica_loss(optimizer, loss):
-    """The loss one replica differentiates: gradients are summed over replicas, so each contributes
-    loss / replicas, scaled by the optimizer (a LossScaleOptimizer under mixed_float16 scales it and
-    unscales the gradients; any other optimizer leaves it as it is)."""
-    return optimizer.scale_loss(loss / tf.distribute.get_strategy().num_replicas_in_sync)
-
-
-def _all_reduce_sum(value):
-    """Sum over replicas inside a tf.distribute replica context; identity otherwise."""
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return value
-    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
-
-
-def _broadcast_from_first_replica(value):
-    """Replica 0's `value` on every replica (so random draws agree across replicas)."""
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return value
-    is_first = tf.cast(tf.equal(context.replica_id_in_sync_group, 0), value.dtype)
-    return context.all_reduce(tf.distribute.ReduceOp.SUM, value * is_first)
-
-
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class VectorQuantizerEMA(layers.Layer):
     """Vector quantizer whose codebook is an exponential moving average of its assigned inputs.
@@ -417,7 +385,7 @@ class VectorQuantizerEMA(layers.Layer):
         inputs = self._as_code_space(inputs)
         flat = ops.reshape(inputs, (-1, self.embedding_dim))
         if training:
-            sample = _broadcast_from_first_replica(self._sample_rows(flat, self.num_embeddings))
+            sample = broadcast_from_first_replica(self._sample_rows(flat, self.num_embeddings))
             self._initialize_from_data_once(sample)
         flat_indices = self.nearest_codes(flat)
         quantized = ops.reshape(ops.take(self.embeddings, flat_indices, axis=0), ops.shape(inputs))
@@ -473,7 +441,7 @@ class VectorQuantizerEMA(layers.Layer):
 
     def _ema_update(self, flat, flat_indices, counts):
         dw = tf.math.unsorted_segment_sum(flat, flat_indices, self.num_embeddings)
-        counts, dw = _all_reduce_sum(counts), _all_reduce_sum(dw)
+        counts, dw = all_reduce_sum(counts), all_reduce_sum(dw)
         decay = self.decay
         cluster_size = decay * self.ema_cluster_size + (1.0 - decay) * counts
         embedding_sum = decay * self.ema_embedding_sum + (1.0 - decay) * dw
@@ -740,8 +708,8 @@ class VQVAE(ReconstructionModel):
             reconstruction_loss, data_variance, seed).
 
     Input shape: (B, H, W, C) in [0, 1]. Output: reconstructions of the same shape.
-    Tokens: `encode_to_tokens` gives (B, h, w) int32 (the nearest codes), `search_tokens`
-    picks the tokens the decoder rebuilds best, and `decode_tokens` inverts either.
+    Tokens: `encode_to_tokens` gives (B, h, w) int32 (the nearest codes), and `decode_tokens`
+    inverts them (and the tokens `token_search.search_tokens` picks).
     """
 
     metric_names = ("loss", "reconstruction_loss", "commitment_loss", "perplexity", "active_code_fraction")
@@ -802,172 +770,3 @@ class VQVAE(ReconstructionModel):
     def decode_tokens(self, tokens):
         """(B, h, w) int code indices -> (B, H, W, C) reconstructions."""
         return self.decoder(self.quantizer.lookup(tokens))
-
-    def search_tokens(self, images, steps, step_size, code_lengths=None, rate_lambda=0.0):
-        """(B, H, W, C) images -> (B, h, w) int32 tokens chosen by decoding them (analysis by synthesis).
-
-        The encoder's nearest codes are a local guess; the decoder may rebuild a
-        face better from other codes. Starting from the encoder's latents z,
-        each of `steps` steps quantizes z, decodes, and moves z against the
-        gradient of each image's reconstruction MSE taken at its codes
-        (straight-through), normalised per image to an RMS of `step_size` x the
-        codebook's RMS x (1 - step / steps): the step shrinks linearly to zero,
-        so the search ranges widely first and refines near its end. Each image
-        keeps the tokens of its lowest cost so far, so the result is never worse
-        than `encode_to_tokens` by that cost.
-
-        The cost is the reconstruction MSE, or with `code_lengths` and `rate_lambda` > 0,
-        distortion + `rate_lambda` x (code length of the grid in bits): the distortion is
-        the MSE in units of the nearest codes' MSE / (h * w), so that a position's share
-        of the nearest codes' distortion is 1, as in the codec's nearest-code rate term.
-        Each step then quantizes z to the code minimising its squared distance to z (in
-        units of the image's mean nearest-code distance) + `rate_lambda` x its code length
-        given the previous step's tokens before it.
-
-        Args:
-            images: (B, H, W, C) in [0, 1].
-            steps: decoder steps; 0 returns the nearest codes.
-            step_size: the first step's RMS in units of the codebook's RMS.
-            code_lengths: None, or a function of tokens (B, h, w) int32 returning the code
-                length in bits of every token at every position given the tokens before it,
-                (B, h, w, K) float32 (`TokenPrior.code_lengths`).
-            rate_lambda: bits' weight in the cost; 0 ignores `code_lengths`.
-
-        Returns:
-            (B, h, w) int32 tokens.
-        """
-        if rate_lambda < 0:
-            raise ValueError(f"rate_lambda must be >= 0, received rate_lambda={rate_lambda}")
-        with_rate = code_lengths is not None and rate_lambda > 0
-        images = ops.cast(images, "float32")
-        latents = ops.cast(self.encoder(images), "float32")
-        step = step_size * ops.sqrt(ops.mean(ops.square(self.quantizer.embeddings)))
-
-        def error_and_gradient(tokens):
-            codes = self.quantizer.lookup(tokens)
-            with tf.GradientTape() as tape:
-                tape.watch(codes)
-                errors = ops.mean(ops.square(ops.cast(self.decoder(codes), "float32") - images), axis=(1, 2, 3))
-                total = ops.sum(errors)
-            return errors, tape.gradient(total, codes)
-
-        start = self.quantizer.encode_indices(latents)
-        no_costs = ops.full((ops.shape(images)[0],), float("inf"))
-        start_lengths = ops.zeros((1, 1, 1, 1))
-        if with_rate:
-            start_errors, _ = error_and_gradient(start)
-            positions = float(np.prod(start.shape[1:]))
-            distances = self.quantizer.squared_distances(latents)
-            distance_unit = ops.mean(ops.min(distances, axis=-1), axis=(1, 2))[:, None, None, None] + 1e-12
-            start_lengths = code_lengths(start)
-            start_bits = ops.sum(ops.take_along_axis(start_lengths, start[..., None], axis=-1), axis=(1, 2, 3))
-            no_costs = positions + rate_lambda * start_bits
-
-        def quantize_and_cost(latents, previous_lengths):
-            """Tokens of latents and their costs (B,); with the rate, also their code lengths (B, h, w, K)."""
-            if not with_rate:
-                tokens = self.quantizer.encode_indices(latents)
-                errors, gradient = error_and_gradient(tokens)
-                return tokens, errors, gradient, previous_lengths
-            scores = self.quantizer.squared_distances(latents) / distance_unit + rate_lambda * previous_lengths
-            tokens = ops.cast(ops.argmin(scores, axis=-1), "int32")
-            errors, gradient = error_and_gradient(tokens)
-            lengths = code_lengths(tokens)
-            bits = ops.sum(ops.take_along_axis(lengths, tokens[..., None], axis=-1), axis=(1, 2, 3))
-            cost = positions * errors / (start_errors + 1e-12) + rate_lambda * bits
-            return tokens, cost, gradient, lengths
-
-        def body(index, latents, lengths, best_tokens, best_costs):
-            tokens, costs, gradient, lengths = quantize_and_cost(latents, lengths)
-            better = costs < best_costs
-            best_tokens = ops.where(better[:, None, None], tokens, best_tokens)
-            best_costs = ops.where(better, costs, best_costs)
-            scale = ops.sqrt(ops.mean(ops.square(gradient), axis=(1, 2, 3), keepdims=True)) + 1e-12
-            remaining = 1.0 - ops.cast(index, "float32") / ops.cast(steps, "float32")
-            return index + 1, latents - step * remaining * gradient / scale, lengths, best_tokens, best_costs
-
-        _, _, _, tokens, _ = tf.while_loop(
-            lambda index, *_: index < steps, body, (tf.constant(0), latents, start_lengths, start, no_costs)
-        )
-        return tokens
-
-
-@keras.saving.register_keras_serializable(package=PACKAGE)
-class VAE(ReconstructionModel):
-    """Gaussian VAE with the same encoder/decoder trunk, for the comparison.
-
-    The encoder predicts a mean and log-variance per latent cell (B, h, w, latent_dim);
-    training samples z = mean + exp(logvar / 2) * noise, inference uses the mean.
-    Loss = MSE (or MSE / data_variance) + kl_beta * KL / (H * W * C), where KL is
-    the KL divergence to N(0, I) in nats per image, so kl_beta weighs nats per
-    pixel value against squared error.
-
-    Args:
-        latent_dim: latent channels per grid cell.
-        kl_beta: weight of the KL term.
-        **trunk: the `ReconstructionModel` trunk arguments.
-
-    Input shape: (B, H, W, C) in [0, 1]. Output: reconstructions of the same shape.
-    """
-
-    metric_names = ("loss", "reconstruction_loss", "kl_loss", "kl_bits_per_image")
-
-    def __init__(self, latent_dim=16, kl_beta=0.01, **trunk):
-        super().__init__(latent_channels=2 * latent_dim, **trunk)
-        self.model_config = dict(latent_dim=latent_dim, kl_beta=kl_beta)
-        self.latent_dim = latent_dim
-        self.kl_beta = kl_beta
-        self.noise_seeds = RandomStream(self.trunk_config["seed"], name="noise_seeds")
-
-    def build(self, input_shape):
-        self.noise_seeds.build()
-        super().build(input_shape)
-
-    def posterior(self, images):
-        """Mean and log-variance, each (B, h, w, latent_dim) float32."""
-        stats = ops.cast(self.encoder(images), "float32")
-        mean, log_variance = ops.split(stats, 2, axis=-1)
-        return mean, ops.clip(log_variance, -30.0, 20.0)
-
-    @staticmethod
-    def kl_nats(mean, log_variance):
-        """KL(N(mean, exp(log_variance)) || N(0, I)) in nats, one value per image: (B,)."""
-        return 0.5 * ops.sum(ops.square(mean) + ops.exp(log_variance) - 1.0 - log_variance, axis=(1, 2, 3))
-
-    def call(self, images, training=False):
-        mean, _ = self.posterior(images)
-        return self.decoder(mean)
-
-    def decode_posterior_sample(self, images, seed):
-        """Reconstruct from z ~ q(z|x) instead of the mean: (B, H, W, C) -> (B, H, W, C).
-
-        A code of about KL bits can carry a posterior sample (relative-entropy
-        coding), not the exact mean, so this is the VAE's honest point at its KL
-        rate. `seed` is a stateless seed, int tensor (2,).
-        """
-        return self.decoder(self.sample_latents(*self.posterior(images), seed))
-
-    @staticmethod
-    def sample_latents(mean, log_variance, seed):
-        """z = mean + exp(log_variance / 2) * noise, noise ~ N(0, I) drawn from the stateless `seed` (2,)."""
-        noise = tf.random.stateless_normal(ops.shape(mean), seed=seed)
-        return mean + ops.exp(0.5 * log_variance) * noise
-
-    def compute_losses(self, images, training):
-        mean, log_variance = self.posterior(images)
-        latents = mean
-        if training:
-            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-            seed = tf.random.experimental.stateless_fold_in(self.noise_seeds.next(), replica)
-            latents = self.sample_latents(mean, log_variance, seed)
-        reconstructions = self.decoder(latents, training=training)
-        reconstruction_loss = self.reconstruction_error(images, reconstructions)
-        kl_per_image = self.kl_nats(mean, log_variance)
-        values_per_image = float(np.prod(images.shape[1:]))
-        kl_loss = ops.mean(kl_per_image) / values_per_image
-        return {
-            "loss": reconstruction_loss + self.kl_beta * kl_loss,
-            "reconstruction_loss": reconstruction_loss,
-            "kl_loss": kl_loss,
-            "kl_bits_per_image": ops.mean(kl_per_image) / np.log(2.0),
-        }

@@ -15,6 +15,7 @@ from common import report, sample_images, timed
 
 from vqvae_faces.config import RunConfig  # noqa: E402
 from vqvae_faces.model_settings import build_model  # noqa: E402
+from vqvae_faces.token_search import search_tokens  # noqa: E402
 
 
 def train_rate(policy: str, images, batch_size: int, steps: int, jit: bool = False) -> tuple[float, float]:
@@ -48,7 +49,7 @@ def eval_rates(images, batch_size: int) -> dict:
     batch = tf.constant(images[:batch_size].astype("float32") / 255.0)
     batch_size = int(batch.shape[0])  # fewer when fewer images were sampled
     encode = tf.function(model.encode_to_tokens)
-    search = tf.function(lambda x: model.search_tokens(x, run.token_search_steps, run.token_search_step_size))
+    search = tf.function(lambda x: search_tokens(model, x, run.token_search_steps, run.token_search_step_size))
     decode = tf.function(model.decode_tokens)
     tokens = encode(batch)
     rates = {

@@ -25,6 +25,7 @@ from vqvae_faces.codec import (
 )
 from vqvae_faces.model_settings import load_model
 from vqvae_faces.token_prior import CausalTransformer
+from vqvae_faces.token_search import search_tokens
 
 K, GRID = 16, (4, 4)
 TINY = dict(encoder_filters=[8, 16], decoder_filters=[16, 8], num_residual_blocks=0, residual_hidden_channels=8)
@@ -244,7 +245,7 @@ def test_the_rate_term_moves_tokens_to_shorter_codes(model_files):
 
 
 def test_searched_tokens_are_coded_and_the_rate_term_moves_away_from_them(model_files):
-    """With search_steps the codec codes the tokens VQVAE.search_tokens chooses (no worse faces than the
+    """With search_steps the codec codes the tokens token_search.search_tokens chooses (no worse faces than the
     nearest codes); a tiny rate_lambda keeps them, since their own codes are at distance 0, and a huge
     one gives the prior's favourite token everywhere. Files decode to exactly the coded tokens."""
     steps, step_size = 8, 0.3
@@ -256,7 +257,7 @@ def test_searched_tokens_are_coded_and_the_rate_term_moves_away_from_them(model_
     )
     images = faces(6)
     pixels = images.astype(np.float32) / 255.0
-    searched = codec.vqvae.search_tokens(pixels, steps, step_size).numpy()
+    searched = search_tokens(codec.vqvae, pixels, steps, step_size).numpy()
     nearest = codec.vqvae.encode_to_tokens(pixels).numpy()
     assert (searched != nearest).any(), "the search must change some tokens for this test to mean anything"
 
@@ -286,7 +287,7 @@ def test_with_search_steps_the_rate_term_is_in_the_search_and_its_tokens_are_cod
     pixels = images.astype(np.float32) / 255.0
     files, grids = codec.encode(images, rate_lambda)
     np.testing.assert_array_equal(codec.decode(files, list("abcdef")), grids)
-    expected = vqvae.search_tokens(pixels, steps, step_size, prior.code_lengths, rate_lambda).numpy()
+    expected = search_tokens(vqvae, pixels, steps, step_size, prior.code_lengths, rate_lambda).numpy()
     np.testing.assert_array_equal(grids, expected)
 
     def bits(tokens):
@@ -295,6 +296,6 @@ def test_with_search_steps_the_rate_term_is_in_the_search_and_its_tokens_are_cod
     nearest = vqvae.encode_to_tokens(pixels).numpy()
     cost = 16 * decoded_mse(vqvae, grids, pixels) / decoded_mse(vqvae, nearest, pixels) + rate_lambda * bits(grids)
     assert (cost <= 16 + rate_lambda * bits(nearest) + 1e-3).all()
-    without_rate = vqvae.search_tokens(pixels, steps, step_size).numpy()
+    without_rate = search_tokens(vqvae, pixels, steps, step_size).numpy()
     assert bits(grids).mean() < bits(without_rate).mean()
     assert (grids != nearest).any() and (grids != without_rate).any()

@@ -1,5 +1,7 @@
 """Models: shapes, serialization round trip in safe mode, token round trip, VAE KL."""
 
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -7,7 +9,6 @@ import tensorflow as tf
 from conftest import TINY_RUN
 
 from vqvae_class_keras import (
-    VAE,
     VQVAE,
     Decoder,
     Encoder,
@@ -17,6 +18,8 @@ from vqvae_class_keras import (
 )
 from vqvae_faces import model_settings
 from vqvae_faces.config import load_config
+from vqvae_faces.gaussian_vae import VAE
+from vqvae_faces.token_search import search_tokens
 
 # A tiny trunk with the textbook objective (ReLU, plain MSE, no SSIM term, which needs images of 11+ pixels).
 TINY = dict(
@@ -206,7 +209,7 @@ def per_image_mse(model, x, tokens):
 
 def test_token_search_with_no_steps_gives_the_nearest_codes(vqvae):
     x, model = images(), vqvae
-    np.testing.assert_array_equal(model.search_tokens(x, 0, 0.01).numpy(), model.encode_to_tokens(x).numpy())
+    np.testing.assert_array_equal(search_tokens(model, x, 0, 0.01).numpy(), model.encode_to_tokens(x).numpy())
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -214,7 +217,8 @@ def test_token_search_never_loses_to_the_nearest_codes_and_beats_them_on_average
     """Each image keeps its best tokens, so its MSE is at most the nearest codes'; moving the
     latents down the decoder's gradient finds better tokens for some images."""
     x, model = images(n=16), vqvae
-    search = tf.function(model.search_tokens) if compiled else model.search_tokens
+    search = functools.partial(search_tokens, model)
+    search = tf.function(search) if compiled else search
     tokens = search(tf.constant(x), 20, 0.05)
     assert tokens.dtype == tf.int32 and tokens.shape == (16, 4, 4)
     nearest = per_image_mse(model, x, model.encode_to_tokens(x))
@@ -266,9 +270,9 @@ def test_token_search_steps_the_latent_across_to_the_code_the_decoder_prefers():
     decoded = model.decode_tokens(np.array([[[0]], [[1]]])).numpy().reshape(2, 4)
     np.testing.assert_allclose(decoded, [[0.2] * 4, [1.0] * 4], rtol=1e-6)
     assert int(model.encode_to_tokens(x)[0, 0, 0]) == 0
-    assert int(model.search_tokens(x, 5, 0.02)[0, 0, 0]) == 0
-    assert int(model.search_tokens(x, 6, 0.02)[0, 0, 0]) == 0
-    assert int(model.search_tokens(x, 7, 0.02)[0, 0, 0]) == 1
+    assert int(search_tokens(model, x, 5, 0.02)[0, 0, 0]) == 0
+    assert int(search_tokens(model, x, 6, 0.02)[0, 0, 0]) == 0
+    assert int(search_tokens(model, x, 7, 0.02)[0, 0, 0]) == 1
 
 
 def constant_code_lengths(bits):
@@ -287,14 +291,15 @@ def test_the_rate_term_in_the_token_search_moves_the_token_to_the_shorter_code(c
     from e0 and 1.27 from e1, and e1's 10 bits outweigh that (cost 1 against 10.02)."""
     model = one_latent_model()
     x = tf.constant(np.full((1, 2, 2, 1), 0.9, np.float32))
-    search = tf.function(model.search_tokens) if compiled else model.search_tokens
+    search = functools.partial(search_tokens, model)
+    search = tf.function(search) if compiled else search
     assert int(search(x, 1, 0.02)[0, 0, 0]) == 0
     assert int(search(x, 1, 0.02, constant_code_lengths([1.0, 0.0]), 1.0)[0, 0, 0]) == 1
     assert int(search(x, 7, 0.02)[0, 0, 0]) == 1
     assert int(search(x, 7, 0.02, constant_code_lengths([0.0, 10.0]), 1.0)[0, 0, 0]) == 0
     assert int(search(x, 7, 0.02, constant_code_lengths([0.0, 10.0]), 0.0)[0, 0, 0]) == 1
     with pytest.raises(ValueError, match="rate_lambda=-1"):
-        model.search_tokens(x, 1, 0.02, constant_code_lengths([0.0, 1.0]), -1)
+        search_tokens(model, x, 1, 0.02, constant_code_lengths([0.0, 1.0]), -1)
 
 
 def smooth_images(n, size=16):
@@ -394,7 +399,7 @@ def test_the_token_search_in_evaluate_run_handles_a_partial_last_batch(vqvae, tm
     run = RunConfig(batch_size=4, token_search_steps=5, token_search_step_size=0.05)
     result = evaluate_run("vqvae", run, model, RunPaths.for_run(tmp_path, "vqvae"), faces)
     scaled = faces.images.astype(np.float32) / 255.0
-    alone = np.concatenate([model.search_tokens(tf.constant(scaled[i : i + 1]), 5, 0.05).numpy() for i in range(10)])
+    alone = np.concatenate([search_tokens(model, tf.constant(scaled[i : i + 1]), 5, 0.05).numpy() for i in range(10)])
     np.testing.assert_array_equal(result.tokens, alone)
     saved = np.load(tmp_path / "checkpoints" / "vqvae" / "tokens.npz")
     np.testing.assert_array_equal(saved["tokens"], alone)

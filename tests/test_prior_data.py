@@ -8,6 +8,7 @@ import numpy as np
 from vqvae_class_keras import VQVAE
 from vqvae_faces import lfw_files, prior_data
 from vqvae_faces.config import DataConfig
+from vqvae_faces.token_search import search_tokens
 
 TINY = dict(encoder_filters=[8, 16], decoder_filters=[16, 8], num_residual_blocks=0, residual_hidden_channels=8)
 
@@ -68,7 +69,7 @@ def test_searched_tokens_are_the_token_search_s_and_get_their_own_cache(tmp_path
     search = (3, 0.5)
     tokens = prior_data.tokenize_splits(model, tmp_path / "a.keras", faces, split, tmp_path / "cache", 8, search=search)
     images = faces.subset(split["test"]).astype(np.float32) / 255.0
-    searched = model.search_tokens(images, *search).numpy()
+    searched = search_tokens(model, images, *search).numpy()
     np.testing.assert_array_equal(tokens["test"], searched)
     assert (searched != model.encode_to_tokens(images).numpy()).any()  # the search did change tokens
     nearest_path = prior_data.tokens_cache_path(tmp_path / "cache", tmp_path / "a.keras", faces, split, False)

@@ -14,3 +14,6 @@ Layers, each importing only those before it:
   token_prior                   autoregressive priors over token grids (PixelCNN, transformer)
   prior_data, prior_metrics     the grids a prior learns (cached per checkpoint); its code length, copying
 """
+
+# The package name every Keras class of the project is registered under (`register_keras_serializable`).
+PACKAGE = "vqvae_faces"

@@ -5,7 +5,7 @@ raster order: at each position the prior's distribution given the tokens chosen 
 computed, the token minimising `distance to the encoder's latent + rate_lambda x (-log2 p)` is
 chosen (the distance in units of the face's mean nearest-code distance; `rate_lambda` 0: the
 nearest code), and the grid is range-coded (`constriction`) with those distributions. With
-`search_steps` the tokens are chosen by decoding instead (`VQVAE.search_tokens`, better faces,
+`search_steps` the tokens are chosen by decoding instead (`token_search.search_tokens`, better faces,
 slower), with the prior's code lengths in the search's cost when `rate_lambda` > 0, and coded as
 they are. Decoding runs the prior position by position with the tokens decoded so far, so
 both sides compute the same probabilities: the same XLA program
@@ -56,6 +56,7 @@ import numpy as np
 import tensorflow as tf
 
 from vqvae_faces.errors import UserFacingError
+from vqvae_faces.token_search import distance_unit, search_tokens
 
 MAGIC = b"VQ"
 FORMAT_VERSION = 1
@@ -124,7 +125,7 @@ class FaceCodec:
         vqvae: the VQ-VAE whose tokens the prior learned.
         prior: a `CausalTransformer` (the codec needs its one-position step).
         fingerprints: written into every file and checked when decoding.
-        search_steps: steps of `VQVAE.search_tokens` (with the rate term in its cost) choosing
+        search_steps: steps of `token_search.search_tokens` (with the rate term in its cost) choosing
             the tokens; 0 codes from the encoder's nearest codes. Decoding never searches,
             so files decode alike.
         search_step_size: the search's step size (the VQ-VAE run's `token_search_step_size`).
@@ -293,17 +294,17 @@ class FaceCodec:
             return self._nearest(padded).numpy().reshape(CODEC_BATCH, self.length), None
         latents = self.vqvae.encoder(padded)
         tokens = self.vqvae.quantizer.encode_indices(latents).numpy().reshape(CODEC_BATCH, self.length)
-        distances = self.vqvae.quantizer.squared_distances(latents).numpy().astype(np.float64)
-        scale = np.maximum(distances.min(axis=-1).mean(axis=(1, 2)), 1e-12)[:, None, None]
-        return tokens, distances.reshape(CODEC_BATCH, self.length, -1) / scale
+        distances = self.vqvae.quantizer.squared_distances(latents)
+        unit = distance_unit(distances).numpy().astype(np.float64)
+        return tokens, (distances.numpy().astype(np.float64) / unit).reshape(CODEC_BATCH, self.length, -1)
 
     def _searched(self, images: tf.Tensor, rate_lambda: float) -> tf.Tensor:
-        """`VQVAE.search_tokens` of the images (CODEC_BATCH, H, W, C) with the prior's code lengths in its
+        """`token_search.search_tokens` of the images (CODEC_BATCH, H, W, C) with the prior's code lengths in its
         cost; one compiled search per `rate_lambda`."""
         if rate_lambda not in self._searches:
             vqvae, steps, step_size = self.vqvae, self.search_steps, self.search_step_size
             self._searches[rate_lambda] = tf.function(
-                lambda x: vqvae.search_tokens(x, steps, step_size, self.prior.code_lengths, rate_lambda)
+                lambda x: search_tokens(vqvae, x, steps, step_size, self.prior.code_lengths, rate_lambda)
             )
         return self._searches[rate_lambda](images)
 

@@ -15,13 +15,15 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from vqvae_class_keras import VAE, VQVAE
+from vqvae_class_keras import VQVAE
 from vqvae_faces import lfw_files, pipeline, visualize
 from vqvae_faces.atomic_files import save_npz_atomically, write_json_atomically
 from vqvae_faces.config import RunConfig
 from vqvae_faces.errors import CheckpointError, EvaluationError
+from vqvae_faces.gaussian_vae import VAE
 from vqvae_faces.model_settings import load_model
 from vqvae_faces.run_folder import RunPaths, read_state
+from vqvae_faces.token_search import search_tokens
 
 log = logging.getLogger("vqvae_faces.eval")
 
@@ -66,14 +68,14 @@ def code_statistics(counts: np.ndarray) -> dict[str, float]:
 def tokenize(model: VQVAE, images: np.ndarray, batch_size: int, search_steps: int = 0, step_size: float = 0.0):
     """uint8 images (N, H, W, C) -> int16 token grids (N, h, w).
 
-    With `search_steps` > 0 the tokens come from `VQVAE.search_tokens` (chosen by
+    With `search_steps` > 0 the tokens come from `token_search.search_tokens` (chosen by
     decoding, never worse per image than the nearest codes; progress is logged,
     since this takes minutes for a few thousand faces on a CPU); otherwise they
     are the encoder's nearest codes.
     """
 
     def search(batch):
-        return model.search_tokens(batch, search_steps, step_size)
+        return search_tokens(model, batch, search_steps, step_size)
 
     encode = tf.function(search) if search_steps > 0 else compiled(model, "encode_to_tokens")
     if not len(images):  # e.g. an empty validation split: no grids, but of the grid's shape
@@ -166,7 +168,7 @@ def evaluate_run(
     """Evaluate a trained run on `faces`; write tokens, pictures and metrics.json.
 
     For a VQ-VAE the test faces are encoded to tokens (searched with
-    `run.token_search_steps` decoder steps when > 0, see `VQVAE.search_tokens`),
+    `run.token_search_steps` decoder steps when > 0, see `token_search.search_tokens`),
     saved to `checkpoints/<run>/tokens.npz`, and the reconstructions are decoded
     from those saved tokens. With a search, the quality of the encoder's nearest
     codes is reported beside it (`psnr_nearest_codes`, `ssim_nearest_codes`).

@@ -14,9 +14,10 @@ from typing import Optional
 
 import keras
 
-from vqvae_class_keras import VAE, VQVAE
+from vqvae_class_keras import VQVAE
 from vqvae_faces.config import RunConfig
 from vqvae_faces.errors import CheckpointError
+from vqvae_faces.gaussian_vae import VAE
 from vqvae_faces.token_prior import CausalTransformer, GatedPixelCNN
 
 # Constructor arguments of a saved model that may differ from the current settings when it is

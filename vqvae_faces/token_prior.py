@@ -23,9 +23,9 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from vqvae_class_keras import replica_loss, step_logs
+from vqvae_faces import PACKAGE
+from vqvae_faces.replicas import replica_loss, step_logs
 
-PACKAGE = "vqvae_faces"
 # Positions per chunk of cached keys and values: a cached step reads the chunks up to its own
 # and writes only its own (bench/RESULTS.md: sampling 1.9x and the codec 1.6x faster with 64
 # than with one 256-position cache; 32 no faster, with twice the XLA programs to compile).
