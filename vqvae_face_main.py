@@ -142,6 +142,35 @@ def run(args) -> int:
     lfw_files.resolve_source(config.data.path, search_dirs)
     if args.test_data:
         lfw_files.resolve_source(args.test_data, [])
+    run_names = selected_runs(args, config)
+    out = Path(args.out)
+
+    from vqvae_faces import prior_evaluation, training
+    from vqvae_faces.evaluation import metrics_table
+
+    if config.deterministic:
+        training.enable_determinism()
+    strategy = (
+        training.choose_strategy(config.distribution, config.collective_timeout_seconds)
+        if config.enable_training
+        else None
+    )
+    faces, other_faces = load_data(args, config, out, search_dirs)
+    results, test_names, test_faces = train_and_evaluate(args, config, run_names, faces, other_faces, out, strategy)
+    if results:
+        print(metrics_table([r.metrics for r in results.values()]))
+        for line in filter(None, (prior_evaluation.describe(r.metrics) for r in results.values())):
+            print(line)
+    if args.compare and results:
+        compare_runs(results, test_names, test_faces.images, test_faces.description, out, config)
+    return 0
+
+
+def selected_runs(args, config) -> list[str]:
+    """The runs this command works on, in training order: --run's, else --compare's, else every run;
+    with --sample only the prior runs among them."""
+    from vqvae_faces.errors import ConfigError
+
     if args.runs:
         run_names = args.runs
     elif args.compare and config.compare:
@@ -156,29 +185,29 @@ def run(args) -> int:
                 f"--sample {args.sample}: needs N >= 1 and a prior run among the selected runs "
                 f"(prior runs: {sorted(n for n, r in config.runs.items() if r.model == 'prior')})."
             )
-    out = Path(args.out)
+    return run_names
 
-    from vqvae_faces import prior_evaluation, training
-    from vqvae_faces.evaluation import TestFaces, metrics_table
+
+def load_data(args, config, out: Path, search_dirs: list[Path]):
+    """The faces of `data.path`, and those of --test-data as `TestFaces` (None without it)."""
+    from vqvae_faces import lfw_files
+    from vqvae_faces.evaluation import TestFaces
+
+    cache = out / "checkpoints" / "data_cache"
+    faces = lfw_files.load_faces(config.data, cache, search_dirs)
+    if not args.test_data:
+        return faces, None
+    other = lfw_files.load_faces(dataclasses.replace(config.data, path=args.test_data), cache, search_dirs)
+    return faces, TestFaces(other.images, other.names, other.description + " (all images)")
+
+
+def train_and_evaluate(args, config, run_names, faces, other_faces, out: Path, strategy):
+    """Train (when enabled) and evaluate each run in order: (results by run, test face names by run, the
+    last run's test faces)."""
+    from vqvae_faces import training
     from vqvae_faces.run_folder import RunPaths, check_compatible
 
-    if config.deterministic:
-        training.enable_determinism()
-    strategy = (
-        training.choose_strategy(config.distribution, config.collective_timeout_seconds)
-        if config.enable_training
-        else None
-    )
-
-    faces = lfw_files.load_faces(config.data, out / "checkpoints" / "data_cache", search_dirs)
-    other_faces = None
-    if args.test_data:
-        other = lfw_files.load_faces(
-            dataclasses.replace(config.data, path=args.test_data), out / "checkpoints" / "data_cache", search_dirs
-        )
-        other_faces = TestFaces(other.images, other.names, other.description + " (all images)")
-
-    results, test_names = {}, {}
+    results, test_names, test_faces = {}, {}, None
     # A non-chief worker trains into a scratch folder it keeps for all its runs, so a prior finds the
     # VQ-VAE this command trained before it; the chief (and every other process) gets None.
     with training.worker_scratch(config.enable_training) as scratch:
@@ -194,20 +223,15 @@ def run(args) -> int:
             if evaluated is not None:
                 results[run_name], test_faces = evaluated
                 test_names[run_name] = list(test_faces.names)
-    if results:
-        print(metrics_table([r.metrics for r in results.values()]))
-        for line in filter(None, (prior_evaluation.describe(r.metrics) for r in results.values())):
-            print(line)
-    if args.compare and results:
-        compare_runs(results, test_names, test_faces.images, test_faces.description, out, config)
-    return 0
+    return results, test_names, test_faces
 
 
 def evaluate_trained(args, config, run_name: str, faces, other_faces, out: Path):
     """Evaluate a trained run on its test faces (`other_faces` when given), or with --sample draw new faces
     from a prior run: (its result, the test faces), or None after --sample."""
     from vqvae_faces import prior_evaluation
-    from vqvae_faces.evaluation import evaluate_run, load_trained_model, test_set
+    from vqvae_faces.evaluation import evaluate_run, test_set
+    from vqvae_faces.inference import load_trained_model
     from vqvae_faces.prior_data import load_prior_source
     from vqvae_faces.run_folder import RunPaths, run_lock
 
@@ -220,7 +244,7 @@ def evaluate_trained(args, config, run_name: str, faces, other_faces, out: Path)
         if run.model != "prior":
             result = evaluate_run(run_name, run, model, paths, test_faces)
         else:
-            source = load_prior_source(config, run_name, faces, out)
+            source = load_prior_source(config, run_name, faces, paths)
             training_faces = faces.subset(source.split["train"])
             if args.sample is not None:
                 prior_evaluation.write_samples(

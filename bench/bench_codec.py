@@ -22,7 +22,8 @@ from PIL import Image
 
 from vqvae_faces import codec_files, compare, lfw_files  # noqa: E402
 from vqvae_faces.config import load_config  # noqa: E402
-from vqvae_faces.evaluation import decode, image_quality  # noqa: E402
+from vqvae_faces.evaluation import image_quality  # noqa: E402
+from vqvae_faces.inference import decode  # noqa: E402
 from vqvae_faces.run_folder import RunPaths  # noqa: E402
 
 
@@ -64,10 +65,12 @@ def main() -> None:
     with codec_files.opened_codec(config, prior_run, out) as codec:
         codec.encode(images[:1])  # compiles the step
         started = time.perf_counter()
-        files, grids = codec.encode(images)
+        encoded = codec.encode(images, container=False)
+        files, grids = encoded.files, encoded.grids
         encode_rate = len(images) / (time.perf_counter() - started)
         started = time.perf_counter()
-        container, in_container = codec.encode_container(images)
+        encoded = codec.encode(images, files=False)
+        container, in_container = encoded.container, encoded.grids
         container_encode_rate = len(images) / (time.perf_counter() - started)
         assert np.array_equal(in_container, grids), "the container holds other tokens than the files"
         order = np.random.default_rng(0).permutation(len(files))  # other groups of files than when encoding

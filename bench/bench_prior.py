@@ -6,8 +6,7 @@ one the PixelCNN has) runs the whole network once per token. The codec rows enco
 (nearest codes + range coding, rate_lambda 0) and decode the files again, one CODEC_BATCH group
 after a warm-up group. The step rows time the codec's program (`chunk_probabilities`, milliseconds
 per position, mean over the grid, CODEC_BATCH grids) called once per position, as decoding does, and
-once per cache chunk, as encoding does; and for reference a step returning only the logits (its
-cache chunk not handed back), a call per position.
+once per cache chunk, as encoding does (`PriorStream.run` and `PriorStream.known`).
 Sizes are those of the default VQ-VAE and prior: a 16x16 grid of 512 codes. Untrained weights:
 speed does not depend on them.
 
@@ -24,8 +23,10 @@ import tensorflow as tf  # noqa: E402
 from common import report, sample_images
 
 from vqvae_class_keras import VQVAE  # noqa: E402
-from vqvae_faces.codec import CODEC_BATCH, FaceCodec, Fingerprints  # noqa: E402
+from vqvae_faces.codec import CODEC_BATCH, FaceCodec  # noqa: E402
+from vqvae_faces.prior_stream import PriorStream  # noqa: E402
 from vqvae_faces.token_prior import CausalTransformer, GatedPixelCNN  # noqa: E402
+from vqvae_faces.vqf_format import Fingerprints  # noqa: E402
 
 GRID, K = (16, 16), 512
 
@@ -48,10 +49,11 @@ def codec_faces_per_second(prior) -> tuple[float, float]:
     vqvae.build((None, 64, 64, 3))
     codec = FaceCodec(vqvae, prior, Fingerprints(0, 0))
     faces = sample_images(CODEC_BATCH)
-    files, _ = codec.encode(faces)  # warm-up: compiles the step for every cache chunk
+    files = codec.encode(faces, container=False).files  # warm-up: compiles the step for every cache chunk
     codec.decode(files, [str(index) for index in range(len(files))])
     started = time.perf_counter()
-    files, grids = codec.encode(faces)
+    encoded = codec.encode(faces, container=False)
+    files, grids = encoded.files, encoded.grids
     encoding = len(faces) / (time.perf_counter() - started)
     started = time.perf_counter()
     decoded = codec.decode(files, [str(index) for index in range(len(files))])
@@ -61,40 +63,12 @@ def codec_faces_per_second(prior) -> tuple[float, float]:
 
 
 def step_milliseconds(prior) -> dict[str, float]:
-    """Milliseconds per position of the codec's compiled program and of a reference step (see the docstring)."""
-    program = prior.compiled_chunk_probabilities()
-    logits_only = tf.function(lambda *args: prior.step_logits(*args)[0], jit_compile=True)
-
-    def per_position():
-        caches = prior.empty_caches(CODEC_BATCH)
-        for position in range(GRID[0] * GRID[1]):
-            chunk, done = prior.caches_at(caches, position)
-            previous = tf.zeros((CODEC_BATCH, prior.cache_chunks()[chunk][1]), tf.int32)
-            result = program(previous, done, caches[chunk], tf.constant(position), tf.constant(1))
-            caches[chunk] = result[1]
-        result[0].numpy()
-
-    def per_chunk():
-        caches = prior.empty_caches(CODEC_BATCH)
-        for chunk, (start, length) in enumerate(prior.cache_chunks()):
-            _, done = prior.caches_at(caches, start)
-            previous = tf.zeros((CODEC_BATCH, length), tf.int32)
-            result = program(previous, done, caches[chunk], tf.constant(start), tf.constant(length))
-            caches[chunk] = result[1]
-        result[0].numpy()
-
-    def logits_per_position():
-        caches = prior.empty_caches(CODEC_BATCH)
-        previous = tf.zeros((CODEC_BATCH, 1), tf.int32)
-        for position in range(GRID[0] * GRID[1]):
-            chunk, done = prior.caches_at(caches, position)
-            logits = logits_only(previous, done, caches[chunk], tf.constant(position, tf.int32))
-        logits.numpy()
-
+    """Milliseconds per position of the codec's compiled program (see the docstring)."""
+    stream = PriorStream(prior, CODEC_BATCH)
+    zeros = np.zeros((CODEC_BATCH, GRID[0] * GRID[1]), np.int64)
     variants = {
-        "a call per position (decoding)": per_position,
-        "a call per cache chunk (encoding)": per_chunk,
-        "a step returning only logits, a call per position": logits_per_position,
+        "a call per position (decoding)": lambda: stream.run(lambda position, probabilities: zeros[:, position]),
+        "a call per cache chunk (encoding)": lambda: stream.known(zeros),
     }
     times = {}
     for name, run in variants.items():

@@ -18,9 +18,11 @@ import numpy as np
 from trained_runs import load_runs, parser_for
 
 from vqvae_faces import lfw_files
-from vqvae_faces.codec import FaceCodec, Fingerprints
-from vqvae_faces.evaluation import decode, image_quality, load_trained_model
+from vqvae_faces.codec import FaceCodec
+from vqvae_faces.evaluation import image_quality
+from vqvae_faces.inference import decode, load_trained_model
 from vqvae_faces.run_folder import RunPaths
+from vqvae_faces.vqf_format import Fingerprints
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import numpy as np
 from trained_runs import fid_features, load_runs, parser_for
 
 from vqvae_faces import fid, lfw_files
-from vqvae_faces.evaluation import decode, load_trained_model, tokenize
+from vqvae_faces.inference import decode, load_trained_model, tokenize
 from vqvae_faces.prior_evaluation import draw_samples
 from vqvae_faces.run_folder import RunPaths
 

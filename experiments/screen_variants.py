@@ -204,7 +204,8 @@ def train_one(args) -> dict:
 
     from vqvae_faces import lfw_files, pipeline
     from vqvae_faces.callbacks import TrainingClock
-    from vqvae_faces.evaluation import decode, image_quality, tokenize
+    from vqvae_faces.evaluation import image_quality
+    from vqvae_faces.inference import decode, tokenize
     from vqvae_faces.training import policy_callbacks
 
     config = run_config(args.base + VARIANTS[args.variant])

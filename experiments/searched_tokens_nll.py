@@ -16,7 +16,8 @@ import numpy as np
 from trained_runs import load_runs, parser_for
 
 from vqvae_faces import prior_metrics
-from vqvae_faces.evaluation import decode, image_quality, load_trained_model, test_set, tokenize
+from vqvae_faces.evaluation import image_quality, test_set
+from vqvae_faces.inference import decode, load_trained_model, tokenize
 from vqvae_faces.prior_evaluation import log_likelihoods
 from vqvae_faces.run_folder import RunPaths
 

@@ -14,18 +14,11 @@ from conftest import ROOT, TWO_THREADS, face_image
 from PIL import Image
 
 from vqvae_class_keras import VQVAE
-from vqvae_faces.codec import (
-    CODEC_BATCH,
-    CONTAINER_HEADER_BYTES,
-    HEADER_BYTES,
-    CodecError,
-    FaceCodec,
-    Fingerprints,
-    token_checksum,
-)
+from vqvae_faces.codec import CODEC_BATCH, FaceCodec
 from vqvae_faces.model_settings import load_model
 from vqvae_faces.token_prior import CausalTransformer
 from vqvae_faces.token_search import search_tokens
+from vqvae_faces.vqf_format import CONTAINER_HEADER_BYTES, HEADER_BYTES, CodecError, Fingerprints, token_checksum
 
 K, GRID = 16, (4, 4)
 TINY = dict(encoder_filters=[8, 16], decoder_filters=[16, 8], num_residual_blocks=0, residual_hidden_channels=8)
@@ -78,14 +71,16 @@ def test_tokens_round_trip_including_the_first_and_last_symbol_under_skewed_dist
     rng = np.random.default_rng(0)
     grids = rng.integers(0, K, (CODEC_BATCH + 3, *GRID)).astype(np.int16)  # a full batch and a partial one
     grids[0], grids[1] = 0, K - 1
-    files, container = codec.encode_tokens(grids)
+    encoded = codec.encode_tokens(grids)
+    files, container = encoded.files, encoded.container
     np.testing.assert_array_equal(codec.decode(files, [f"f{i}" for i in range(len(files))]), grids)
     np.testing.assert_array_equal(codec.decode_container(container, "all.vqfs"), grids)
     # A prior almost sure of token 0: the unlikely last symbol still codes, and certain tokens cost almost nothing.
     favour_token(codec.prior, 0, 25.0)
     skewed = np.zeros((2, *GRID), np.int16)
     skewed[1, 2, 3] = K - 1
-    files, container = codec.encode_tokens(skewed)
+    encoded = codec.encode_tokens(skewed)
+    files, container = encoded.files, encoded.container
     np.testing.assert_array_equal(codec.decode(files, ["a", "b"]), skewed)
     np.testing.assert_array_equal(codec.decode_container(container, "all.vqfs"), skewed)
     assert len(files[0]) < len(files[1]) and len(files[0]) <= HEADER_BYTES + 4
@@ -98,14 +93,16 @@ def test_grids_longer_than_one_cache_chunk_round_trip(model_files):
     prior(np.zeros((1, *grid), np.int32))
     codec = FaceCodec(load_model(model_files / "vqvae.keras"), prior, Fingerprints(1, 2))
     grids = np.random.default_rng(5).integers(0, K, (3, *grid)).astype(np.int16)
-    files, container = codec.encode_tokens(grids)
+    encoded = codec.encode_tokens(grids)
+    files, container = encoded.files, encoded.container
     np.testing.assert_array_equal(codec.decode(files, ["a", "b", "c"]), grids)
     np.testing.assert_array_equal(codec.decode_container(container, "all.vqfs"), grids)
 
 
 def test_the_header_holds_magic_version_fingerprints_grid_and_checksum(codec):
     grid = np.arange(16, dtype=np.int16).reshape(GRID)
-    (data,), container = codec.encode_tokens(grid[None])
+    encoded = codec.encode_tokens(grid[None])
+    (data,), container = encoded.files, encoded.container
     checksum = token_checksum(grid)
     assert data[:HEADER_BYTES] == b"VQ\x01\x12\x34\x56\x78\x04\x04" + bytes([checksum >> 8, checksum & 0xFF])
     crc = zlib.crc32(grid.astype("<i2").tobytes())
@@ -115,22 +112,26 @@ def test_the_header_holds_magic_version_fingerprints_grid_and_checksum(codec):
 def test_a_container_costs_the_code_lengths_and_no_header_per_face(codec):
     """Its payload is within a few words of the summed ideal code lengths, far below the files' summed sizes."""
     images = faces(CODEC_BATCH + 6)
-    files, container, grids = codec.encode_all(images)
+    encoded = codec.encode(images)
+    files, container, grids = encoded.files, encoded.container, encoded.grids
     _, bits = codec.choose_tokens(images)
     payload_bits = 8 * (len(container) - CONTAINER_HEADER_BYTES)
     assert bits.sum() <= payload_bits <= bits.sum() + 64
     assert payload_bits < 8 * sum(len(data) - HEADER_BYTES for data in files)
     np.testing.assert_array_equal(codec.decode_container(container, "all.vqfs"), grids)
-    alone, in_it = codec.encode_container(images)  # what --into writes: the same bytes, without the files
-    only_files, file_grids = codec.encode(images)
-    assert alone == container and only_files == files
-    np.testing.assert_array_equal(in_it, grids)
-    np.testing.assert_array_equal(file_grids, grids)
+    alone = codec.encode(images, files=False)  # what --into writes: the same bytes, without the files
+    only_files = codec.encode(images, container=False)
+    assert alone.container == container and only_files.files == files
+    assert not alone.files and not only_files.container
+    np.testing.assert_array_equal(alone.grids, grids)
+    np.testing.assert_array_equal(only_files.grids, grids)
+    np.testing.assert_array_equal(encoded.bits, bits)
 
 
 def test_images_encode_to_their_nearest_codes_and_decode_to_them(codec):
     images = faces(5)
-    files, grids = codec.encode(images)
+    encoded = codec.encode(images)
+    files, grids = encoded.files, encoded.grids
     nearest = codec.vqvae.encode_to_tokens(images.astype(np.float32) / 255.0).numpy()
     np.testing.assert_array_equal(grids, nearest)
     np.testing.assert_array_equal(codec.decode(files, list("abcde")), nearest)
@@ -140,8 +141,9 @@ DECODE_ELSEWHERE = """
 import json, sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from vqvae_faces.codec import FaceCodec, Fingerprints
+from vqvae_faces.codec import FaceCodec
 from vqvae_faces.model_settings import load_model
+from vqvae_faces.vqf_format import Fingerprints
 folder = Path({folder!r})
 codec = FaceCodec(load_model(folder / "vqvae.keras"), load_model(folder / "prior.keras"), Fingerprints(0x1234, 0x5678))
 names = sorted(folder.glob("*.vqf"), reverse=True)[:{count}]  # other files per batch, in another order
@@ -159,8 +161,10 @@ def test_another_process_with_other_threads_and_other_batches_decodes_the_same_t
     codes (their probabilities computed a cache chunk per call) and a container of tokens chosen by the rate
     term (a position per call)."""
     images = faces(CODEC_BATCH + 5)
-    files, grids = codec.encode(images)
-    container, chosen = codec.encode_container(images, rate_lambda=0.3)
+    encoded = codec.encode(images)
+    files, grids = encoded.files, encoded.grids
+    rated = codec.encode(images, rate_lambda=0.3)
+    container, chosen = rated.container, rated.grids
     assert (chosen != grids).any(), "the rate term must change some tokens for the container to test that path"
     for index, data in enumerate(files):
         (model_files / f"face{index:03d}.vqf").write_bytes(data)
@@ -209,7 +213,8 @@ def scrambled_after(offset):
     ],
 )
 def test_every_kind_of_bad_file_or_container_gets_its_message(codec, container, damage, message):
-    files, packed, _ = codec.encode_all(faces(3))
+    encoded = codec.encode(faces(3))
+    files, packed = encoded.files, encoded.container
     name = "all.vqfs" if container else "face.vqf"
     with pytest.raises(CodecError, match=message) as error:
         if container:
@@ -220,7 +225,7 @@ def test_every_kind_of_bad_file_or_container_gets_its_message(codec, container, 
 
 
 def test_other_weights_are_refused_naming_both_sets(codec, model_files):
-    files, _ = codec.encode(faces(1))
+    files = codec.encode(faces(1)).files
     other = make_codec(model_files, Fingerprints(0x1234, 0x9999, "v.keras", "p.keras"))
     with pytest.raises(CodecError, match=r"VQ-VAE 1234, prior 5678\) than these \(VQ-VAE 1234 v.keras, prior 9999"):
         other.decode(files, ["face.vqf"])
@@ -234,7 +239,8 @@ def test_the_rate_term_moves_tokens_to_shorter_codes(model_files):
     bits, grids = [], []
     for rate_lambda in (0.0, 0.1, 0.3, 1e6):
         chosen, lengths = codec.choose_tokens(images, rate_lambda)
-        files, coded = codec.encode(images, rate_lambda)
+        encoded = codec.encode(images, rate_lambda)
+        files, coded = encoded.files, encoded.grids
         np.testing.assert_array_equal(coded, chosen)
         np.testing.assert_array_equal(codec.decode(files, list("abcdef")), chosen)
         bits.append(lengths.mean())
@@ -261,13 +267,15 @@ def test_searched_tokens_are_coded_and_the_rate_term_moves_away_from_them(model_
     nearest = codec.vqvae.encode_to_tokens(pixels).numpy()
     assert (searched != nearest).any(), "the search must change some tokens for this test to mean anything"
 
-    files, grids = codec.encode(images)
+    encoded = codec.encode(images)
+    files, grids = encoded.files, encoded.grids
     np.testing.assert_array_equal(grids, searched)
     np.testing.assert_array_equal(codec.decode(files, list("abcdef")), searched)
     assert (decoded_mse(codec.vqvae, grids, pixels) <= decoded_mse(codec.vqvae, nearest, pixels)).all()
     favour_token(codec.prior, 3, 4.0)
     np.testing.assert_array_equal(codec.choose_tokens(images, 1e-9)[0], searched)
-    files, grids = codec.encode(images, 1e6)
+    encoded = codec.encode(images, 1e6)
+    files, grids = encoded.files, encoded.grids
     assert (grids == 3).all()
     np.testing.assert_array_equal(codec.decode(files, list("abcdef")), grids)
     with pytest.raises(ValueError, match="search_step_size=0"):
@@ -285,7 +293,8 @@ def test_with_search_steps_the_rate_term_is_in_the_search_and_its_tokens_are_cod
     codec = FaceCodec(vqvae, prior, Fingerprints(1, 2), search_steps=steps, search_step_size=step_size)
     images = faces(6)
     pixels = images.astype(np.float32) / 255.0
-    files, grids = codec.encode(images, rate_lambda)
+    encoded = codec.encode(images, rate_lambda)
+    files, grids = encoded.files, encoded.grids
     np.testing.assert_array_equal(codec.decode(files, list("abcdef")), grids)
     expected = search_tokens(vqvae, pixels, steps, step_size, prior.code_lengths, rate_lambda).numpy()
     np.testing.assert_array_equal(grids, expected)

@@ -7,6 +7,7 @@ import scipy.stats
 import tensorflow as tf
 from conftest import token_log_probs
 
+from vqvae_faces.prior_stream import PriorStream
 from vqvae_faces.token_prior import (
     CACHE_CHUNK,
     CausalTransformer,
@@ -85,55 +86,35 @@ def test_cached_sampling_equals_full_passes():
         np.testing.assert_array_equal(cached, full)
 
 
-def test_the_cached_step_spans_several_cache_chunks():
-    """A 9x10 grid is a full chunk of cached keys and values and a partial one: the step's logits
-    at every position equal the full pass's, and cached sampling still equals full-pass sampling."""
+def test_the_stream_spans_several_cache_chunks_and_a_chunk_per_call_equals_a_position_per_call():
+    """The codec's program over a 9x10 grid (a full cache chunk of keys and values and a partial one): the
+    encoder's call per chunk (`known`) and the decoder's call per position (`run`) give identical
+    distributions, equal to the softmax of the full pass; `run` hands each position the tokens chosen
+    before it. Cached sampling still equals full-pass sampling."""
     grid = (9, 10)
     assert CACHE_CHUNK < grid[0] * grid[1] < 2 * CACHE_CHUNK
     keras.utils.set_random_seed(1)
     model = CausalTransformer(K, grid, width=16, num_heads=2, num_layers=2, mlp_ratio=2)
-    tokens = np.random.default_rng(2).integers(0, K, (3, *grid)).astype(np.int32)
-    full = model(tokens).numpy().reshape(3, -1, K)
-    caches = model.empty_caches(3)
     assert [length for _, length in model.cache_chunks()] == [CACHE_CHUNK, grid[0] * grid[1] - CACHE_CHUNK]
-    previous = -np.ones((3, 1), np.int32)
-    for position in range(grid[0] * grid[1]):
-        chunk, done = model.caches_at(caches, position)
-        assert chunk == position // CACHE_CHUNK and len(done[0]) == chunk
-        logits, caches[chunk] = model.step_logits(previous, done, caches[chunk], tf.constant(position))
-        np.testing.assert_allclose(logits.numpy(), full[:, position], atol=1e-4, err_msg=f"position {position}")
-        previous = tokens.reshape(3, -1)[:, position : position + 1]
+    tokens = np.random.default_rng(2).integers(0, K, (3, grid[0] * grid[1]))
+    full = tf.nn.softmax(model(tokens.reshape(3, *grid))).numpy().reshape(3, -1, K)
+    stream = PriorStream(model, 3)
+    at_once = stream.known(tokens)
+    np.testing.assert_allclose(at_once, full, atol=1e-5)
+    seen = []
+
+    def choose(position, probabilities):
+        seen.append(probabilities)
+        return tokens[:, position]
+
+    chosen, one_by_one = stream.run(choose)
+    np.testing.assert_array_equal(chosen, tokens)
+    np.testing.assert_array_equal(one_by_one, at_once)
+    np.testing.assert_array_equal(np.stack(seen, axis=1), at_once)
     seed = tf.constant([4, 5], tf.int64)
     np.testing.assert_array_equal(
         model.sample_tokens(2, seed).numpy(), TokenPrior.sample_tokens(model, 2, seed).numpy()
     )
-
-
-def test_a_chunk_in_one_call_equals_one_position_per_call_bit_for_bit():
-    """The codec's program over a 9x10 grid (a full cache chunk and a partial one): an encoder's call per
-    chunk and a decoder's call per position give identical probabilities and caches, equal to the
-    softmax of the full pass; rows of positions not computed are zero."""
-    grid = (9, 10)
-    keras.utils.set_random_seed(1)
-    model = CausalTransformer(K, grid, width=16, num_heads=2, num_layers=2, mlp_ratio=2)
-    tokens = np.random.default_rng(2).integers(0, K, (3, grid[0] * grid[1])).astype(np.int32)
-    previous = np.concatenate([-np.ones((3, 1), np.int32), tokens[:, :-1]], axis=1)
-    full = tf.nn.softmax(model(tokens.reshape(3, *grid))).numpy().reshape(3, -1, K)
-    program = model.compiled_chunk_probabilities()
-    whole, single = model.empty_caches(3), model.empty_caches(3)
-    for chunk, (start, length) in enumerate(model.cache_chunks()):
-        _, done = model.caches_at(whole, start)
-        before = tf.constant(previous[:, start : start + length])
-        at_once, whole[chunk] = program(before, done, whole[chunk], tf.constant(start), tf.constant(length))
-        np.testing.assert_allclose(at_once.numpy().transpose(1, 0, 2), full[:, start : start + length], atol=1e-5)
-        for position in range(start, start + length):
-            _, done = model.caches_at(single, position)
-            known = np.zeros((3, length), np.int32)  # a decoder knows only the token before this position
-            known[:, position - start] = previous[:, position]
-            one, single[chunk] = program(known, done, single[chunk], tf.constant(position), tf.constant(1))
-            np.testing.assert_array_equal(one.numpy()[position - start], at_once.numpy()[position - start])
-            assert not one.numpy()[position - start + 1 :].any() and not one.numpy()[: position - start].any()
-        np.testing.assert_array_equal(np.array(single[chunk]), np.array(whole[chunk]))
 
 
 @pytest.mark.parametrize("architecture", ["pixelcnn", "transformer"])

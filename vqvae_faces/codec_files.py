@@ -21,12 +21,13 @@ from PIL import Image
 
 from vqvae_faces import lfw_files
 from vqvae_faces.atomic_files import write_atomically
-from vqvae_faces.codec import CODEC_BATCH, CONTAINER_MAGIC, MAX_CONTAINER_FACES, FaceCodec, Fingerprints
+from vqvae_faces.codec import CODEC_BATCH, FaceCodec
 from vqvae_faces.config import DataConfig, ExperimentConfig
 from vqvae_faces.errors import ConfigError, DataError, EvaluationError
-from vqvae_faces.evaluation import decode as decode_tokens
+from vqvae_faces.inference import decode as decode_tokens
 from vqvae_faces.model_settings import load_model
 from vqvae_faces.run_folder import RunPaths, file_digest, run_lock
+from vqvae_faces.vqf_format import CONTAINER_MAGIC, MAX_CONTAINER_FACES, Fingerprints
 
 log = logging.getLogger("vqvae_faces.codec")
 
@@ -129,13 +130,13 @@ def encode_photos(
         folder.mkdir(parents=True, exist_ok=True)
     bar = keras.utils.Progbar(len(photos), unit_name="photo")
     if into is not None:
-        container, _ = codec.encode_container(np.stack(faces), rate_lambda, on_group=bar.add)
+        container = codec.encode(np.stack(faces), rate_lambda, on_group=bar.add, files=False).container
         write_atomically(into, lambda tmp: tmp.write_bytes(container))
         log.info("wrote %s: %d faces, %.0f bits per face", into, len(faces), 8 * len(container) / len(faces))
         return targets
     sizes = []
     for start in range(0, len(photos), CODEC_BATCH):
-        files, _ = codec.encode(np.stack(faces[start : start + CODEC_BATCH]), rate_lambda)
+        files = codec.encode(np.stack(faces[start : start + CODEC_BATCH]), rate_lambda, container=False).files
         for data, target in zip(files, targets[start : start + CODEC_BATCH]):
             write_atomically(target, lambda tmp, data=data: tmp.write_bytes(data))
             sizes.append(len(data))
@@ -152,11 +153,11 @@ def decode_files(codec: FaceCodec, files: list[Path], to=None, overwrite=False) 
     for path, data in zip(files, contents):  # every header checked before any work
         folder = to or path.parent
         if data[:2] == CONTAINER_MAGIC:
-            count, _ = codec.read_container_header(data, str(path))
+            count, _, _ = codec.reader.container(data, str(path))
             digits = len(str(count))
             containers.append((path, data, [folder / f"{path.stem}-{n:0{digits}d}.png" for n in range(1, count + 1)]))
         else:
-            codec.read_header(data, str(path))
+            codec.reader.file(data, str(path))
             singles.append((path, data, folder / f"{path.stem}.png"))
     sources = [path for path, _, _ in singles] + [path for path, _, targets in containers for _ in targets]
     targets = [target for _, _, target in singles] + [target for _, _, group in containers for target in group]

@@ -27,8 +27,10 @@ from PIL import Image  # noqa: E402
 
 from vqvae_faces import visualize  # noqa: E402
 from vqvae_faces.atomic_files import write_atomically, write_text_atomically  # noqa: E402
-from vqvae_faces.codec import CODEC_BATCH, HEADER_BYTES  # noqa: E402
-from vqvae_faces.evaluation import EvaluationResult, decode, image_quality  # noqa: E402
+from vqvae_faces.codec import CODEC_BATCH  # noqa: E402
+from vqvae_faces.evaluation import EvaluationResult, image_quality  # noqa: E402
+from vqvae_faces.inference import decode  # noqa: E402
+from vqvae_faces.vqf_format import HEADER_BYTES  # noqa: E402
 
 log = logging.getLogger("vqvae_faces.compare")
 
@@ -156,62 +158,7 @@ def build_table(
         m = result.metrics
         if m["model"] == "VQVAE":
             budget = m["bits_per_image"] if budget is None else min(budget, m["bits_per_image"])
-            grid = "x".join(str(v) for v in m["token_grid"])
-            setting = f"fixed grid of {grid} tokens, K={m['num_embeddings']} (nominal size, no file)"
-            rows.append(
-                _row(
-                    f"VQ-VAE ({name})",
-                    setting,
-                    m["bits_per_image"],
-                    result.quality,
-                    codebook_usage=m["codebook_usage"],
-                    perplexity=m["perplexity"],
-                )
-            )
-            rows.append(
-                _row(
-                    f"VQ-VAE ({name}) + entropy coding",
-                    "empirical unigram entropy of the test tokens (no decoder could use it)",
-                    m["entropy_coded_bits_per_image"],
-                    result.quality,
-                )
-            )
-            rows.append(
-                _row(
-                    f"VQ-VAE ({name}) + xz",
-                    "tokens compressed with LZMA",
-                    lzma_bits_per_image(result.tokens),
-                    result.quality,
-                )
-            )
-        elif m.get("tokens_from"):
-            rows.append(
-                _row(
-                    f"VQ-VAE ({m['tokens_from']}) + prior ({name})",
-                    "nearest codes; ideal code length -log2 p(tokens) under the prior",
-                    m["bits_per_image"],
-                    result.quality,
-                )
-            )
-        else:
-            rows.append(
-                _row(
-                    f"VAE ({name})",
-                    "posterior mean decoded (needs more than KL bits)",
-                    m["kl_bits_per_image"],
-                    result.quality,
-                    kl_bits_per_image=m["kl_bits_per_image"],
-                )
-            )
-            rows.append(
-                _row(
-                    f"VAE ({name}), posterior sample",
-                    "one z ~ q(z|x) decoded: what about KL bits can carry",
-                    m["kl_bits_per_image"],
-                    result.sampled_quality,
-                    kl_bits_per_image=m["kl_bits_per_image"],
-                )
-            )
+        rows += _model_rows(name, result)
     codecs = {}
     if budget is not None:
         originals = images.astype(np.float32) / 255.0
@@ -224,6 +171,56 @@ def build_table(
                 _row(codec, note, result.bits_per_image, scores, codec_quality=result.quality, fits_budget=fits)
             )
     return pd.DataFrame(rows), codecs, budget
+
+
+def _model_rows(name: str, result: EvaluationResult) -> list[dict]:
+    """The rows of one model run: a VQ-VAE's nominal size, entropy and xz; a prior's code length; a VAE's KL."""
+    m = result.metrics
+    if m["model"] == "VQVAE":
+        grid = "x".join(str(v) for v in m["token_grid"])
+        setting = f"fixed grid of {grid} tokens, K={m['num_embeddings']} (nominal size, no file)"
+        return [
+            _row(
+                f"VQ-VAE ({name})",
+                setting,
+                m["bits_per_image"],
+                result.quality,
+                codebook_usage=m["codebook_usage"],
+                perplexity=m["perplexity"],
+            ),
+            _row(
+                f"VQ-VAE ({name}) + entropy coding",
+                "empirical unigram entropy of the test tokens (no decoder could use it)",
+                m["entropy_coded_bits_per_image"],
+                result.quality,
+            ),
+            _row(
+                f"VQ-VAE ({name}) + xz",
+                "tokens compressed with LZMA",
+                lzma_bits_per_image(result.tokens),
+                result.quality,
+            ),
+        ]
+    if m.get("tokens_from"):
+        setting = "nearest codes; ideal code length -log2 p(tokens) under the prior"
+        return [_row(f"VQ-VAE ({m['tokens_from']}) + prior ({name})", setting, m["bits_per_image"], result.quality)]
+    kl = m["kl_bits_per_image"]
+    return [
+        _row(
+            f"VAE ({name})",
+            "posterior mean decoded (needs more than KL bits)",
+            kl,
+            result.quality,
+            kl_bits_per_image=kl,
+        ),
+        _row(
+            f"VAE ({name}), posterior sample",
+            "one z ~ q(z|x) decoded: what about KL bits can carry",
+            kl,
+            result.sampled_quality,
+            kl_bits_per_image=kl,
+        ),
+    ]
 
 
 def vqf_rows(codec, prior_run: str, images: np.ndarray, names, lambdas, folder: Path) -> list[dict]:
@@ -240,7 +237,8 @@ def vqf_rows(codec, prior_run: str, images: np.ndarray, names, lambdas, folder: 
     for rate_lambda in lambdas:
         target = folder / prior_run / f"lambda_{rate_lambda:g}"
         target.mkdir(parents=True, exist_ok=True)
-        files, container, grids = codec.encode_all(images, rate_lambda)
+        encoded = codec.encode(images, rate_lambda)
+        files, container, grids = encoded.files, encoded.container, encoded.grids
         paths = [target / (str(name).replace("/", "__").rsplit(".", 1)[0] + ".vqf") for name in names]
         for data, path in zip(files, paths):
             write_atomically(path, lambda tmp, data=data: tmp.write_bytes(data))

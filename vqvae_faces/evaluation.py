@@ -1,13 +1,11 @@
-"""Evaluation of a trained run on untouched test faces: tokens, reconstructions, metrics."""
+"""Evaluation of a trained run on untouched test faces: the metrics, and the files and pictures that hold them."""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
-import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import keras
@@ -18,28 +16,15 @@ import tensorflow as tf
 from vqvae_class_keras import VQVAE
 from vqvae_faces import lfw_files, pipeline, visualize
 from vqvae_faces.atomic_files import save_npz_atomically, write_json_atomically
+from vqvae_faces.compiled import compiled
 from vqvae_faces.config import RunConfig
-from vqvae_faces.errors import CheckpointError, EvaluationError
 from vqvae_faces.gaussian_vae import VAE
-from vqvae_faces.model_settings import load_model
+from vqvae_faces.inference import check_image_shape, decode, reconstruct, tokenize
 from vqvae_faces.run_folder import RunPaths, read_state
-from vqvae_faces.token_search import search_tokens
 
 log = logging.getLogger("vqvae_faces.eval")
 
 PREVIEW_FACES = 10
-SEARCH_PROGRESS_REPORTS = 10  # log lines per token search
-
-# Each model's compiled encode and decode functions, traced once and reused by every call.
-_COMPILED: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
-
-
-def compiled(model: keras.Model, method: str):
-    """`tf.function(getattr(model, method))`, created once per model and method."""
-    functions = _COMPILED.setdefault(model, {})
-    if method not in functions:
-        functions[method] = tf.function(getattr(model, method))
-    return functions[method]
 
 
 def image_quality(originals: np.ndarray, reconstructions: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
@@ -63,80 +48,6 @@ def code_statistics(counts: np.ndarray) -> dict[str, float]:
         "perplexity": float(np.exp(-(nonzero * np.log(nonzero)).sum())),
         "token_entropy_bits": float(-(nonzero * np.log2(nonzero)).sum()),
     }
-
-
-def tokenize(model: VQVAE, images: np.ndarray, batch_size: int, search_steps: int = 0, step_size: float = 0.0):
-    """uint8 images (N, H, W, C) -> int16 token grids (N, h, w).
-
-    With `search_steps` > 0 the tokens come from `token_search.search_tokens` (chosen by
-    decoding, never worse per image than the nearest codes; progress is logged,
-    since this takes minutes for a few thousand faces on a CPU); otherwise they
-    are the encoder's nearest codes.
-    """
-
-    def search(batch):
-        return search_tokens(model, batch, search_steps, step_size)
-
-    encode = tf.function(search) if search_steps > 0 else compiled(model, "encode_to_tokens")
-    if not len(images):  # e.g. an empty validation split: no grids, but of the grid's shape
-        grid = model.encode_to_tokens(np.zeros((1, *images.shape[1:]), np.float32)).shape[1:]
-        return np.zeros((0, *grid), np.int16)
-    grids, done, next_report = [], 0, len(images) / SEARCH_PROGRESS_REPORTS
-    for batch in pipeline.make_dataset(images, batch_size):
-        grids.append(encode(batch).numpy())
-        done += len(grids[-1])
-        if search_steps > 0 and done >= next_report and done < len(images):
-            log.info("token search: %d of %d faces", done, len(images))
-            next_report += len(images) / SEARCH_PROGRESS_REPORTS
-    return np.concatenate(grids).astype(np.int16)
-
-
-def decode(model: VQVAE, tokens: np.ndarray, batch_size: int) -> np.ndarray:
-    """int token grids (N, h, w) -> float32 reconstructions (N, H, W, C)."""
-    decode_fn = compiled(model, "decode_tokens")
-    dataset = tf.data.Dataset.from_tensor_slices(tokens.astype(np.int32)).batch(batch_size)
-    return np.concatenate([decode_fn(batch).numpy() for batch in dataset]).astype(np.float32)
-
-
-def reconstruct(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Reconstructions of uint8 images through the model's inference path."""
-    return model.predict(pipeline.make_dataset(images, batch_size), verbose=0).astype(np.float32)
-
-
-def load_trained_model(paths: RunPaths, run_name: str) -> tuple[keras.Model, Path]:
-    """The run's best.keras, else latest.keras (with a warning), loaded; a clear error when neither loads."""
-    problems = []
-    for path in (paths.best_model, paths.latest_model):
-        if not path.is_file():
-            continue
-        try:
-            model = load_model(path)
-        except CheckpointError as error:
-            problems.append(str(error))
-            log.warning("%s", error)
-            continue
-        if problems or path == paths.latest_model:
-            log.warning("run %s: evaluating %s (no usable best.keras)", run_name, path)
-        return model, path
-    if problems:
-        raise EvaluationError(
-            f"no loadable model for run {run_name!r}: " + "; ".join(problems) + ". Restore the file from a copy, "
-            "or pass --retrain to train the run from scratch."
-        )
-    raise EvaluationError(
-        f"no trained model for run {run_name!r}: {paths.best_model} does not exist. "
-        'Train it first (drop --eval, or set "enable_training": true).'
-    )
-
-
-def check_image_shape(run_name: str, model: keras.Model, images: np.ndarray) -> None:
-    """An `EvaluationError` when `images` (N, H, W, C) are not the shape `model` was trained on."""
-    expected = tuple(model.get_build_config()["input_shape"][1:]) if model.get_build_config() else None
-    if expected and tuple(expected) != tuple(images.shape[1:]):
-        raise EvaluationError(
-            f"run {run_name!r} was trained on images of shape {tuple(expected)} but the evaluation data has "
-            f"shape {tuple(images.shape[1:])}: use the data.image_size and data source it was trained with."
-        )
 
 
 @dataclass
@@ -173,49 +84,18 @@ def evaluate_run(
     from those saved tokens. With a search, the quality of the encoder's nearest
     codes is reported beside it (`psnr_nearest_codes`, `ssim_nearest_codes`).
     """
-    images, names, dataset, batch_size = faces.images, faces.names, faces.description, run.batch_size
-    token_search_steps, token_search_step_size = run.token_search_steps, run.token_search_step_size
+    images, names, dataset = faces.images, faces.names, faces.description
     check_image_shape(run_name, model, images)
     originals = images.astype(np.float32) / 255.0
     metrics: dict = {"run": run_name, "model": type(model).__name__, "dataset": dataset, "num_test_images": len(images)}
     tokens, sampled_quality = None, None
     if isinstance(model, VQVAE):
-        if token_search_steps > 0:
-            log.info(
-                "run %s: choosing the tokens of %d faces by decoding (%d steps each)",
-                run_name,
-                len(images),
-                token_search_steps,
-            )
-        started = time.perf_counter()
-        tokens = tokenize(model, images, batch_size, token_search_steps, token_search_step_size)
-        metrics["token_search_steps"] = token_search_steps
-        metrics["tokenize_images_per_second"] = len(images) / (time.perf_counter() - started)
-        if token_search_steps > 0:
-            nearest = image_quality(originals, decode(model, tokenize(model, images, batch_size), batch_size))
-            metrics.update({f"{name}_nearest_codes": float(nearest[name].mean()) for name in ("psnr", "ssim")})
-        token_file = paths.checkpoints / "tokens.npz"
-        save_npz_atomically(token_file, compressed=True, tokens=tokens, names=np.asarray(names))
-        with np.load(token_file, allow_pickle=False) as saved:
-            reconstructions = decode(model, saved["tokens"], batch_size)
-        k = model.quantizer.num_embeddings
-        counts = np.bincount(tokens.reshape(-1).astype(np.int64), minlength=k)
-        stats = code_statistics(counts)
-        metrics.update(stats)
-        metrics["num_embeddings"] = k
-        metrics["token_grid"] = list(tokens.shape[1:])
-        metrics["bits_per_image"] = float(np.prod(tokens.shape[1:]) * math.log2(k))
-        metrics["entropy_coded_bits_per_image"] = float(np.prod(tokens.shape[1:]) * stats["token_entropy_bits"])
-        visualize.plot_code_usage(
-            counts,
-            paths.images / "codebook_usage.png",
-            f"{run_name}: {stats['codebook_usage']:.0%} of {k} codes used on the test faces",
-        )
+        tokens, reconstructions = _evaluate_tokens(run_name, run, model, paths, faces, metrics)
     else:
-        reconstructions = reconstruct(model, images, batch_size)
-        metrics["kl_bits_per_image"] = float(_mean_kl_bits(model, images, batch_size))
+        reconstructions = reconstruct(model, images, run.batch_size)
+        metrics["kl_bits_per_image"] = float(_mean_kl_bits(model, images, run.batch_size))
         metrics["bits_per_image"] = metrics["kl_bits_per_image"]
-        sampled_quality = image_quality(originals, _posterior_samples(model, images, batch_size))
+        sampled_quality = image_quality(originals, _posterior_samples(model, images, run.batch_size))
         metrics.update({f"{name}_posterior_sample": float(v.mean()) for name, v in sampled_quality.items()})
     quality = image_quality(originals, reconstructions)
     metrics.update({name: float(values.mean()) for name, values in quality.items()})
@@ -236,9 +116,43 @@ def evaluate_run(
     return EvaluationResult(metrics, quality, reconstructions, tokens, sampled_quality)
 
 
+def _evaluate_tokens(run_name: str, run: RunConfig, model: VQVAE, paths: RunPaths, faces: TestFaces, metrics: dict):
+    """A VQ-VAE's tokens of the test faces (saved to tokens.npz) and its reconstructions decoded from the
+    saved file; adds the tokens' figures to `metrics` and draws the codebook's usage."""
+    images, batch_size, steps = faces.images, run.batch_size, run.token_search_steps
+    if steps > 0:
+        log.info("run %s: choosing the tokens of %d faces by decoding (%d steps each)", run_name, len(images), steps)
+    started = time.perf_counter()
+    tokens = tokenize(model, images, batch_size, steps, run.token_search_step_size)
+    metrics["token_search_steps"] = steps
+    metrics["tokenize_images_per_second"] = len(images) / (time.perf_counter() - started)
+    if steps > 0:
+        originals = images.astype(np.float32) / 255.0
+        nearest = image_quality(originals, decode(model, tokenize(model, images, batch_size), batch_size))
+        metrics.update({f"{name}_nearest_codes": float(nearest[name].mean()) for name in ("psnr", "ssim")})
+    token_file = paths.checkpoints / "tokens.npz"
+    save_npz_atomically(token_file, compressed=True, tokens=tokens, names=np.asarray(faces.names))
+    with np.load(token_file, allow_pickle=False) as saved:
+        reconstructions = decode(model, saved["tokens"], batch_size)
+    k = model.quantizer.num_embeddings
+    counts = np.bincount(tokens.reshape(-1).astype(np.int64), minlength=k)
+    stats = code_statistics(counts)
+    metrics.update(stats)
+    metrics["num_embeddings"] = k
+    metrics["token_grid"] = list(tokens.shape[1:])
+    metrics["bits_per_image"] = float(np.prod(tokens.shape[1:]) * math.log2(k))
+    metrics["entropy_coded_bits_per_image"] = float(np.prod(tokens.shape[1:]) * stats["token_entropy_bits"])
+    visualize.plot_code_usage(
+        counts,
+        paths.images / "codebook_usage.png",
+        f"{run_name}: {stats['codebook_usage']:.0%} of {k} codes used on the test faces",
+    )
+    return tokens, reconstructions
+
+
 def _posterior_samples(model: VAE, images: np.ndarray, batch_size: int) -> np.ndarray:
     """Reconstructions from one posterior sample per image, seeded by the batch number (repeatable)."""
-    decode_sample = tf.function(model.decode_posterior_sample)
+    decode_sample = compiled(model, VAE.decode_posterior_sample)
     batches = pipeline.make_dataset(images, batch_size)
     return np.concatenate(
         [decode_sample(batch, tf.constant([0, number], tf.int64)).numpy() for number, batch in enumerate(batches)]

@@ -21,7 +21,7 @@ import numpy as np
 from vqvae_faces.atomic_files import save_npz_atomically
 from vqvae_faces.config import ExperimentConfig
 from vqvae_faces.errors import TrainingError
-from vqvae_faces.evaluation import load_trained_model, tokenize
+from vqvae_faces.inference import load_trained_model, tokenize
 from vqvae_faces.lfw_files import SPLIT_PARTS, FaceSet, images_fingerprint, load_split
 from vqvae_faces.run_folder import RunPaths, file_digest, run_lock
 
@@ -125,8 +125,9 @@ class PriorSource:
     tokens: TokenSplits
 
 
-def load_prior_source(config: ExperimentConfig, run_name: str, faces: FaceSet, out: Path) -> PriorSource:
-    """Load the VQ-VAE run a prior learns from (`tokens_from`) and tokenize its splits (cached).
+def load_prior_source(config: ExperimentConfig, run_name: str, faces: FaceSet, paths: RunPaths) -> PriorSource:
+    """Load the VQ-VAE run the prior run `run_name` (its folders: `paths`) learns from (`tokens_from`) and
+    tokenize its splits (cached).
 
     The prior keeps the VQ-VAE's split, so its test faces are the VQ-VAE's test faces.
     A `TrainingError` naming the VQ-VAE run when it has no trained model.
@@ -136,7 +137,7 @@ def load_prior_source(config: ExperimentConfig, run_name: str, faces: FaceSet, o
     search = (
         (source_run.token_search_steps, source_run.token_search_step_size) if run.prior.searched_tokens else (0, 0.0)
     )
-    source = RunPaths.for_run(out, run.tokens_from)
+    source = paths.sibling(run.tokens_from)
     if source.trained_model() is None:
         raise TrainingError(
             f"run {run_name!r} learns the tokens of VQ-VAE run {run.tokens_from!r}, which has no trained model in "
@@ -150,7 +151,7 @@ def load_prior_source(config: ExperimentConfig, run_name: str, faces: FaceSet, o
             checkpoint,
             faces,
             split,
-            out / "checkpoints" / "data_cache",
+            paths.data_cache,
             TOKENIZE_BATCH,
             flipped=run.prior.flipped_faces,
             search=search,

@@ -20,8 +20,10 @@ import tensorflow as tf
 
 from vqvae_faces import fid, prior_metrics, visualize
 from vqvae_faces.atomic_files import save_npz_atomically, write_json_atomically
+from vqvae_faces.compiled import compiled
 from vqvae_faces.config import RunConfig, SamplingConfig
-from vqvae_faces.evaluation import EvaluationResult, TestFaces, check_image_shape, decode, image_quality, tokenize
+from vqvae_faces.evaluation import EvaluationResult, TestFaces, image_quality
+from vqvae_faces.inference import check_image_shape, decode, tokenize
 from vqvae_faces.pipeline import make_token_dataset
 from vqvae_faces.prior_data import PriorSource
 from vqvae_faces.run_folder import RunPaths, read_state
@@ -35,7 +37,7 @@ NEAREST_PAIRS = 16  # samples shown beside their nearest training face
 
 def log_likelihoods(prior: keras.Model, grids: np.ndarray, batch_size: int) -> np.ndarray:
     """log p(grid) in nats of each token grid (N, h, w) -> (N,) float64."""
-    compute = tf.function(prior.log_likelihood)
+    compute = compiled(prior, type(prior).log_likelihood)
     values = [compute(batch).numpy() for batch in make_token_dataset(grids, batch_size)]
     return np.concatenate(values).astype(np.float64) if values else np.zeros(0)
 
@@ -161,27 +163,13 @@ def evaluate_prior(
         "token_grid": list(prior.grid_size),
         "fixed_bits_per_image": tokens_per_grid * math.log2(prior.num_embeddings),
     }
-    test = prior_metrics.code_length_summary(log_likelihoods(prior, grids, batch_size), tokens_per_grid)
-    metrics.update({f"test_{key}": value for key, value in test.items()})
-    metrics["bits_per_image"] = test["bits_per_face"]
-    if not other_data and len(source.tokens["val"]):
-        val = prior_metrics.code_length_summary(
-            log_likelihoods(prior, source.tokens["val"], batch_size), tokens_per_grid
-        )
-        metrics.update({f"val_{key}": value for key, value in val.items()})
+    test = _code_lengths(prior, grids, source.tokens["val"] if not other_data else None, batch_size, metrics)
     originals = faces.images.astype(np.float32) / 255.0
     reconstructions = np.clip(decode(source.vqvae, grids, batch_size), 0.0, 1.0)
     quality = image_quality(originals, reconstructions)
     metrics.update({name: float(values.mean()) for name, values in quality.items()})
 
-    samples_grids, samples, seconds = draw_samples(
-        prior, source.vqvae, run.sampling.eval_samples, run.sampling, seed, progress=False
-    )
-    metrics["sampling_faces_per_second"] = len(samples) / seconds
-    metrics["sampling_batch_size"] = run.sampling.batch_size
-    training = np.clip(decode(source.vqvae, source.tokens["train"], batch_size), 0.0, 1.0)
-    metrics["memorisation"] = prior_metrics.memorisation_check(samples, reconstructions, training)
-    metrics["memorisation"]["num_samples"] = len(samples)
+    samples = _samples_and_copying(run, prior, source, reconstructions, seed, metrics)
     metrics.update(_fid(run, prior, source, originals, reconstructions, samples, seed))
     state = read_state(paths) or {}
     metrics["train_seconds"] = state.get("train_seconds")
@@ -199,6 +187,33 @@ def evaluate_prior(
         metrics["sampling_faces_per_second"],
     )
     return EvaluationResult(metrics, quality, reconstructions, grids)
+
+
+def _code_lengths(prior, grids: np.ndarray, val_grids: Optional[np.ndarray], batch_size: int, metrics: dict) -> dict:
+    """The prior's code length of the test `grids` (returned) and of `val_grids` (when given and not empty),
+    added to `metrics` as test_* and val_*."""
+    tokens_per_grid = int(np.prod(grids.shape[1:]))
+    test = prior_metrics.code_length_summary(log_likelihoods(prior, grids, batch_size), tokens_per_grid)
+    metrics.update({f"test_{key}": value for key, value in test.items()})
+    metrics["bits_per_image"] = test["bits_per_face"]
+    if val_grids is not None and len(val_grids):
+        val = prior_metrics.code_length_summary(log_likelihoods(prior, val_grids, batch_size), tokens_per_grid)
+        metrics.update({f"val_{key}": value for key, value in val.items()})
+    return test
+
+
+def _samples_and_copying(run, prior, source: PriorSource, reconstructions, seed: int, metrics: dict) -> np.ndarray:
+    """`eval_samples` decoded samples; adds the sampling speed and the memorisation check (against the
+    decoded training faces) to `metrics`."""
+    _, samples, seconds = draw_samples(
+        prior, source.vqvae, run.sampling.eval_samples, run.sampling, seed, progress=False
+    )
+    metrics["sampling_faces_per_second"] = len(samples) / seconds
+    metrics["sampling_batch_size"] = run.sampling.batch_size
+    training = np.clip(decode(source.vqvae, source.tokens["train"], run.sampling.batch_size), 0.0, 1.0)
+    metrics["memorisation"] = prior_metrics.memorisation_check(samples, reconstructions, training)
+    metrics["memorisation"]["num_samples"] = len(samples)
+    return samples
 
 
 def _fid(run, prior, source, originals, reconstructions, samples, seed) -> dict:

@@ -72,6 +72,11 @@ class RunPaths:
     def tensorboard(self) -> Path:
         return self.checkpoints / "tensorboard"
 
+    @property
+    def data_cache(self) -> Path:
+        """The cache of decoded faces and token grids shared by every run under the same --out."""
+        return self.checkpoints.parent / "data_cache"
+
     def sibling(self, run_name: str) -> "RunPaths":
         """The folders of another run under the same --out."""
         return RunPaths(self.checkpoints.parent / run_name, self.images.parent / run_name)

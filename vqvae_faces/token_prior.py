@@ -24,6 +24,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from vqvae_faces import PACKAGE
+from vqvae_faces.compiled import compiled
 from vqvae_faces.replicas import replica_loss, step_logs
 
 # Positions per chunk of cached keys and values: a cached step reads the chunks up to its own
@@ -255,8 +256,6 @@ class CausalTransformer(TokenPrior):
         self.blocks = [_Block(width, num_heads, mlp_ratio, name=f"block_{i}") for i in range(num_layers)]
         self.norm = layers.LayerNormalization(epsilon=1e-5, name="norm")
         self.head = layers.Dense(num_embeddings, name="head")
-        self._compiled_chunk = None
-        self._compiled_sampler = None
 
     def _inputs(self, previous_tokens, positions):
         """Embedded inputs for `positions` (n,) given the tokens before them (B, n), -1 = start."""
@@ -287,16 +286,6 @@ class CausalTransformer(TokenPrior):
         empty = tf.zeros((count, self.num_heads, length, self.width // self.num_heads))
         return tuple((empty, empty) for _ in self.blocks)
 
-    def empty_caches(self, count):
-        """Zero keys and values of every chunk for `count` grids, `[chunk][block]`, for `caches_at`."""
-        return [self.empty_chunks(count, length) for _, length in self.cache_chunks()]
-
-    def caches_at(self, caches, position):
-        """(chunk index, done) of `position` in `empty_caches`-shaped `caches`: the arguments of
-        `step_logits` are `done` and `caches[chunk]`, whose update goes back into `caches[chunk]`."""
-        chunk = position // CACHE_CHUNK
-        return chunk, tuple(tuple(caches[index][block] for index in range(chunk)) for block in range(len(self.blocks)))
-
     def step_logits(self, previous, done, current, position):
         """Logits (B, K) of the token at `position` (int32 scalar) from the token before it
         (B, 1), -1 at position 0, and the keys and values of the earlier positions.
@@ -318,7 +307,7 @@ class CausalTransformer(TokenPrior):
         """Distributions of `count` positions from `position` on, all in the cache chunk
         `current`, computed one position after the other as `step_logits` does.
 
-        The codec's one program (`compiled_chunk_probabilities`): an encoder, which knows
+        The codec's one program (`prior_stream.PriorStream`): an encoder, which knows
         every token, computes a whole chunk in one call, with the chunk's keys and values
         updated in place inside the loop; a decoder calls it for one position at a time.
         Both run the same compiled loop body, so they compute the same probabilities.
@@ -350,13 +339,6 @@ class CausalTransformer(TokenPrior):
         )
         return probabilities, current
 
-    def compiled_chunk_probabilities(self):
-        """`chunk_probabilities` compiled with XLA (one program per chunk count, compiled when first
-        reached), created once per model."""
-        if self._compiled_chunk is None:
-            self._compiled_chunk = tf.function(self.chunk_probabilities, jit_compile=True)
-        return self._compiled_chunk
-
     def sample_tokens(self, count, seed, temperature=1.0, top_k=None, top_p=None):
         """`count` grids (count, h, w) int32 with cached keys and values: one step per position.
 
@@ -369,9 +351,8 @@ class CausalTransformer(TokenPrior):
             raise ValueError(f"temperature must be > 0, received temperature={temperature}")
         rows, columns = self.grid_size
         uniforms = tf.stack([position_uniforms(seed, position, count) for position in range(rows * columns)])
-        if self._compiled_sampler is None:
-            self._compiled_sampler = tf.function(self._sample_by_uniforms, jit_compile=True)
-        tokens = self._compiled_sampler(uniforms, float(temperature), top_k, top_p)
+        sampler = compiled(self, CausalTransformer._sample_by_uniforms, jit_compile=True)
+        tokens = sampler(uniforms, float(temperature), top_k, top_p)
         return tf.reshape(tokens, (count, rows, columns))
 
     def _sample_by_uniforms(self, uniforms, temperature, top_k, top_p):

@@ -314,68 +314,20 @@ def train_run(
 def _train_locked(config, run_name, faces, paths, retrain, strategy):
     run = config.runs[run_name]
     schedule = Schedule.for_run(run, config, strategy)
-    try:
-        state = starting_state(paths, retrain)
-    except OnlyBestModel:
-        log.warning(
-            "run %s: %s has no latest.keras to resume training from; evaluating best.keras as it is. "
-            "Pass --retrain to train the run from scratch (this replaces best.keras).",
-            run_name,
-            paths.checkpoints,
-        )
+    to_train, state = _state_to_continue(run_name, run, paths, retrain)
+    if not to_train:
         return
-    if state and state.get("finished"):
-        if not budget_raised(state, run):
-            log.info(
-                "run %s already finished (%d epochs, stopped by %s); evaluating it. Pass --retrain to train it again.",
-                run_name,
-                state["epochs_done"],
-                state.get("stopped_by"),
-            )
-            return
-        log.info("run %s: budget raised, continuing from epoch %d", run_name, state["epochs_done"])
     for unfinished in paths.checkpoints.glob("*.partial.*"):
         log.info("removing %s, left by a write that was interrupted", unfinished.name)
         unfinished.unlink()
     paths.images.mkdir(parents=True, exist_ok=True)
 
-    prior = load_prior_source(config, run_name, faces, paths.checkpoints.parent.parent) if run.tokens_from else None
+    prior = load_prior_source(config, run_name, faces, paths) if run.tokens_from else None
     keras.utils.set_random_seed(config.seed)
     policy = choose_precision(run.mixed_precision)
     keras.mixed_precision.set_dtype_policy(policy)
     try:
-        if state is None and prior is not None:
-            split = prior.split  # the VQ-VAE's: the prior is tested on the faces the VQ-VAE never saw
-            save_split(paths.split, faces, split)
-            save_resolved_config(config, run_name, paths.resolved_config, tokens_checkpoint=prior.digest)
-            alphabet = config.token_alphabet(run_name)
-            with strategy.scope():
-                model = build_model(run, 0, None, config.seed, schedule.learning_rate, tokens=alphabet)
-                model(np.zeros((1, *alphabet[1]), np.int32))
-        elif state is None:
-            split = split_by_person(faces.persons, config.data.val_fraction, config.data.test_fraction, config.seed)
-            save_split(paths.split, faces, split)
-            save_resolved_config(config, run_name, paths.resolved_config)
-            train_images = faces.subset(split["train"])
-            variance = float(np.var(train_images / 255.0)) if run.normalize_by_variance else None
-            with strategy.scope():
-                model = build_model(run, faces.channels, variance, config.seed, schedule.learning_rate)
-                model.build((None,) + faces.images.shape[1:])
-        else:
-            split = load_split(paths.split, faces)
-            with strategy.scope():
-                model = load_model(paths.latest_model)
-            model.optimizer.learning_rate.assign(schedule.learning_rate)
-            # How the step runs is this session's choice, not the checkpoint's (which records its own).
-            model.jit_compile, model.run_eagerly = run.jit_compile, run.run_eagerly
-            # Under mixed_float16 the optimizer is a LossScaleOptimizer: clipping belongs to the Adam inside,
-            # which sees the unscaled gradients.
-            getattr(model.optimizer, "inner_optimizer", model.optimizer).global_clipnorm = run.gradient_clipnorm
-            log.info("resuming run %s from epoch %d (%s)", run_name, state["epochs_done"], paths.latest_model)
-        if not model.optimizer.built:
-            # Eagerly: built inside the first traced train step, the slots cost about a second of tracing.
-            with strategy.scope():
-                model.optimizer.build(model.trainable_variables)
+        model, split = _model_and_split(config, run_name, faces, paths, state, prior, schedule, strategy)
         log.info(
             "run %s: %s, %s, %d train / %d val / %d test images (identity-disjoint), %d parameters, "
             "global batch %d (%d replica(s) x %d)",
@@ -393,6 +345,71 @@ def _train_locked(config, run_name, faces, paths, retrain, strategy):
         _fit(model, FitJob(config, run, paths, faces, split, state, schedule, prior))
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
+
+
+def _state_to_continue(run_name: str, run: RunConfig, paths: RunPaths, retrain: bool) -> tuple[bool, Optional[dict]]:
+    """Whether the run trains (not when it finished within its budget, or only its best.keras is left),
+    and the saved state it resumes from (None: it starts afresh)."""
+    try:
+        state = starting_state(paths, retrain)
+    except OnlyBestModel:
+        log.warning(
+            "run %s: %s has no latest.keras to resume training from; evaluating best.keras as it is. "
+            "Pass --retrain to train the run from scratch (this replaces best.keras).",
+            run_name,
+            paths.checkpoints,
+        )
+        return False, None
+    if state and state.get("finished"):
+        if not budget_raised(state, run):
+            log.info(
+                "run %s already finished (%d epochs, stopped by %s); evaluating it. Pass --retrain to train it again.",
+                run_name,
+                state["epochs_done"],
+                state.get("stopped_by"),
+            )
+            return False, state
+        log.info("run %s: budget raised, continuing from epoch %d", run_name, state["epochs_done"])
+    return True, state
+
+
+def _model_and_split(config, run_name, faces, paths, state, prior, schedule, strategy):
+    """The model to train and the split it trains on: built afresh (a new split saved, or for a prior
+    its VQ-VAE's) when there is no `state`, else resumed from latest.keras with the saved split."""
+    run = config.runs[run_name]
+    if state is None and prior is not None:
+        split = prior.split  # the VQ-VAE's: the prior is tested on the faces the VQ-VAE never saw
+        save_split(paths.split, faces, split)
+        save_resolved_config(config, run_name, paths.resolved_config, tokens_checkpoint=prior.digest)
+        alphabet = config.token_alphabet(run_name)
+        with strategy.scope():
+            model = build_model(run, 0, None, config.seed, schedule.learning_rate, tokens=alphabet)
+            model(np.zeros((1, *alphabet[1]), np.int32))
+    elif state is None:
+        split = split_by_person(faces.persons, config.data.val_fraction, config.data.test_fraction, config.seed)
+        save_split(paths.split, faces, split)
+        save_resolved_config(config, run_name, paths.resolved_config)
+        train_images = faces.subset(split["train"])
+        variance = float(np.var(train_images / 255.0)) if run.normalize_by_variance else None
+        with strategy.scope():
+            model = build_model(run, faces.channels, variance, config.seed, schedule.learning_rate)
+            model.build((None,) + faces.images.shape[1:])
+    else:
+        split = load_split(paths.split, faces)
+        with strategy.scope():
+            model = load_model(paths.latest_model)
+        model.optimizer.learning_rate.assign(schedule.learning_rate)
+        # How the step runs is this session's choice, not the checkpoint's (which records its own).
+        model.jit_compile, model.run_eagerly = run.jit_compile, run.run_eagerly
+        # Under mixed_float16 the optimizer is a LossScaleOptimizer: clipping belongs to the Adam inside,
+        # which sees the unscaled gradients.
+        getattr(model.optimizer, "inner_optimizer", model.optimizer).global_clipnorm = run.gradient_clipnorm
+        log.info("resuming run %s from epoch %d (%s)", run_name, state["epochs_done"], paths.latest_model)
+    if not model.optimizer.built:
+        # Eagerly: built inside the first traced train step, the slots cost about a second of tracing.
+        with strategy.scope():
+            model.optimizer.build(model.trainable_variables)
+    return model, split
 
 
 def weights_digest(model: keras.Model) -> str:

@@ -1,0 +1,173 @@
+"""The `.vqf` file and the `.vqfs` container: their bytes, checksums and fingerprints, and the errors
+of a file that cannot be decoded. No TensorFlow: the codec (`codec.py`) fills in the range coder's
+payload.
+
+File layout (version 1), big-endian:
+
+    offset  bytes  field
+    0       2      magic b"VQ"
+    2       1      format version
+    3       2      fingerprint of the VQ-VAE's model file (first 16 bits of its SHA-256)
+    5       2      fingerprint of the prior's model file
+    7       1      token grid rows
+    8       1      token grid columns
+    9       2      checksum of the tokens (CRC-32 of the int16 grid, low 16 bits)
+    11      ...    range coder words (little-endian uint32), trailing zero bytes dropped
+
+A container (`.vqfs`, version 1) holds many faces behind one header and in one range-coder
+stream, so a face costs its code length and nothing more; its symbols are in the order the
+decoder reads them: group by group of `CODEC_BATCH` faces, and within a group position by
+position, every face of the group at each position:
+
+    offset  bytes  field
+    0       2      magic b"VS"
+    2       1      format version
+    3       2      fingerprint of the VQ-VAE's model file
+    5       2      fingerprint of the prior's model file
+    7       1      token grid rows
+    8       1      token grid columns
+    9       4      number of faces
+    13      4      CRC-32 of all the token grids (int16, in order)
+    17      ...    range coder words, as above
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from vqvae_faces.errors import UserFacingError
+
+MAGIC = b"VQ"
+FORMAT_VERSION = 1
+HEADER = struct.Struct(">2sBHHBBH")
+HEADER_BYTES = HEADER.size
+CONTAINER_MAGIC = b"VS"
+CONTAINER_HEADER = struct.Struct(">2sBHHBBII")
+CONTAINER_HEADER_BYTES = CONTAINER_HEADER.size
+# The most faces a container holds: a damaged count is refused before any decoding.
+MAX_CONTAINER_FACES = 100_000
+
+
+class CodecError(UserFacingError):
+    """A `.vqf` file that cannot be decoded: not a .vqf, truncated, corrupt, another version or other models."""
+
+
+@dataclass(frozen=True)
+class Fingerprints:
+    """16-bit fingerprints of the VQ-VAE's and the prior's model files, and where they came from."""
+
+    vqvae: int
+    prior: int
+    vqvae_file: str = ""
+    prior_file: str = ""
+
+    @classmethod
+    def from_digests(cls, vqvae_digest: str, prior_digest: str, vqvae_file: str = "", prior_file: str = ""):
+        """From `run_folder.file_digest` hex digests."""
+        return cls(int(vqvae_digest[:4], 16), int(prior_digest[:4], 16), vqvae_file, prior_file)
+
+
+def token_checksum(grid: np.ndarray) -> int:
+    """16-bit checksum of one token grid (h, w)."""
+    return zlib.crc32(np.ascontiguousarray(grid, dtype="<i2").tobytes()) & 0xFFFF
+
+
+def container_checksum(grids: np.ndarray) -> int:
+    """32-bit checksum of a container's token grids (N, h, w), in order."""
+    return zlib.crc32(np.ascontiguousarray(grids, dtype="<i2").tobytes())
+
+
+def payload_bytes(words: np.ndarray) -> bytes:
+    """A range coder's words (uint32) as a file's payload: little-endian, trailing zero bytes dropped."""
+    return words.astype("<u4").tobytes().rstrip(b"\0")
+
+
+def payload_words(payload: bytes) -> np.ndarray:
+    """The range coder's words (uint32) of a `payload_bytes` payload (the dropped zero bytes put back)."""
+    payload += b"\0" * (-len(payload) % 4)
+    return np.frombuffer(payload, "<u4").astype(np.uint32)
+
+
+def file_bytes(fingerprints: Fingerprints, grid: np.ndarray, words: np.ndarray) -> bytes:
+    """A `.vqf` file of one token grid (h, w) whose symbols the range coder's `words` hold."""
+    rows, columns = grid.shape
+    header = HEADER.pack(
+        MAGIC, FORMAT_VERSION, fingerprints.vqvae, fingerprints.prior, rows, columns, token_checksum(grid)
+    )
+    return header + payload_bytes(words)
+
+
+def container_bytes(fingerprints: Fingerprints, grids: np.ndarray, words: np.ndarray) -> bytes:
+    """A `.vqfs` container of the token grids (N, h, w) whose symbols the range coder's `words` hold."""
+    count, rows, columns = grids.shape
+    header = CONTAINER_HEADER.pack(
+        CONTAINER_MAGIC,
+        FORMAT_VERSION,
+        fingerprints.vqvae,
+        fingerprints.prior,
+        rows,
+        columns,
+        count,
+        container_checksum(grids),
+    )
+    return header + payload_bytes(words)
+
+
+@dataclass(frozen=True)
+class Reader:
+    """Checks headers against the models a decoder holds (`fingerprints`) and their token `grid` (h, w)."""
+
+    fingerprints: Fingerprints
+    grid: tuple[int, int]
+
+    def file(self, data: bytes, name: str) -> tuple[int, np.ndarray]:
+        """A `.vqf` file's token checksum and payload words; `CodecError` when its header is wrong."""
+        self._check_start(data, name, MAGIC, HEADER_BYTES, ".vqf")
+        _, _, vqvae, prior, rows, columns, checksum = HEADER.unpack_from(data)
+        self._check_models(name, vqvae, prior, rows, columns)
+        return checksum, payload_words(data[HEADER_BYTES:])
+
+    def container(self, data: bytes, name: str) -> tuple[int, int, np.ndarray]:
+        """A `.vqfs` container's number of faces, CRC-32 of their tokens and payload words."""
+        self._check_start(data, name, CONTAINER_MAGIC, CONTAINER_HEADER_BYTES, ".vqfs")
+        _, _, vqvae, prior, rows, columns, count, checksum = CONTAINER_HEADER.unpack_from(data)
+        self._check_models(name, vqvae, prior, rows, columns)
+        if count > MAX_CONTAINER_FACES:
+            raise CodecError(f"{name} is corrupt: it claims {count} faces, more than a container holds.")
+        return count, checksum, payload_words(data[CONTAINER_HEADER_BYTES:])
+
+    @staticmethod
+    def _check_start(data: bytes, name: str, magic: bytes, header_bytes: int, kind: str) -> None:
+        if len(data) < 3 or data[:2] != magic:
+            raise CodecError(f"{name} is not a {kind} file (it does not start with {magic!r}).")
+        if data[2] != FORMAT_VERSION:
+            raise CodecError(f"{name} is {kind} format version {data[2]}; this program reads version {FORMAT_VERSION}.")
+        if len(data) < header_bytes:
+            raise CodecError(f"{name} is truncated: {len(data)} bytes, shorter than the {header_bytes}-byte header.")
+
+    def _check_models(self, name: str, vqvae: int, prior: int, rows: int, columns: int) -> None:
+        mine = self.fingerprints
+        if (vqvae, prior) != (mine.vqvae, mine.prior):
+            raise CodecError(
+                f"{name} was made with other models (VQ-VAE {vqvae:04x}, prior {prior:04x}) than these "
+                f"(VQ-VAE {mine.vqvae:04x} {mine.vqvae_file}, prior {mine.prior:04x} {mine.prior_file}); "
+                "decode it with the --out folder whose checkpoints made it."
+            )
+        if (rows, columns) != self.grid:
+            raise CodecError(f"{name} holds a {rows}x{columns} grid; these models use {self.grid[0]}x{self.grid[1]}.")
+
+
+def check_checksums(grids: np.ndarray, checksums: list[int], names: list[str]) -> None:
+    """A `CodecError` naming the first file whose decoded grid does not match its header's checksum."""
+    for grid, checksum, name in zip(grids, checksums, names):
+        if token_checksum(grid) != checksum:
+            raise CodecError(f"{name} is corrupt: its tokens do not match the checksum in its header.")
+
+
+def check_container_checksum(grids: np.ndarray, checksum: int, name: str) -> None:
+    if container_checksum(grids) != checksum:
+        raise CodecError(f"{name} is corrupt: its tokens do not match the checksum in its header.")
