@@ -23,11 +23,11 @@ STEPS = 20
 
 def child(count: int) -> None:
     from vqvae_faces import pipeline
-    from vqvae_faces.config import AugmentationConfig, RunConfig
+    from vqvae_faces.config import AugmentationConfig, VQVAEConfig
     from vqvae_faces.model_settings import build_model
 
     images = sample_images(count, 64)
-    model = build_model(RunConfig(), 3, None, seed=0)
+    model = build_model(VQVAEConfig(), 3, None, seed=0)
     model.build((None, 64, 64, 3))
     augmenter = pipeline.FaceAugmenter(AugmentationConfig(), 64, 3)
     dataset = pipeline.make_training_dataset(images, 64, 0, 0, STEPS, augmenter)

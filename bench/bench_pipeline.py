@@ -12,7 +12,7 @@ import dataclasses
 from common import report, sample_images, timed
 
 from vqvae_faces import pipeline  # noqa: E402
-from vqvae_faces.config import AugmentationConfig, RunConfig  # noqa: E402
+from vqvae_faces.config import AugmentationConfig, VQVAEConfig  # noqa: E402
 
 OPS = [
     "flip",
@@ -44,7 +44,7 @@ def training_rate(images, batch_size, steps=8) -> float:
 
     from vqvae_faces.model_settings import build_model
 
-    model = build_model(RunConfig(), images.shape[-1], None, seed=0)
+    model = build_model(VQVAEConfig(), images.shape[-1], None, seed=0)
     model.build((None,) + images.shape[1:])
     batch = tf.constant(images[:batch_size].astype("float32") / 255.0)
     step = tf.function(model.train_step)

@@ -13,7 +13,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from common import report, sample_images, timed
 
-from vqvae_faces.config import RunConfig  # noqa: E402
+from vqvae_faces.config import VQVAEConfig  # noqa: E402
 from vqvae_faces.model_settings import build_model  # noqa: E402
 from vqvae_faces.token_search import search_tokens  # noqa: E402
 
@@ -23,7 +23,7 @@ def train_rate(policy: str, images, batch_size: int, steps: int, jit: bool = Fal
     keras.mixed_precision.set_dtype_policy(policy)
     keras.utils.set_random_seed(0)
     try:
-        model = build_model(RunConfig(), images.shape[-1], None, seed=0)
+        model = build_model(VQVAEConfig(), images.shape[-1], None, seed=0)
         model.build((None,) + images.shape[1:])
         batch = tf.constant(images[:batch_size].astype("float32") / 255.0)
         step = tf.function(model.train_step, jit_compile=jit)
@@ -43,7 +43,7 @@ def train_rate(policy: str, images, batch_size: int, steps: int, jit: bool = Fal
 
 
 def eval_rates(images, batch_size: int) -> dict:
-    run = RunConfig()
+    run = VQVAEConfig()
     model = build_model(run, images.shape[-1], None, seed=0)
     model.build((None,) + images.shape[1:])
     batch = tf.constant(images[:batch_size].astype("float32") / 255.0)

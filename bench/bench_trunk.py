@@ -22,7 +22,7 @@ import tensorflow as tf  # noqa: E402
 from common import report, sample_images
 from keras import layers  # noqa: E402
 
-from vqvae_faces.config import RunConfig  # noqa: E402
+from vqvae_faces.config import VQVAEConfig  # noqa: E402
 from vqvae_faces.model_settings import build_model  # noqa: E402
 
 VARIANTS = {
@@ -35,7 +35,7 @@ VARIANTS = {
 }
 
 
-def compiled_step(run: RunConfig, images, build=build_model):
+def compiled_step(run: VQVAEConfig, images, build=build_model):
     """(train step function, its input batch, parameter count) of run's model, made by `build`
     (`model_settings.build_model`'s signature), warmed up on `images`."""
     keras.utils.set_random_seed(0)
@@ -132,7 +132,7 @@ def main():
     for batch_size in args.batch:
         images = sample_images(batch_size, 64)
         steps = {
-            name: compiled_step(dataclasses.replace(RunConfig(), **overrides), images)
+            name: compiled_step(dataclasses.replace(VQVAEConfig(), **overrides), images)
             for name, overrides in VARIANTS.items()
         }
         rates = {name: [] for name in VARIANTS}

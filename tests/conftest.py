@@ -46,9 +46,9 @@ TINY_RUN = [
     "data.augmentation.enabled=false",
     "token_search_steps=2",  # the search has its own tests; one end-to-end check uses the full 50 steps
     # the token prior of the default config, as small: 1 block of width 16, 8 samples, 2 codec settings
-    "prior.width=16",
-    "prior.num_layers=1",
-    "prior.num_heads=2",
+    "transformer.width=16",
+    "transformer.num_layers=1",
+    "transformer.num_heads=2",
     "sampling.eval_samples=8",
     "codec.compare_lambdas=[0,1]",
 ]

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 from conftest import ROOT
@@ -58,16 +59,63 @@ def test_defaults_without_a_file():
             {
                 "runs": {
                     "v": {"token_search_steps": 0},
-                    "p": {"model": "prior", "tokens_from": "v", "prior": {"searched_tokens": True}},
+                    "p": {"model": "prior", "tokens_from": "v", "searched_tokens": True},
                 }
             },
-            "runs.p.prior.searched_tokens is true but runs.v.token_search_steps is 0",
+            "runs.p.searched_tokens is true but runs.v.token_search_steps is 0",
         ),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, data, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
         load_config(write(tmp_path, data))
+
+
+@pytest.mark.parametrize(
+    "run, message",
+    [
+        (
+            {"model": "prior", "tokens_from": "v", "embedding_dim": 8},
+            "runs.a.embedding_dim is a setting of 'vqvae' runs, not of a 'prior' run",
+        ),
+        (
+            {"model": "vae", "token_search_steps": 3},
+            "runs.a.token_search_steps is a setting of 'vqvae' runs, not of a 'vae' run",
+        ),
+        ({"latent_dim": 8}, "runs.a.latent_dim is a setting of 'vae' runs, not of a 'vqvae' run"),
+        (
+            {"encoder_filters": [8], "model": "prior", "tokens_from": "v"},
+            "of 'vqvae' and 'vae' runs, not of a 'prior' run",
+        ),
+        ({"ema_decay": 0.9}, "runs.a.ema_decay is now decay"),
+        (
+            {"model": "prior", "tokens_from": "v", "prior": {"width": 8}},
+            "runs.a.prior is now architecture, flipped_faces",
+        ),
+        ({"model": "prior"}, "runs.a.tokens_from is missing"),
+    ],
+)
+def test_a_key_of_another_kind_of_run_is_refused_naming_the_kind(tmp_path, run, message):
+    path = write(tmp_path, {"runs": {"v": {}, "a": run}})
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_a_run_setting_on_the_command_line_goes_to_the_selected_runs_that_have_it(tmp_path, caplog):
+    path = write(tmp_path, {"runs": {"v": {}, "e": {"model": "vae"}, "p": {"model": "prior", "tokens_from": "v"}}})
+    config = load_config(path, ["embedding_dim=8", "latent_dim=4", "transformer.width=32", "epochs=3"])
+    assert (config.runs["v"].embedding_dim, config.runs["e"].latent_dim, config.runs["p"].transformer.width) == (
+        8,
+        4,
+        32,
+    )
+    assert [run.epochs for run in config.runs.values()] == [3, 3, 3]
+    assert not hasattr(config.runs["e"], "embedding_dim") and not hasattr(config.runs["p"], "latent_dim")
+    with pytest.raises(ConfigError, match="--set ema_decay: ema_decay is now decay"):
+        load_config(path, ["ema_decay=0.9"])
+    with caplog.at_level(logging.WARNING, logger="vqvae_faces.config"):
+        config = load_config(path, ["latent_dim=4"], ["v", "p"])
+    assert "--set latent_dim changes none of the selected runs ['v', 'p'] (a setting of ['vae'] runs)" in caplog.text
 
 
 def test_not_json_and_not_an_object(tmp_path):
@@ -89,7 +137,7 @@ def test_overrides_are_typed_and_routed(tmp_path):
     assert config.seed == 7
     with pytest.raises(ConfigError, match="runs.a.epochs"):
         load_config(path, ["epochs=two"], ["a"])
-    with pytest.raises(ConfigError, match="unknown key 'runs.a.bogus'"):
+    with pytest.raises(ConfigError, match="--set bogus: unknown key 'bogus'"):
         load_config(path, ["bogus=1"], ["a"])
     with pytest.raises(ConfigError, match="--run 'c'"):
         load_config(path, [], ["c"])
@@ -102,7 +150,7 @@ def test_one_set_of_defaults_the_model_constructors_default_to_the_run_settings(
     import inspect
 
     from vqvae_class_keras import Decoder, Encoder, ReconstructionModel, VectorQuantizerEMA
-    from vqvae_faces.config import PriorConfig, RunConfig
+    from vqvae_faces.config import RUN_KINDS, PriorRunConfig, VQVAEConfig
     from vqvae_faces.model_settings import MODEL_CLASSES, PRIOR_CLASSES, model_arguments
 
     def defaults(*classes):
@@ -114,16 +162,16 @@ def test_one_set_of_defaults_the_model_constructors_default_to_the_run_settings(
         }
 
     for name, model_class in MODEL_CLASSES.items():
-        run = RunConfig(model=name)
+        run = RUN_KINDS[name]()
         arguments = model_arguments(run, channels=3, data_variance=None, seed=None)
         expected = defaults(ReconstructionModel, model_class)
         assert {key: expected[key] for key in arguments} == arguments, name
     for architecture, prior_class in PRIOR_CLASSES.items():
-        run = RunConfig(model="prior", tokens_from="vqvae", prior=PriorConfig(architecture=architecture))
+        run = PriorRunConfig(tokens_from="vqvae", architecture=architecture)
         arguments = model_arguments(run, channels=3, data_variance=None, seed=None)
         expected = defaults(prior_class)
         assert {key: arguments[key] for key in expected} == expected, architecture
-    run = RunConfig()
+    run = VQVAEConfig()
     encoder, decoder = defaults(Encoder), defaults(Decoder)
     assert (encoder["filters"], encoder["activation"]) == (run.encoder_filters, run.activation)
     assert (decoder["filters"], decoder["output_activation"]) == (run.decoder_filters, run.output_activation)
@@ -131,6 +179,6 @@ def test_one_set_of_defaults_the_model_constructors_default_to_the_run_settings(
     quantizer = defaults(VectorQuantizerEMA)
     assert (quantizer["commitment_cost"], quantizer["decay"], quantizer["epsilon"]) == (
         run.commitment_cost,
-        run.ema_decay,
-        run.ema_epsilon,
+        run.decay,
+        run.epsilon,
     )

@@ -261,7 +261,7 @@ def test_an_infinite_psnr_is_written_as_valid_json(tmp_path):
 
 
 CONFIG_MISTAKES = [
-    (["--set", "bogus_key=1"], "unknown key 'runs.vqvae.bogus_key'"),
+    (["--set", "bogus_key=1"], "--set bogus_key: unknown key 'bogus_key'"),
     (["--set", "data.bogus=1"], "unknown key 'data.bogus'"),
     (["--set", "epochs=many"], "runs.vqvae.epochs"),  # not JSON: a string where a number goes
     (["--set", 'epochs="3"'], "runs.vqvae.epochs"),  # JSON, of the wrong type
@@ -271,7 +271,7 @@ CONFIG_MISTAKES = [
     (["--set", "annealing.factor=-1"], "annealing.factor"),
     (["--set", 'activation="tanh"'], "activation"),
     (["--set", "encoder_filters=[8]"], "decoder_filters"),  # the two lists must mirror each other
-    (["--set", "sampling.temperature=0"], "sampling.temperature"),
+    (["--set", "decay=2"], "runs.vqvae.decay=2"),
     (["--config", "{folder}/broken.json"], "broken.json"),  # not JSON at all
     (["--data", "missing.tgz"], "does not exist"),
     (["--run", "nope"], "--run 'nope'"),

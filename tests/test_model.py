@@ -390,13 +390,13 @@ def test_gradient_clipnorm_bounds_the_global_norm_adam_sees(clipnorm):
 def test_the_token_search_in_evaluate_run_handles_a_partial_last_batch(vqvae, tmp_path):
     """10 faces in batches of 4 (4 + 4 + 2): every face gets the tokens a search of that face alone finds,
     and the saved grids, names and metrics cover all 10."""
-    from vqvae_faces.config import RunConfig
+    from vqvae_faces.config import VQVAEConfig
     from vqvae_faces.evaluation import TestFaces, evaluate_run
     from vqvae_faces.run_folder import RunPaths
 
     x, model = smooth_images(10), vqvae
     faces = TestFaces((x * 255).round().astype(np.uint8), np.array([f"p{i}/p{i}_0001.jpg" for i in range(10)]), "ten")
-    run = RunConfig(batch_size=4, token_search_steps=5, token_search_step_size=0.05)
+    run = VQVAEConfig(batch_size=4, token_search_steps=5, token_search_step_size=0.05)
     result = evaluate_run("vqvae", run, model, RunPaths.for_run(tmp_path, "vqvae"), faces)
     scaled = faces.images.astype(np.float32) / 255.0
     alone = np.concatenate([search_tokens(model, tf.constant(scaled[i : i + 1]), 5, 0.05).numpy() for i in range(10)])

@@ -50,7 +50,7 @@ CONFIG = {
             "batch_size": 16,
             "max_train_minutes": None,
             "snapshot_every": 1,
-            "prior": {"width": 16, "num_layers": 1, "num_heads": 2},
+            "transformer": {"width": 16, "num_layers": 1, "num_heads": 2},
             "sampling": {"eval_samples": 8, "batch_size": 8},
         },
     },
@@ -192,11 +192,11 @@ def test_eval_on_other_people_tokenizes_them_with_the_vqvae(out, lfw_tree, tmp_p
 @pytest.mark.parametrize(
     "run, message",
     [
-        ({"model": "prior"}, "tokens_from=None"),
+        ({"model": "prior"}, "tokens_from is missing"),
         ({"model": "prior", "tokens_from": "nothing"}, "must name a VQ-VAE run"),
         ({"model": "prior", "tokens_from": "vae"}, "must name a VQ-VAE run"),
-        ({"model": "vqvae", "tokens_from": "vq"}, "only a prior does"),
-        ({"model": "prior", "tokens_from": "vq", "prior": {"width": 10, "num_heads": 4}}, "divisible"),
+        ({"model": "vqvae", "tokens_from": "vq"}, "tokens_from is a setting of 'prior' runs, not of a 'vqvae' run"),
+        ({"model": "prior", "tokens_from": "vq", "transformer": {"width": 10, "num_heads": 4}}, "divisible"),
         ({"model": "prior", "tokens_from": "vq", "codec": {"search_steps": -1}}, r"p\.codec\.search_steps=-1"),
     ],
 )

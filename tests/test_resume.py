@@ -238,7 +238,7 @@ def test_compatibility_comes_from_the_model_saved_in_the_checkpoint(tmp_path):
     model.build((None, 16, 16, 3))
     callbacks.save_model_atomically(model, paths.latest_model)
     run_folder.check_compatible(paths, config, "vqvae")
-    run_folder.check_compatible(paths, load_config(None, TINY_RUN + ["ema_decay=0.9", "seed=7"], ["vqvae"]), "vqvae")
+    run_folder.check_compatible(paths, load_config(None, TINY_RUN + ["decay=0.9", "seed=7"], ["vqvae"]), "vqvae")
     relu = load_config(None, TINY_RUN + ["activation=relu"], ["vqvae"])
     with pytest.raises(ConfigError, match="activation: checkpoint 'silu', config 'relu'"):
         run_folder.check_compatible(paths, relu, "vqvae")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from typing import Literal, Optional
 
 from vqvae_faces.atomic_files import write_json_atomically
 from vqvae_faces.errors import ConfigError
+
+log = logging.getLogger("vqvae_faces.config")
 
 
 @dataclass
@@ -124,33 +127,34 @@ class RevivalConfig:
 
 
 @dataclass
-class PriorConfig:
-    """The token prior's architecture (`token_prior.py`) and its training data.
+class TransformerConfig:
+    """A prior's `CausalTransformer` (`token_prior.py`): its constructor arguments."""
 
-    "transformer" is `CausalTransformer` (width, num_heads, num_layers, mlp_ratio);
-    "pixelcnn" is `GatedPixelCNN` (width as channels, num_layers, kernel_size).
-    `flipped_faces` adds the tokens of the mirrored training faces to the training data.
-    `searched_tokens` learns the tokens the VQ-VAE's token search chooses (its run's
-    `token_search_steps` and `token_search_step_size`) instead of the encoder's nearest
-    codes: the tokens a codec with `search_steps` sends. Tokenizing then takes minutes.
-    """
-
-    architecture: Literal["transformer", "pixelcnn"] = "transformer"
     width: int = 128
-    num_layers: int = 4
     num_heads: int = 4
+    num_layers: int = 4
     mlp_ratio: int = 4
-    kernel_size: int = 3
-    flipped_faces: bool = True
-    searched_tokens: bool = False
 
     def validate(self, path: str) -> None:
         _check_range(path, "width", self.width, 8, 4096)
-        _check_range(path, "num_layers", self.num_layers, 1, 64)
         _check_range(path, "num_heads", self.num_heads, 1, 64)
         if self.width % self.num_heads:
             raise ConfigError(f"{path}.width={self.width} must be divisible by {path}.num_heads={self.num_heads}.")
+        _check_range(path, "num_layers", self.num_layers, 1, 64)
         _check_range(path, "mlp_ratio", self.mlp_ratio, 1, 16)
+
+
+@dataclass
+class PixelCNNConfig:
+    """A prior's `GatedPixelCNN` (`token_prior.py`): its constructor arguments."""
+
+    channels: int = 128
+    num_layers: int = 4
+    kernel_size: int = 3
+
+    def validate(self, path: str) -> None:
+        _check_range(path, "channels", self.channels, 8, 4096)
+        _check_range(path, "num_layers", self.num_layers, 1, 64)
         if self.kernel_size % 2 == 0:
             raise ConfigError(f"{path}.kernel_size={self.kernel_size} must be odd.")
         _check_range(path, "kernel_size", self.kernel_size, 1, 15)
@@ -214,15 +218,11 @@ class CodecConfig:
 
 @dataclass
 class RunConfig:
-    """One named training run: a model, its size and its training policy.
+    """One named training run: what every kind of model shares, its training policy.
 
-    `model` selects "vqvae", "vae" or "prior"; quantizer keys (num_embeddings,
-    commitment_cost, ema_*, codebook_init, annealing, revival) only
-    matter for "vqvae", `latent_dim` and `kl_beta` only for "vae". A "prior"
-    learns the token grids of the VQ-VAE run named by `tokens_from`, with the
-    architecture in `prior`, the sampling settings in `sampling` and its codec's in `codec`; the
-    autoencoder keys do not apply to it, and the training-policy keys start from
-    `MODEL_DEFAULTS["prior"]`.
+    `model` selects the kind, and with it the settings class: "vqvae" `VQVAEConfig`,
+    "vae" `VAEConfig`, "prior" `PriorRunConfig`. A model's settings are named as the
+    arguments of its constructor; a key of another kind is refused, naming the kind.
     """
 
     model: Literal["vqvae", "vae", "prior"] = "vqvae"
@@ -238,48 +238,12 @@ class RunConfig:
     divergence_ratio: Optional[float] = 3.0
     divergence_retries: int = 1
     divergence_lr_factor: float = 0.5
-    encoder_filters: list[int] = field(default_factory=lambda: [32, 128])
-    decoder_filters: list[int] = field(default_factory=lambda: [128, 32])
-    num_residual_blocks: int = 2
-    decoder_residual_blocks: Optional[int] = None
-    residual_hidden_channels: int = 32
-    activation: Literal["relu", "silu", "gelu"] = "silu"
-    output_activation: Literal["sigmoid", "clip"] = "sigmoid"
-    reconstruction_loss: Literal["mse", "psnr"] = "psnr"
-    ssim_weight: float = 0.01
-    l1_weight: float = 0.0
-    embedding_dim: int = 16
-    num_embeddings: int = 512
-    commitment_cost: float = 0.25
-    ema_decay: float = 0.99
-    ema_epsilon: float = 1e-5
-    codebook_init: Literal["data", "uniform"] = "data"
-    l2_normalize_codes: bool = False
-    token_search_steps: int = 50
-    token_search_step_size: float = 1.5e-3
-    normalize_by_variance: bool = False
-    latent_dim: int = 16
-    kl_beta: float = 0.01
     mixed_precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
     jit_compile: bool = False
     run_eagerly: bool = False
     snapshot_every: int = 5
-    annealing: AnnealingConfig = field(default_factory=AnnealingConfig)
-    revival: RevivalConfig = field(default_factory=RevivalConfig)
-    tokens_from: Optional[str] = None
-    prior: PriorConfig = field(default_factory=PriorConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    codec: CodecConfig = field(default_factory=CodecConfig)
 
     def validate(self, path: str) -> None:
-        if (self.model == "prior") != (self.tokens_from is not None):
-            raise ConfigError(
-                f'{path}.tokens_from={self.tokens_from!r} with model={self.model!r}: a "prior" run names the '
-                "VQ-VAE run whose tokens it learns (tokens_from), and only a prior does."
-            )
-        self.prior.validate(f"{path}.prior")
-        self.sampling.validate(f"{path}.sampling")
-        self.codec.validate(f"{path}.codec")
         _check_range(path, "epochs", self.epochs, 1, 10**6)
         if self.max_train_minutes is not None:
             _check_range(path, "max_train_minutes", self.max_train_minutes, 0.01, 10**6)
@@ -290,10 +254,43 @@ class RunConfig:
             _check_range(path, "gradient_clipnorm", self.gradient_clipnorm, 1e-8, 1e6)
         _check_range(path, "patience", self.patience, 1, 10**6)
         _check_range(path, "min_epoch_to_start_saving", self.min_epoch_to_start_saving, 0, 10**6)
+        if self.min_epoch_to_start_saving > self.epochs:
+            raise ConfigError(
+                f"{path}.min_epoch_to_start_saving={self.min_epoch_to_start_saving} is after the last epoch "
+                f"(epochs={self.epochs}): no model would ever be saved."
+            )
         if self.divergence_ratio is not None:
             _check_range(path, "divergence_ratio", self.divergence_ratio, 1.1, 1e9)
         _check_range(path, "divergence_retries", self.divergence_retries, 0, 100)
         _check_range(path, "divergence_lr_factor", self.divergence_lr_factor, 1e-6, 1.0)
+        _check_range(path, "snapshot_every", self.snapshot_every, 1, 10**6)
+        if self.jit_compile and self.run_eagerly:
+            raise ConfigError(
+                f"{path}: jit_compile=true and run_eagerly=true exclude each other (XLA compiles the train step "
+                "that run_eagerly runs op by op); set one of them to false."
+            )
+
+
+@dataclass
+class AutoencoderConfig(RunConfig):
+    """What both autoencoders share: the encoder/decoder trunk, named as the arguments of
+    `ReconstructionModel`, and `normalize_by_variance` (its `data_variance` is the training
+    faces' variance when true, else None)."""
+
+    encoder_filters: list[int] = field(default_factory=lambda: [32, 128])
+    decoder_filters: list[int] = field(default_factory=lambda: [128, 32])
+    num_residual_blocks: int = 2
+    decoder_residual_blocks: Optional[int] = None
+    residual_hidden_channels: int = 32
+    activation: Literal["relu", "silu", "gelu"] = "silu"
+    output_activation: Literal["sigmoid", "clip"] = "sigmoid"
+    reconstruction_loss: Literal["mse", "psnr"] = "psnr"
+    ssim_weight: float = 0.01
+    l1_weight: float = 0.0
+    normalize_by_variance: bool = False
+
+    def validate(self, path: str) -> None:
+        super().validate(path)
         if not self.encoder_filters:
             raise ConfigError(f"{path}.encoder_filters must list at least one filter count.")
         if len(self.decoder_filters) != len(self.encoder_filters):
@@ -311,37 +308,116 @@ class RunConfig:
         _check_range(path, "residual_hidden_channels", self.residual_hidden_channels, 1, 4096)
         _check_range(path, "ssim_weight", self.ssim_weight, 0.0, 100.0)
         _check_range(path, "l1_weight", self.l1_weight, 0.0, 100.0)
-        if self.min_epoch_to_start_saving > self.epochs:
-            raise ConfigError(
-                f"{path}.min_epoch_to_start_saving={self.min_epoch_to_start_saving} is after the last epoch "
-                f"(epochs={self.epochs}): no model would ever be saved."
-            )
-        _check_range(path, "embedding_dim", self.embedding_dim, 1, 4096)
-        _check_range(path, "num_embeddings", self.num_embeddings, 2, 1 << 15)
-        _check_range(path, "commitment_cost", self.commitment_cost, 0.0, 100.0)
-        _check_range(path, "ema_decay", self.ema_decay, 0.0, 0.99999)
-        _check_range(path, "ema_epsilon", self.ema_epsilon, 1e-12, 1.0)
-        _check_range(path, "token_search_steps", self.token_search_steps, 0, 100000)
-        _check_range(path, "token_search_step_size", self.token_search_step_size, 1e-9, 1.0)
-        _check_range(path, "latent_dim", self.latent_dim, 1, 4096)
-        _check_range(path, "kl_beta", self.kl_beta, 0.0, 1000.0)
-        _check_range(path, "snapshot_every", self.snapshot_every, 1, 10**6)
-        if self.jit_compile and self.run_eagerly:
-            raise ConfigError(
-                f"{path}: jit_compile=true and run_eagerly=true exclude each other (XLA compiles the train step "
-                "that run_eagerly runs op by op); set one of them to false."
-            )
-        self.annealing.validate(f"{path}.annealing")
-        self.revival.validate(f"{path}.revival")
 
     @property
     def downsampling_factor(self) -> int:
         return 2 ** len(self.encoder_filters)
 
+
+@dataclass
+class VQVAEConfig(AutoencoderConfig):
+    """A VQ-VAE run: the arguments of `VQVAE` and its quantizer, the token search of its
+    evaluation (`token_search_steps`, `token_search_step_size`), and its training callbacks
+    (`annealing`, `revival`)."""
+
+    model: Literal["vqvae"] = "vqvae"
+    embedding_dim: int = 16
+    num_embeddings: int = 512
+    commitment_cost: float = 0.25
+    decay: float = 0.99
+    epsilon: float = 1e-5
+    codebook_init: Literal["data", "uniform"] = "data"
+    l2_normalize: bool = False
+    token_search_steps: int = 50
+    token_search_step_size: float = 1.5e-3
+    annealing: AnnealingConfig = field(default_factory=AnnealingConfig)
+    revival: RevivalConfig = field(default_factory=RevivalConfig)
+
+    def validate(self, path: str) -> None:
+        super().validate(path)
+        _check_range(path, "embedding_dim", self.embedding_dim, 1, 4096)
+        _check_range(path, "num_embeddings", self.num_embeddings, 2, 1 << 15)
+        _check_range(path, "commitment_cost", self.commitment_cost, 0.0, 100.0)
+        _check_range(path, "decay", self.decay, 0.0, 0.99999)
+        _check_range(path, "epsilon", self.epsilon, 1e-12, 1.0)
+        _check_range(path, "token_search_steps", self.token_search_steps, 0, 100000)
+        _check_range(path, "token_search_step_size", self.token_search_step_size, 1e-9, 1.0)
+        self.annealing.validate(f"{path}.annealing")
+        self.revival.validate(f"{path}.revival")
+
     def bits_per_image(self, image_size: int) -> float:
         """Size of one token grid: grid cells x log2(num_embeddings)."""
         grid = image_size // self.downsampling_factor
         return grid * grid * math.log2(self.num_embeddings)
+
+
+@dataclass
+class VAEConfig(AutoencoderConfig):
+    """A Gaussian VAE run: the arguments of `VAE`."""
+
+    model: Literal["vae"] = "vae"
+    latent_dim: int = 16
+    kl_beta: float = 0.01
+
+    def validate(self, path: str) -> None:
+        super().validate(path)
+        _check_range(path, "latent_dim", self.latent_dim, 1, 4096)
+        _check_range(path, "kl_beta", self.kl_beta, 0.0, 1000.0)
+
+
+@dataclass
+class PriorRunConfig(RunConfig):
+    """A token prior run: it learns the token grids of the VQ-VAE run `tokens_from`.
+
+    `architecture` picks the network, "transformer" (`CausalTransformer`, settings in
+    `transformer`) or "pixelcnn" (`GatedPixelCNN`, settings in `pixelcnn`). `flipped_faces`
+    adds the tokens of the mirrored training faces to the training data. `searched_tokens`
+    learns the tokens the VQ-VAE's token search chooses (its run's `token_search_steps` and
+    `token_search_step_size`) instead of the encoder's nearest codes: the tokens a codec with
+    `search_steps` sends; tokenizing then takes minutes. `sampling` and `codec` say how it
+    draws faces and codes them.
+
+    A prior is a classifier over K codes at every grid cell: larger batches, a gentler learning
+    rate and looser clipping than the autoencoders' recipe, the usual settings of small
+    transformers (experiments/PRIOR.md has what they gave).
+    """
+
+    model: Literal["prior"] = "prior"
+    tokens_from: Optional[str] = None
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_final_fraction: float = 0.05
+    gradient_clipnorm: Optional[float] = 1.0
+    patience: int = 5
+    divergence_ratio: Optional[float] = 2.0
+    architecture: Literal["transformer", "pixelcnn"] = "transformer"
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    pixelcnn: PixelCNNConfig = field(default_factory=PixelCNNConfig)
+    flipped_faces: bool = True
+    searched_tokens: bool = False
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+
+    def validate(self, path: str) -> None:
+        super().validate(path)
+        if self.tokens_from is None:
+            raise ConfigError(f'{path}.tokens_from is missing: a "prior" run names the VQ-VAE run it learns from.')
+        self.transformer.validate(f"{path}.transformer")
+        self.pixelcnn.validate(f"{path}.pixelcnn")
+        self.sampling.validate(f"{path}.sampling")
+        self.codec.validate(f"{path}.codec")
+
+
+# The settings class of each kind of run.
+RUN_KINDS: dict[str, type] = {"vqvae": VQVAEConfig, "vae": VAEConfig, "prior": PriorRunConfig}
+# Keys of earlier versions, and where their settings are now.
+RENAMED_KEYS = {
+    "ema_decay": "decay",
+    "ema_epsilon": "epsilon",
+    "l2_normalize_codes": "l2_normalize",
+    "prior": "architecture, flipped_faces, searched_tokens, and transformer.* or pixelcnn.* (channels)",
+}
 
 
 @dataclass
@@ -355,7 +431,7 @@ class ExperimentConfig:
     deterministic: bool = False
     collective_timeout_seconds: float = 300.0
     data: DataConfig = field(default_factory=DataConfig)
-    runs: dict[str, RunConfig] = field(default_factory=lambda: _default_runs())
+    runs: dict[str, RunConfig] = field(default_factory=lambda: _build_runs(copy.deepcopy(DEFAULT_RUNS)))
     compare: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -367,19 +443,8 @@ class ExperimentConfig:
             if not name or any(c in name for c in "/\\.") or name.startswith("-"):
                 raise ConfigError(f"runs: run name {name!r} must be a plain folder name.")
             run.validate(f"runs.{name}")
-            if run.model == "prior":
-                source = self.runs.get(run.tokens_from)
-                if source is None or source.model != "vqvae":
-                    vqvae_runs = sorted(n for n, r in self.runs.items() if r.model == "vqvae")
-                    raise ConfigError(
-                        f"runs.{name}.tokens_from={run.tokens_from!r} must name a VQ-VAE run of this config "
-                        f"(VQ-VAE runs: {vqvae_runs})."
-                    )
-                if run.prior.searched_tokens and source.token_search_steps == 0:
-                    raise ConfigError(
-                        f"runs.{name}.prior.searched_tokens is true but runs.{run.tokens_from}.token_search_steps "
-                        "is 0: give the VQ-VAE run a token search, or learn its nearest codes."
-                    )
+            if isinstance(run, PriorRunConfig):
+                self._check_token_source(name, run)
                 continue
             if self.data.image_size % run.downsampling_factor:
                 raise ConfigError(
@@ -390,6 +455,20 @@ class ExperimentConfig:
         for name in self.compare:
             if name not in self.runs:
                 raise ConfigError(f"compare names {name!r}, which is not in runs ({sorted(self.runs)}).")
+
+    def _check_token_source(self, name: str, run: PriorRunConfig) -> None:
+        source = self.runs.get(run.tokens_from)
+        if not isinstance(source, VQVAEConfig):
+            vqvae_runs = sorted(n for n, r in self.runs.items() if isinstance(r, VQVAEConfig))
+            raise ConfigError(
+                f"runs.{name}.tokens_from={run.tokens_from!r} must name a VQ-VAE run of this config "
+                f"(VQ-VAE runs: {vqvae_runs})."
+            )
+        if run.searched_tokens and source.token_search_steps == 0:
+            raise ConfigError(
+                f"runs.{name}.searched_tokens is true but runs.{run.tokens_from}.token_search_steps "
+                "is 0: give the VQ-VAE run a token search, or learn its nearest codes."
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -404,7 +483,7 @@ class ExperimentConfig:
         """`run_names` with each prior after the VQ-VAE run it learns from (when that is among them)."""
         ordered: list[str] = []
         for name in run_names:
-            source = self.runs[name].tokens_from
+            source = getattr(self.runs[name], "tokens_from", None)
             if source in run_names and source not in ordered:
                 ordered.append(source)
             if name not in ordered:
@@ -416,31 +495,35 @@ class ExperimentConfig:
 DEFAULT_RUNS = {"vqvae": {}, "vae": {"model": "vae"}, "prior": {"model": "prior", "tokens_from": "vqvae"}}
 
 
-def _with_model_defaults(run: dict) -> dict:
-    """A run's settings with `MODEL_DEFAULTS` filled in for the keys it does not set."""
-    model = run.get("model")
-    return {**(MODEL_DEFAULTS.get(model, {}) if isinstance(model, str) else {}), **run}
+def _build_runs(runs: dict) -> dict[str, RunConfig]:
+    """Each run's settings, of the class its `model` names (`RUN_KINDS`)."""
+    built = {}
+    for name, run in runs.items():
+        where = f"runs.{name}"
+        if not isinstance(run, dict):
+            raise ConfigError(f"{where}={run!r} has the wrong type: expected an object.")
+        kind = run.get("model", "vqvae")
+        if not isinstance(kind, str) or kind not in RUN_KINDS:
+            kinds = ", ".join(map(repr, RUN_KINDS))
+            raise ConfigError(f"{where}.model={kind!r} has the wrong type: expected one of {kinds}.")
+        _check_keys_of_kind(run, kind, where)
+        built[name] = _build(RUN_KINDS[kind], run, where)
+    return built
 
 
-def _default_runs() -> dict[str, RunConfig]:
-    return {name: _build(RunConfig, _with_model_defaults(run), f"runs.{name}") for name, run in DEFAULT_RUNS.items()}
-
-
-# Training-policy defaults that differ by model kind, applied to the keys a run does not set.
-# A token prior is a classifier over K codes at every grid cell: larger batches, a gentler
-# learning rate and looser clipping than the autoencoders' recipe. These are the usual settings
-# of small transformers, not tuned on this data (experiments/PRIOR.md has what they gave).
-MODEL_DEFAULTS = {
-    "prior": {
-        "batch_size": 32,
-        "learning_rate": 1e-3,
-        "lr_schedule": "cosine",
-        "lr_final_fraction": 0.05,
-        "gradient_clipnorm": 1.0,
-        "patience": 5,
-        "divergence_ratio": 2.0,
-    },
-}
+def _check_keys_of_kind(run: dict, kind: str, path: str) -> None:
+    """Refuse a key of another kind of run, or one renamed since, saying where it belongs."""
+    known = {f.name for f in dataclasses.fields(RUN_KINDS[kind])}
+    for key in run:
+        if key in known:
+            continue
+        if key in RENAMED_KEYS:
+            raise ConfigError(f"{path}.{key} is now {RENAMED_KEYS[key]}: rename it.")
+        kinds = [other for other, cls in RUN_KINDS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+        if kinds:
+            raise ConfigError(
+                f"{path}.{key} is a setting of {' and '.join(map(repr, kinds))} runs, not of a {kind!r} run: remove it."
+            )
 
 
 def _check_range(path: str, key: str, value, low, high) -> None:
@@ -544,6 +627,29 @@ def _assign(mapping: dict, parts: list[str], value) -> None:
     mapping[parts[-1]] = value
 
 
+def _apply_override(raw: dict, selected: list[str], parts: list[str], value) -> None:
+    """`data.KEY=V` and the top-level keys go where they say; any other key is set in each selected run
+    of a kind that has it (a warning when none of them has it). A key no kind of run has is refused."""
+    if parts[0] in {f.name for f in dataclasses.fields(ExperimentConfig)} - {"runs"}:
+        _assign(raw, parts, value)
+        return
+    placed = False
+    for name in selected:
+        run = raw["runs"][name]
+        kind = run.get("model", "vqvae") if isinstance(run, dict) else None
+        if kind in RUN_KINDS and parts[0] in {f.name for f in dataclasses.fields(RUN_KINDS[kind])}:
+            _assign(run, parts, value)
+            placed = True
+    if not placed:
+        key = ".".join(parts)
+        if parts[0] in RENAMED_KEYS:
+            raise ConfigError(f"--set {key}: {parts[0]} is now {RENAMED_KEYS[parts[0]]}.")
+        kinds = [kind for kind, cls in RUN_KINDS.items() if parts[0] in {f.name for f in dataclasses.fields(cls)}]
+        if not kinds:
+            raise ConfigError(f"--set {key}: unknown key {parts[0]!r} (not a setting of any kind of run).")
+        log.warning("--set %s changes none of the selected runs %s (a setting of %s runs)", key, selected, kinds)
+
+
 def load_config(
     path: Optional[str | Path] = None,
     overrides: list[str] = (),
@@ -573,20 +679,11 @@ def load_config(
     for name in selected:
         if name not in raw["runs"]:
             raise ConfigError(f"--run {name!r} is not a run in the config; runs are: {sorted(raw['runs'])}.")
-    top_level = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"runs"}
     for text in overrides:
-        parts, value = _parse_override(text)
-        if parts[0] in top_level:
-            _assign(raw, parts, value)
-        else:
-            for name in selected:
-                if not isinstance(raw["runs"][name], dict):
-                    continue
-                _assign(raw["runs"][name], parts, value)
-    raw["runs"] = {
-        name: _with_model_defaults(run) if isinstance(run, dict) else run for name, run in raw["runs"].items()
-    }
+        _apply_override(raw, selected, *_parse_override(text))
+    runs = _build_runs(raw.pop("runs"))
     config = _build(ExperimentConfig, raw, "")
+    config.runs = runs
     config.validate()
     return config
 

@@ -17,7 +17,7 @@ from vqvae_class_keras import VQVAE
 from vqvae_faces import lfw_files, pipeline, visualize
 from vqvae_faces.atomic_files import save_npz_atomically, write_json_atomically
 from vqvae_faces.compiled import compiled
-from vqvae_faces.config import RunConfig
+from vqvae_faces.config import AutoencoderConfig, VQVAEConfig
 from vqvae_faces.gaussian_vae import VAE
 from vqvae_faces.inference import check_image_shape, decode, reconstruct, tokenize
 from vqvae_faces.run_folder import RunPaths, read_state
@@ -74,7 +74,7 @@ class TestFaces:
 
 
 def evaluate_run(
-    run_name: str, run: RunConfig, model: keras.Model, paths: RunPaths, faces: TestFaces
+    run_name: str, run: AutoencoderConfig, model: keras.Model, paths: RunPaths, faces: TestFaces
 ) -> EvaluationResult:
     """Evaluate a trained run on `faces`; write tokens, pictures and metrics.json.
 
@@ -116,7 +116,7 @@ def evaluate_run(
     return EvaluationResult(metrics, quality, reconstructions, tokens, sampled_quality)
 
 
-def _evaluate_tokens(run_name: str, run: RunConfig, model: VQVAE, paths: RunPaths, faces: TestFaces, metrics: dict):
+def _evaluate_tokens(run_name: str, run: VQVAEConfig, model: VQVAE, paths: RunPaths, faces: TestFaces, metrics: dict):
     """A VQ-VAE's tokens of the test faces (saved to tokens.npz) and its reconstructions decoded from the
     saved file; adds the tokens' figures to `metrics` and draws the codebook's usage."""
     images, batch_size, steps = faces.images, run.batch_size, run.token_search_steps

@@ -1,12 +1,15 @@
 """Run settings to models: the one mapping to constructor arguments, building, loading, compatibility.
 
-A new model setting is a `RunConfig` field, a constructor argument, and its line in
-`model_arguments`; compatibility with saved checkpoints follows from the constructor
-arguments every `.keras` file stores.
+A model's settings carry the names of its constructor's arguments (`config.VQVAEConfig`,
+`VAEConfig`, `TransformerConfig`, `PixelCNNConfig`), so the mapping is mechanical: a new
+model setting is a settings field and a constructor argument of the same name. Compatibility
+with saved checkpoints follows from the constructor arguments every `.keras` file stores.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import zipfile
 from pathlib import Path
@@ -15,7 +18,7 @@ from typing import Optional
 import keras
 
 from vqvae_class_keras import VQVAE
-from vqvae_faces.config import RunConfig
+from vqvae_faces.config import PriorRunConfig, RunConfig
 from vqvae_faces.errors import CheckpointError
 from vqvae_faces.gaussian_vae import VAE
 from vqvae_faces.token_prior import CausalTransformer, GatedPixelCNN
@@ -33,7 +36,22 @@ DERIVED_PRIOR_ARGUMENTS = frozenset({"num_embeddings", "grid_size"})
 
 def model_class(run: RunConfig) -> type:
     """The Keras model class a run trains."""
-    return PRIOR_CLASSES[run.prior.architecture] if run.model == "prior" else MODEL_CLASSES[run.model]
+    return PRIOR_CLASSES[run.architecture] if isinstance(run, PriorRunConfig) else MODEL_CLASSES[run.model]
+
+
+def _constructor_parameters(cls: type) -> list[str]:
+    """The named arguments of `cls`'s constructor, with those it passes on to its bases' (**kwargs)."""
+    names = []
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("keras"):
+            break
+        if "__init__" not in vars(klass):
+            continue
+        parameters = list(inspect.signature(klass.__init__).parameters.values())[1:]  # without self
+        names += [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return list(dict.fromkeys(names))
 
 
 def model_arguments(
@@ -43,46 +61,18 @@ def model_arguments(
     seed: int,
     tokens: tuple[int, tuple[int, int]] = (2, (1, 1)),
 ) -> dict:
-    """The constructor arguments of `model_class(run)` for the run's settings.
-
-    The one place that maps settings to a model: a new model setting is a constructor
-    argument plus its entry here (and its `RunConfig` field). `tokens` is a prior's
-    (K, (rows, columns)), from `ExperimentConfig.token_alphabet`.
-    """
-    if run.model == "prior":
+    """The constructor arguments of `model_class(run)`: each setting of the same name, and what the data
+    decides: the image `channels`, the training faces' `data_variance` (when `normalize_by_variance`), the
+    `seed`, and a prior's `tokens` (K, (rows, columns)) from `ExperimentConfig.token_alphabet`."""
+    cls = model_class(run)
+    if isinstance(run, PriorRunConfig):
+        settings = dataclasses.asdict(getattr(run, run.architecture))
         num_embeddings, grid_size = tokens
-        p = run.prior
-        shared = dict(num_embeddings=num_embeddings, grid_size=list(grid_size), num_layers=p.num_layers)
-        if p.architecture == "transformer":
-            return dict(width=p.width, num_heads=p.num_heads, mlp_ratio=p.mlp_ratio, **shared)
-        return dict(channels=p.width, kernel_size=p.kernel_size, **shared)
-    trunk = dict(
-        image_channels=channels,
-        encoder_filters=list(run.encoder_filters),
-        decoder_filters=list(run.decoder_filters),
-        num_residual_blocks=run.num_residual_blocks,
-        residual_hidden_channels=run.residual_hidden_channels,
-        decoder_residual_blocks=run.decoder_residual_blocks,
-        activation=run.activation,
-        output_activation=run.output_activation,
-        reconstruction_loss=run.reconstruction_loss,
-        ssim_weight=run.ssim_weight,
-        l1_weight=run.l1_weight,
-        data_variance=data_variance,
-        seed=seed,
-    )
-    if run.model == "vqvae":
-        return dict(
-            embedding_dim=run.embedding_dim,
-            num_embeddings=run.num_embeddings,
-            commitment_cost=run.commitment_cost,
-            decay=run.ema_decay,
-            epsilon=run.ema_epsilon,
-            codebook_init=run.codebook_init,
-            l2_normalize=run.l2_normalize_codes,
-            **trunk,
-        )
-    return dict(latent_dim=run.latent_dim, kl_beta=run.kl_beta, **trunk)
+        settings.update(num_embeddings=num_embeddings, grid_size=list(grid_size))
+    else:
+        settings = dict(vars(run), image_channels=channels, data_variance=data_variance, seed=seed)
+    arguments = {name: settings[name] for name in _constructor_parameters(cls) if name in settings}
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in arguments.items()}
 
 
 def build_model(

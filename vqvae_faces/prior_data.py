@@ -134,9 +134,7 @@ def load_prior_source(config: ExperimentConfig, run_name: str, faces: FaceSet, p
     """
     run = config.runs[run_name]
     source_run = config.runs[run.tokens_from]
-    search = (
-        (source_run.token_search_steps, source_run.token_search_step_size) if run.prior.searched_tokens else (0, 0.0)
-    )
+    search = (source_run.token_search_steps, source_run.token_search_step_size) if run.searched_tokens else (0, 0.0)
     source = paths.sibling(run.tokens_from)
     if source.trained_model() is None:
         raise TrainingError(
@@ -153,7 +151,7 @@ def load_prior_source(config: ExperimentConfig, run_name: str, faces: FaceSet, p
             split,
             paths.data_cache,
             TOKENIZE_BATCH,
-            flipped=run.prior.flipped_faces,
+            flipped=run.flipped_faces,
             search=search,
         )
         digest = file_digest(checkpoint)

@@ -21,7 +21,7 @@ import tensorflow as tf
 from vqvae_faces import fid, prior_metrics, visualize
 from vqvae_faces.atomic_files import save_npz_atomically, write_json_atomically
 from vqvae_faces.compiled import compiled
-from vqvae_faces.config import RunConfig, SamplingConfig
+from vqvae_faces.config import PriorRunConfig, SamplingConfig
 from vqvae_faces.evaluation import EvaluationResult, TestFaces, image_quality
 from vqvae_faces.inference import check_image_shape, decode, tokenize
 from vqvae_faces.pipeline import make_token_dataset
@@ -133,7 +133,7 @@ def save_nearest_training_faces(samples: np.ndarray, training_images: np.ndarray
 
 def evaluate_prior(
     run_name: str,
-    run: RunConfig,
+    run: PriorRunConfig,
     prior: keras.Model,
     paths: RunPaths,
     source: PriorSource,

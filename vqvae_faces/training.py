@@ -215,7 +215,7 @@ class FitJob:
     def train_grids(self) -> np.ndarray:
         """A prior's training grids: the training faces' tokens, then those of the mirrored faces."""
         tokens = self.prior.tokens
-        parts = ["train", "train_flipped"] if self.run.prior.flipped_faces else ["train"]
+        parts = ["train", "train_flipped"] if self.run.flipped_faces else ["train"]
         return np.concatenate([tokens[part] for part in parts])
 
 
@@ -269,7 +269,7 @@ def train_as_worker(
     in the same command, with the chief's weights. Only the chief keeps checkpoints.
     """
     copied = [run_name] if not retrain else []
-    if config.runs[run_name].tokens_from:  # a prior: the worker tokenizes with the chief's VQ-VAE
+    if config.runs[run_name].model == "prior":  # the worker tokenizes with the chief's VQ-VAE
         copied.append(config.runs[run_name].tokens_from)
     for name in copied:
         chief_folder, target = RunPaths.for_run(out, name).checkpoints, RunPaths.for_run(scratch, name).checkpoints
@@ -322,7 +322,7 @@ def _train_locked(config, run_name, faces, paths, retrain, strategy):
         unfinished.unlink()
     paths.images.mkdir(parents=True, exist_ok=True)
 
-    prior = load_prior_source(config, run_name, faces, paths) if run.tokens_from else None
+    prior = load_prior_source(config, run_name, faces, paths) if run.model == "prior" else None
     keras.utils.set_random_seed(config.seed)
     policy = choose_precision(run.mixed_precision)
     keras.mixed_precision.set_dtype_policy(policy)
