@@ -239,3 +239,20 @@ def test_a_loss_scale_optimizer_makes_the_same_step_as_its_inner_optimizer(archi
     assert max(np.abs(step).max() for step in steps[0]) > 1e-3, "the plain step moves the weights"
     for plain, scaled in zip(*steps):
         np.testing.assert_allclose(scaled, plain, rtol=1e-4, atol=1e-6)
+
+
+def test_dropout_acts_in_training_only_and_the_codec_s_program_ignores_it():
+    keras.utils.set_random_seed(3)
+    model = CausalTransformer(K, GRID, width=16, num_heads=2, num_layers=2, mlp_ratio=2, dropout=0.5)
+    tokens = grids(4)
+    inference = model(tokens).numpy()
+    np.testing.assert_array_equal(model(tokens).numpy(), inference)
+    assert np.abs(model(tokens, training=True).numpy() - inference).max() > 0.1
+    model.compile(optimizer=keras.optimizers.SGD(0.0))  # weights stay as they are
+    trained = model.train_on_batch(tokens, return_dict=True)["loss"]
+    tested = model.test_on_batch(tokens, return_dict=True)["loss"]
+    assert abs(trained - tested) > 1e-3  # the train step drops, the test step does not
+    np.testing.assert_allclose(model.evaluate(tokens, verbose=0, return_dict=True)["loss"], tested, rtol=1e-6)
+    known = PriorStream(model, 4).known(tokens.reshape(4, -1))
+    np.testing.assert_allclose(known, tf.nn.softmax(inference).numpy().reshape(4, -1, K), atol=1e-5)
+    assert CausalTransformer.from_config(model.get_config()).dropout == 0.5

@@ -134,8 +134,10 @@ class TransformerConfig:
     num_heads: int = 4
     num_layers: int = 4
     mlp_ratio: int = 4
+    dropout: float = 0.0
 
     def validate(self, path: str) -> None:
+        _check_range(path, "dropout", self.dropout, 0.0, 0.9)
         _check_range(path, "width", self.width, 8, 4096)
         _check_range(path, "num_heads", self.num_heads, 1, 64)
         if self.width % self.num_heads:

@@ -67,9 +67,10 @@ class TokenPrior(keras.Model):
         logits = ops.cast(self(tokens), "float32")
         return ops.log_softmax(logits, axis=-1) * (-1.0 / math.log(2.0))
 
-    def token_log_probs(self, tokens):
-        """log p(t_i | t_<i) in nats for every position: (B, h, w) int -> (B, h, w) float32."""
-        logits = ops.cast(self(tokens), "float32")
+    def token_log_probs(self, tokens, training=False):
+        """log p(t_i | t_<i) in nats for every position: (B, h, w) int -> (B, h, w) float32 (`training`: with
+        the dropout of training)."""
+        logits = ops.cast(self(tokens, training=training), "float32")
         log_probs = ops.log_softmax(logits, axis=-1)
         return ops.take_along_axis(log_probs, ops.cast(tokens, "int32")[..., None], axis=-1)[..., 0]
 
@@ -77,18 +78,20 @@ class TokenPrior(keras.Model):
         """log p(grid) in nats, exact: (B, h, w) int -> (B,)."""
         return ops.sum(self.token_log_probs(tokens), axis=(1, 2))
 
-    def _nll(self, tokens):
-        return -ops.mean(self.token_log_probs(tokens))
+    def _nll(self, tokens, training=False):
+        return -ops.mean(self.token_log_probs(tokens, training))
 
-    def train_step(self, tokens):
+    def train_step(self, data):
+        tokens, _, _ = keras.utils.unpack_x_y_sample_weight(data)  # fit() gives grids, train_on_batch (grids,)
         with tf.GradientTape() as tape:
-            loss = self._nll(tokens)
+            loss = self._nll(tokens, training=True)
             scaled_loss = replica_loss(self.optimizer, loss)
         gradients = tape.gradient(scaled_loss, self.trainable_variables)
         self.optimizer.apply(gradients, self.trainable_variables)
         return self._record(loss)
 
-    def test_step(self, tokens):
+    def test_step(self, data):
+        tokens, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         return self._record(self._nll(tokens))
 
     def _record(self, loss):
@@ -238,22 +241,28 @@ class CausalTransformer(TokenPrior):
     Args:
         num_embeddings, grid_size: see `TokenPrior`.
         width: model width; num_heads: attention heads (width divisible by it);
-        num_layers: transformer blocks; mlp_ratio: hidden width of each MLP / width.
+        num_layers: transformer blocks; mlp_ratio: hidden width of each MLP / width;
+        dropout: rate of dropout on the attention weights and on each residual branch in training.
 
     Input shape: (B, h, w) int tokens. Output shape: (B, h, w, K) logits.
     """
 
-    def __init__(self, num_embeddings, grid_size, width=128, num_heads=4, num_layers=4, mlp_ratio=4, **kwargs):
+    def __init__(
+        self, num_embeddings, grid_size, width=128, num_heads=4, num_layers=4, mlp_ratio=4, dropout=0.0, **kwargs
+    ):
         super().__init__(num_embeddings, grid_size, **kwargs)
         if width % num_heads:
             raise ValueError(f"width must be divisible by num_heads, received width={width}, num_heads={num_heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), received dropout={dropout}")
         self.width, self.num_heads, self.num_layers, self.mlp_ratio = width, num_heads, num_layers, mlp_ratio
+        self.dropout = dropout
         rows, columns = self.grid_size
         self.embed = layers.Embedding(num_embeddings, width, name="embed")
         self.start = layers.Embedding(1, width, embeddings_initializer="zeros", name="start")  # input of position 0
         self.row_embed = layers.Embedding(rows, width, name="row_embed")
         self.column_embed = layers.Embedding(columns, width, name="column_embed")
-        self.blocks = [_Block(width, num_heads, mlp_ratio, name=f"block_{i}") for i in range(num_layers)]
+        self.blocks = [_Block(width, num_heads, mlp_ratio, dropout, name=f"block_{i}") for i in range(num_layers)]
         self.norm = layers.LayerNormalization(epsilon=1e-5, name="norm")
         self.head = layers.Dense(num_embeddings, name="head")
 
@@ -266,13 +275,13 @@ class CausalTransformer(TokenPrior):
         place = self.row_embed(positions // columns) + self.column_embed(positions % columns)
         return embedded + place[None]
 
-    def call(self, tokens):
+    def call(self, tokens, training=None):
         rows, columns = self.grid_size
         flat = ops.reshape(ops.cast(tokens, "int32"), (-1, rows * columns))
         previous = ops.concatenate([-ops.ones_like(flat[:, :1]), flat[:, :-1]], axis=1)
         x = self._inputs(previous, ops.arange(rows * columns))
         for block in self.blocks:
-            x = block(x)
+            x = block(x, training=training)
         logits = self.head(self.norm(x))
         return ops.reshape(logits, (-1, rows, columns, self.num_embeddings))
 
@@ -381,19 +390,23 @@ class CausalTransformer(TokenPrior):
             "num_heads": self.num_heads,
             "num_layers": self.num_layers,
             "mlp_ratio": self.mlp_ratio,
+            "dropout": self.dropout,
         }
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class _Block(layers.Layer):
-    """Pre-norm causal self-attention and MLP, with a step for cached decoding.
+    """Pre-norm causal self-attention and MLP, with a step for cached decoding; `dropout` on the attention
+    weights and on both residual branches, in training only (the cached step runs at inference).
 
     Input/Output shape: (B, n, width).
     """
 
-    def __init__(self, width, num_heads, mlp_ratio, **kwargs):
+    def __init__(self, width, num_heads, mlp_ratio, dropout=0.0, **kwargs):
         super().__init__(**kwargs)
-        self.width, self.num_heads, self.mlp_ratio = width, num_heads, mlp_ratio
+        self.width, self.num_heads, self.mlp_ratio, self.dropout = width, num_heads, mlp_ratio, dropout
+        self.attention_dropout = layers.Dropout(dropout)
+        self.residual_dropout = layers.Dropout(dropout)
         self.norm_1 = layers.LayerNormalization(epsilon=1e-5)
         self.norm_2 = layers.LayerNormalization(epsilon=1e-5)
         self.qkv = layers.Dense(3 * width)
@@ -410,19 +423,19 @@ class _Block(layers.Layer):
         batch, length = ops.shape(x)[0], ops.shape(x)[2]
         return ops.reshape(ops.transpose(x, (0, 2, 1, 3)), (batch, length, self.width))
 
-    def _attend(self, queries, keys, values, mask):
+    def _attend(self, queries, keys, values, mask, training=None):
         scale = 1.0 / math.sqrt(self.width // self.num_heads)
         scores = ops.matmul(queries, ops.transpose(keys, (0, 1, 3, 2))) * scale
         scores = ops.where(mask, scores, -1e9)
-        return ops.matmul(ops.softmax(scores, axis=-1), values)
+        return ops.matmul(self.attention_dropout(ops.softmax(scores, axis=-1), training=training), values)
 
-    def call(self, x):
+    def call(self, x, training=None):
         length = ops.shape(x)[1]
         q, k, v = ops.split(self.qkv(self.norm_1(x)), 3, axis=-1)
         causal = ops.arange(length)[:, None] >= ops.arange(length)[None, :]
-        attended = self._attend(self._heads(q), self._heads(k), self._heads(v), causal[None, None])
-        x = x + self.project(self._merge(attended))
-        return x + self.mlp_out(self.mlp_in(self.norm_2(x)))
+        attended = self._attend(self._heads(q), self._heads(k), self._heads(v), causal[None, None], training)
+        x = x + self.residual_dropout(self.project(self._merge(attended)), training=training)
+        return x + self.residual_dropout(self.mlp_out(self.mlp_in(self.norm_2(x))), training=training)
 
     def step(self, x, done, current, offset):
         """One position (B, 1, width) with the keys and values of the earlier ones: the full
@@ -449,4 +462,10 @@ class _Block(layers.Layer):
         return x + self.mlp_out(self.mlp_in(self.norm_2(x))), (keys, values)
 
     def get_config(self):
-        return {**super().get_config(), "width": self.width, "num_heads": self.num_heads, "mlp_ratio": self.mlp_ratio}
+        return {
+            **super().get_config(),
+            "width": self.width,
+            "num_heads": self.num_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "dropout": self.dropout,
+        }
