@@ -198,6 +198,25 @@ def test_training_epochs_are_fresh_permutations_and_a_resumed_run_sees_the_same_
         np.testing.assert_array_equal(expected, batch)
 
 
+def test_a_prior_s_batches_are_the_tokens_of_the_augmented_batches_the_same_seed_gives():
+    """With `tokenize`, each batch is that function of the batch of faces the same seed and epoch give,
+    augmented alike: fresh variants every epoch, the same ones on resuming."""
+    images = gradient_faces()
+    augmenter = pipeline.FaceAugmenter(AugmentationConfig(probability=0.5), 32, 3)
+
+    def tokenize(batch):  # a stand-in tokenizer: the brightest channel of each 8x8 cell, 0..255
+        cells = tf.nn.max_pool2d(batch, 8, 8, "VALID")
+        return tf.reduce_max(tf.cast(tf.round(cells * 255.0), tf.int64), axis=-1)
+
+    faces = training_batches(images, 0, 2, augmenter)
+    tokens = [b.numpy() for b in pipeline.make_training_dataset(images, 6, 5, 0, 2, augmenter, tokenize=tokenize)]
+    assert [t.dtype for t in tokens] == [np.int32] * 6 and tokens[0].shape == (6, 4, 4)
+    for batch, grid in zip(faces, tokens):
+        np.testing.assert_array_equal(grid, tokenize(tf.constant(batch)).numpy())
+    first, second = np.concatenate(tokens[:3]), np.concatenate(tokens[3:])
+    assert not np.array_equal(np.sort(first.reshape(16, -1), axis=0), np.sort(second.reshape(16, -1), axis=0))
+
+
 def test_augmentation_probability_zero_leaves_images_alone():
     images, (first, _) = augmented_batches(probability=0.0)
     np.testing.assert_allclose(first, images / 255.0, atol=1e-6)

@@ -404,3 +404,24 @@ def test_the_token_search_in_evaluate_run_handles_a_partial_last_batch(vqvae, tm
     saved = np.load(tmp_path / "checkpoints" / "vqvae" / "tokens.npz")
     np.testing.assert_array_equal(saved["tokens"], alone)
     assert list(saved["names"]) == list(faces.names) and result.metrics["num_test_images"] == 10
+
+
+def test_weight_decay_shrinks_weight_matrices_spares_biases_and_norms_and_survives_a_resume(tmp_path):
+    """AdamW with zero gradients moves no weight but decays each matrix by learning_rate x weight_decay;
+    biases and layer-norm scales and offsets stay. A loaded model decays alike once the policy is applied."""
+    from vqvae_faces.config import PriorRunConfig, TransformerConfig
+
+    run = PriorRunConfig(tokens_from="v", weight_decay=0.5, transformer=TransformerConfig(8, 2, 1, 1))
+    model = model_settings.build_model(run, 0, None, 0, learning_rate=0.1, tokens=(4, (2, 2)))
+    model(np.zeros((1, 2, 2), np.int32))
+    model.save(tmp_path / "prior.keras")
+    resumed = model_settings.load_model(tmp_path / "prior.keras")
+    model_settings.apply_training_policy(resumed, run, 0.1)
+    for trained in (model, resumed):
+        variables = trained.trainable_variables
+        before = [v.numpy() for v in variables]
+        trained.optimizer.apply([tf.zeros_like(v) for v in variables], variables)
+        spared = [v.name in ("bias", "gamma", "beta") for v in variables]
+        assert 0 < sum(spared) < len(variables)
+        for variable, old, kept in zip(variables, before, spared):
+            np.testing.assert_allclose(variable.numpy(), old if kept else old * (1 - 0.1 * 0.5), rtol=1e-6)

@@ -122,6 +122,18 @@ def test_code_lengths_in_metrics_json_equal_an_independent_numpy_computation(tra
     assert metrics["memorisation"]["num_samples"] == 8  # its figures: test_a_prior_that_copies_...
 
 
+def test_a_prior_learns_augmented_tokens_with_dropout_and_decoupled_weight_decay(out, caplog):
+    settings = ["augmentation.enabled=true", "transformer.dropout=0.2", "weight_decay=0.1", "epochs=1"]
+    assert main(out, "--run", "pr", "--retrain", *[item for s in settings for item in ("--set", s)]) == 0
+    faces = len(json.loads((out / "checkpoints" / "pr" / "split.json").read_text())["train"])
+    assert f"the prior learns the tokens of fresh variants of {2 * faces} faces every epoch" in caplog.text
+    prior = keras.saving.load_model(out / "checkpoints" / "pr" / "latest.keras", safe_mode=True)
+    assert prior.dropout == 0.2 and all(block.dropout == 0.2 for block in prior.blocks)
+    assert isinstance(prior.optimizer, keras.optimizers.AdamW) and prior.optimizer.weight_decay == 0.1
+    history = (out / "checkpoints" / "pr" / "history.csv").read_text().splitlines()
+    assert len(history) == 2 and "nan" not in history[1]
+
+
 def test_a_stopped_prior_resumes_to_the_weights_of_an_uninterrupted_run(out, trained):
     """One epoch, then a rerun asking for two: bit for bit the fixture's two-epoch prior."""
     shutil.rmtree(out / "checkpoints" / "pr")

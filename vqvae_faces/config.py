@@ -126,6 +126,24 @@ class RevivalConfig:
         _check_range(path, "noise", self.noise, 0.0, 10.0)
 
 
+# A prior's augmentation: photometric changes, small shifts, scales and turns that leave a face a
+# plausible face (the mirror image is `flipped_faces`); off until turned on.
+PRIOR_AUGMENTATION = AugmentationConfig(
+    enabled=False,
+    probability=0.5,
+    flip=False,
+    brightness=0.1,
+    contrast=0.15,
+    sharpness=0.0,
+    saturation=0.15,
+    rotation_degrees=3.0,
+    noise_stddev=0.0,
+    translation_pixels=2.0,
+    blur_sigma=0.0,
+    zoom=0.05,
+)
+
+
 @dataclass
 class TransformerConfig:
     """A prior's `CausalTransformer` (`token_prior.py`): its constructor arguments."""
@@ -235,6 +253,7 @@ class RunConfig:
     lr_schedule: Literal["cosine", "linear", "constant"] = "linear"
     lr_final_fraction: float = 0.02
     gradient_clipnorm: Optional[float] = 0.1
+    weight_decay: float = 0.0
     patience: int = 10
     min_epoch_to_start_saving: int = 0
     divergence_ratio: Optional[float] = 3.0
@@ -254,6 +273,7 @@ class RunConfig:
         _check_range(path, "lr_final_fraction", self.lr_final_fraction, 0.0, 1.0)
         if self.gradient_clipnorm is not None:
             _check_range(path, "gradient_clipnorm", self.gradient_clipnorm, 1e-8, 1e6)
+        _check_range(path, "weight_decay", self.weight_decay, 0.0, 10.0)
         _check_range(path, "patience", self.patience, 1, 10**6)
         _check_range(path, "min_epoch_to_start_saving", self.min_epoch_to_start_saving, 0, 10**6)
         if self.min_epoch_to_start_saving > self.epochs:
@@ -373,7 +393,9 @@ class PriorRunConfig(RunConfig):
 
     `architecture` picks the network, "transformer" (`CausalTransformer`, settings in
     `transformer`) or "pixelcnn" (`GatedPixelCNN`, settings in `pixelcnn`). `flipped_faces`
-    adds the tokens of the mirrored training faces to the training data. `searched_tokens`
+    adds the tokens of the mirrored training faces to the training data. With `augmentation`
+    enabled the prior learns, every epoch, the tokens of fresh variants of those faces, which
+    the VQ-VAE tokenizes in the input pipeline (its nearest codes). `searched_tokens`
     learns the tokens the VQ-VAE's token search chooses (its run's `token_search_steps` and
     `token_search_step_size`) instead of the encoder's nearest codes: the tokens a codec with
     `search_steps` sends; tokenizing then takes minutes. `sampling` and `codec` say how it
@@ -398,6 +420,7 @@ class PriorRunConfig(RunConfig):
     pixelcnn: PixelCNNConfig = field(default_factory=PixelCNNConfig)
     flipped_faces: bool = True
     searched_tokens: bool = False
+    augmentation: AugmentationConfig = field(default_factory=lambda: dataclasses.replace(PRIOR_AUGMENTATION))
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
 
@@ -405,6 +428,12 @@ class PriorRunConfig(RunConfig):
         super().validate(path)
         if self.tokens_from is None:
             raise ConfigError(f'{path}.tokens_from is missing: a "prior" run names the VQ-VAE run it learns from.')
+        self.augmentation.validate(f"{path}.augmentation")
+        if self.augmentation.enabled and self.searched_tokens:
+            raise ConfigError(
+                f"{path}.augmentation.enabled with searched_tokens: the search is too slow to tokenize fresh "
+                "variants every epoch; learn the nearest codes, or turn the augmentation off."
+            )
         self.transformer.validate(f"{path}.transformer")
         self.pixelcnn.validate(f"{path}.pixelcnn")
         self.sampling.validate(f"{path}.sampling")

@@ -28,6 +28,8 @@ from vqvae_faces.token_prior import CausalTransformer, GatedPixelCNN
 # other argument is architecture or training objective and must match (see `model_mismatches`).
 RESUMABLE_MODEL_ARGUMENTS = frozenset({"commitment_cost", "decay", "epsilon", "codebook_init", "seed"})
 MODEL_CLASSES = {"vqvae": VQVAE, "vae": VAE}
+# Weights AdamW leaves undecayed, by name: biases and layer normalisation's scale and offset.
+NOT_DECAYED = ["bias", "gamma", "beta"]
 PRIOR_CLASSES = {"transformer": CausalTransformer, "pixelcnn": GatedPixelCNN}
 # A prior's token alphabet follows from its VQ-VAE run, whose checkpoint the prior's
 # config.json records (see `run_folder.check_compatible`); the rest of its arguments must match.
@@ -85,9 +87,29 @@ def build_model(
 ) -> keras.Model:
     """A fresh, compiled model for `run` (the dtype policy and strategy scope must already be set)."""
     model = model_class(run)(**model_arguments(run, channels, data_variance, seed, tokens))
-    optimizer = keras.optimizers.Adam(learning_rate or run.learning_rate, global_clipnorm=run.gradient_clipnorm)
+    learning_rate = learning_rate or run.learning_rate
+    if run.weight_decay:
+        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=run.weight_decay)
+    else:
+        optimizer = keras.optimizers.Adam(learning_rate)
     model.compile(optimizer=optimizer, jit_compile=run.jit_compile, run_eagerly=run.run_eagerly)
+    apply_training_policy(model, run, learning_rate)
     return model
+
+
+def apply_training_policy(model: keras.Model, run: RunConfig, learning_rate: float) -> None:
+    """Set what a run may change when it resumes: the learning rate, the gradient clipping, the weight
+    decay and what it spares (biases and layer-norm scales and offsets, which `.keras` files do not
+    record), and how the step runs (`jit_compile`, `run_eagerly`, this session's choice)."""
+    model.jit_compile, model.run_eagerly = run.jit_compile, run.run_eagerly
+    model.optimizer.learning_rate.assign(learning_rate)
+    # Under mixed_float16 the optimizer is a LossScaleOptimizer: clipping and decay belong to the one inside,
+    # which sees the unscaled gradients.
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    optimizer.global_clipnorm = run.gradient_clipnorm
+    if isinstance(optimizer, keras.optimizers.AdamW):
+        optimizer.weight_decay = run.weight_decay
+        optimizer.exclude_from_weight_decay(var_names=NOT_DECAYED)
 
 
 def load_model(path: Path) -> keras.Model:

@@ -7,7 +7,7 @@ uninterrupted one would.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import keras
 import numpy as np
@@ -177,8 +177,11 @@ def make_training_dataset(
     epochs: int,
     augmenter: Optional[FaceAugmenter] = None,
     drop_remainder: bool = False,
+    tokenize: Optional[Callable] = None,
 ):
-    """Training batches for epochs `first_epoch` .. `epochs - 1`, one after the other.
+    """Training batches for epochs `first_epoch` .. `epochs - 1`, one after the other: float32 images
+    (B, H, W, C) in [0, 1], or with `tokenize` (a VQ-VAE's images -> tokens) their int32 token grids
+    (B, h, w), the data of a prior that learns the tokens of fresh variants of its faces every epoch.
 
     Each epoch is a fresh permutation of the images, and each batch is augmented
     with its own seed; both are pure functions of (`seed`, epoch, batch), so a
@@ -194,7 +197,7 @@ def make_training_dataset(
         batch = _scaled(pool, index)
         if augmenter is not None:
             batch = augmenter(batch, batch_seed)
-        return batch
+        return batch if tokenize is None else tf.cast(tokenize(batch), tf.int32)
 
     batches = _epoch_batches(len(images), batch_size, seed, first_epoch, epochs, drop_remainder)
     return _distribute_by_data(batches.map(load, num_parallel_calls=tf.data.AUTOTUNE))

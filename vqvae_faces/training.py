@@ -39,10 +39,11 @@ from vqvae_faces.callbacks import (
     TrainingCheckpoint,
     TrainingClock,
 )
+from vqvae_faces.compiled import compiled
 from vqvae_faces.config import ExperimentConfig, RunConfig, save_resolved_config
 from vqvae_faces.errors import WorkerLost
 from vqvae_faces.lfw_files import FaceSet, load_split, save_split, split_by_person
-from vqvae_faces.model_settings import build_model, load_model
+from vqvae_faces.model_settings import apply_training_policy, build_model, load_model
 from vqvae_faces.prior_data import PriorSource, load_prior_source
 from vqvae_faces.run_folder import (
     OnlyBestModel,
@@ -398,12 +399,7 @@ def _model_and_split(config, run_name, faces, paths, state, prior, schedule, str
         split = load_split(paths.split, faces)
         with strategy.scope():
             model = load_model(paths.latest_model)
-        model.optimizer.learning_rate.assign(schedule.learning_rate)
-        # How the step runs is this session's choice, not the checkpoint's (which records its own).
-        model.jit_compile, model.run_eagerly = run.jit_compile, run.run_eagerly
-        # Under mixed_float16 the optimizer is a LossScaleOptimizer: clipping belongs to the Adam inside,
-        # which sees the unscaled gradients.
-        getattr(model.optimizer, "inner_optimizer", model.optimizer).global_clipnorm = run.gradient_clipnorm
+        apply_training_policy(model, run, schedule.learning_rate)
         log.info("resuming run %s from epoch %d (%s)", run_name, state["epochs_done"], paths.latest_model)
     if not model.optimizer.built:
         # Eagerly: built inside the first traced train step, the slots cost about a second of tracing.
@@ -467,10 +463,27 @@ def _token_inputs(job: FitJob):
     """A prior's training and validation datasets of token grids, training-set size and snapshot callback."""
     config, run, schedule = job.config, job.run, job.schedule
     whole_batches = schedule.whole_batches
-    train_grids, val_grids = job.train_grids, job.prior.tokens["val"]
-    train_ds = pipeline.make_token_training_dataset(
-        train_grids, schedule.global_batch, config.seed, job.initial_epoch, run.epochs, drop_remainder=whole_batches
-    )
+    val_grids = job.prior.tokens["val"]
+    if run.augmentation.enabled:
+        faces = job.train_images
+        faces = np.concatenate([faces, faces[:, :, ::-1]]) if run.flipped_faces else faces
+        augmenter = pipeline.FaceAugmenter(run.augmentation, faces.shape[1], faces.shape[-1])
+        tokenize = compiled(job.prior.vqvae, VQVAE.encode_to_tokens)
+        train_count = len(faces)
+        log.info(
+            "the prior learns the tokens of fresh variants of %d faces every epoch (%s)",
+            train_count,
+            augmenter.names,
+        )
+        train_ds = pipeline.make_training_dataset(
+            faces, schedule.global_batch, config.seed, job.initial_epoch, run.epochs, augmenter, whole_batches, tokenize
+        )
+    else:
+        train_grids = job.train_grids
+        train_count = len(train_grids)
+        train_ds = pipeline.make_token_training_dataset(
+            train_grids, schedule.global_batch, config.seed, job.initial_epoch, run.epochs, drop_remainder=whole_batches
+        )
     val_ds = None
     if len(val_grids) >= (schedule.global_batch if whole_batches else 1):
         val_ds = pipeline.make_token_dataset(val_grids, schedule.global_batch, drop_remainder=whole_batches)
@@ -483,7 +496,7 @@ def _token_inputs(job: FitJob):
         config.seed,
         tensorboard_dir=job.paths.tensorboard / "samples",
     )
-    return train_ds, val_ds, len(train_grids), snapshots
+    return train_ds, val_ds, train_count, snapshots
 
 
 def _fit(model, job: FitJob) -> None:
