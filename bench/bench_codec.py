@@ -46,6 +46,34 @@ def webp_round_trip(images: np.ndarray, quality: int) -> tuple[float, float, flo
     return bits, len(images) / encode_seconds, len(images) / decode_seconds, decoded.reshape(images.shape)
 
 
+def vqf_round_trips(codec, images: np.ndarray) -> tuple[dict, dict, np.ndarray]:
+    """Rows (without WebP's ratios) for `.vqf` files and one `.vqfs` container of `images`, timed after
+    a warm-up face; and the token grids coded."""
+    codec.encode(images[:1])  # compiles the step
+    rows, grids = {}, None
+    for kind, only in (("files", {"container": False}), ("container", {"files": False})):
+        started = time.perf_counter()
+        encoded = codec.encode(images, **only)
+        encode_rate = len(images) / (time.perf_counter() - started)
+        assert grids is None or np.array_equal(encoded.grids, grids), "the container holds other tokens"
+        grids = encoded.grids
+        started = time.perf_counter()
+        if kind == "files":
+            order = np.random.default_rng(0).permutation(len(images))  # other groups of files than when encoding
+            decoded = codec.decode([encoded.files[i] for i in order], [str(i) for i in order])
+            bits, exact = 8 * np.mean([len(data) for data in encoded.files]), (decoded == grids[order])
+        else:
+            decoded = codec.decode_container(encoded.container, "container")
+            bits, exact = 8 * len(encoded.container) / len(images), (decoded == grids)
+        rows[kind] = {
+            "bits_per_face": bits,
+            "encode_faces_per_second": encode_rate,
+            "decode_faces_per_second": len(images) / (time.perf_counter() - started),
+            "exact_round_trip": float(exact.all(axis=(1, 2)).mean()),
+        }
+    return rows["files"], rows["container"], grids
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder holding checkpoints/<prior run> and its VQ-VAE run")
@@ -63,63 +91,32 @@ def main() -> None:
     images = faces.subset(split["test"])[: args.faces]
     originals = images.astype(np.float32) / 255.0
     with codec_files.opened_codec(config, prior_run, out) as codec:
-        codec.encode(images[:1])  # compiles the step
-        started = time.perf_counter()
-        encoded = codec.encode(images, container=False)
-        files, grids = encoded.files, encoded.grids
-        encode_rate = len(images) / (time.perf_counter() - started)
-        started = time.perf_counter()
-        encoded = codec.encode(images, files=False)
-        container, in_container = encoded.container, encoded.grids
-        container_encode_rate = len(images) / (time.perf_counter() - started)
-        assert np.array_equal(in_container, grids), "the container holds other tokens than the files"
-        order = np.random.default_rng(0).permutation(len(files))  # other groups of files than when encoding
-        started = time.perf_counter()
-        decoded = codec.decode([files[i] for i in order], [str(i) for i in order])
-        decode_rate = len(images) / (time.perf_counter() - started)
-        exact = float((decoded == grids[order]).all(axis=(1, 2)).mean())
-        started = time.perf_counter()
-        unpacked = codec.decode_container(container, "container")
-        container_decode_rate = len(images) / (time.perf_counter() - started)
-        container_exact = float((unpacked == grids).all(axis=(1, 2)).mean())
-        scores = image_quality(originals, np.clip(decode(codec.vqvae, grids, 64), 0, 1))
-    bits = 8 * np.mean([len(data) for data in files])
+        files, container, grids = vqf_round_trips(codec, images)
+        psnr = float(image_quality(originals, np.clip(decode(codec.vqvae, grids, 64), 0, 1))["psnr"].mean())
     candidates = {q: compare.encode_decode(images, "WebP", q).bits_per_image for q in range(1, 101, 3)}
-    quality = min(candidates, key=lambda q: abs(candidates[q] - bits))
+    quality = min(candidates, key=lambda q: abs(candidates[q] - files["bits_per_face"]))
     webp_bits, webp_encode, webp_decode, webp_decoded = webp_round_trip(images, quality)
-    webp_scores = image_quality(originals, webp_decoded.astype(np.float32) / 255.0)
-    rows = [
-        {
-            "codec": ".vqf (nearest codes, range-coded with the prior)",
-            "bits_per_face": bits,
-            "psnr": float(scores["psnr"].mean()),
-            "encode_faces_per_second": encode_rate,
-            "decode_faces_per_second": decode_rate,
-            "exact_round_trip": exact,
-            "encode_ratio_to_webp": encode_rate / webp_encode,
-            "decode_ratio_to_webp": decode_rate / webp_decode,
-        },
-        {
-            "codec": ".vqfs container of all the faces",
-            "bits_per_face": 8 * len(container) / len(images),
-            "psnr": float(scores["psnr"].mean()),
-            "encode_faces_per_second": container_encode_rate,
-            "decode_faces_per_second": container_decode_rate,
-            "exact_round_trip": container_exact,
-            "encode_ratio_to_webp": container_encode_rate / webp_encode,
-            "decode_ratio_to_webp": container_decode_rate / webp_decode,
-        },
-        {
-            "codec": f"WebP quality {quality}, method 6",
-            "bits_per_face": webp_bits,
-            "psnr": float(webp_scores["psnr"].mean()),
-            "encode_faces_per_second": webp_encode,
-            "decode_faces_per_second": webp_decode,
-            "exact_round_trip": None,
-            "encode_ratio_to_webp": 1.0,
-            "decode_ratio_to_webp": 1.0,
-        },
-    ]
+    webp = {
+        "bits_per_face": webp_bits,
+        "psnr": float(image_quality(originals, webp_decoded.astype(np.float32) / 255.0)["psnr"].mean()),
+        "encode_faces_per_second": webp_encode,
+        "decode_faces_per_second": webp_decode,
+        "exact_round_trip": None,
+    }
+    rows = []
+    for name, row in (
+        (".vqf (nearest codes, range-coded with the prior)", {**files, "psnr": psnr}),
+        (".vqfs container of all the faces", {**container, "psnr": psnr}),
+        (f"WebP quality {quality}, method 6", webp),
+    ):
+        rows.append(
+            {
+                "codec": name,
+                **row,
+                "encode_ratio_to_webp": row["encode_faces_per_second"] / webp_encode,
+                "decode_ratio_to_webp": row["decode_faces_per_second"] / webp_decode,
+            }
+        )
     report("bench_codec", rows, {**vars(args), "test_faces": len(images)})
 
 

@@ -190,10 +190,20 @@ def measure_rates(args) -> None:
     out.write_text(json.dumps(ratios, indent=2))
 
 
+def speed_ratio(args) -> float:
+    """The variant's training speed over the default's: 1 for same-cost variants, else the measured one."""
+    if same_cost(args.variant):
+        return 1.0
+    rates_file = Path(args.rates)
+    ratio = json.loads(rates_file.read_text()).get(args.variant) if rates_file.is_file() else None
+    if ratio is None:
+        sys.exit(f"no speed ratio for {args.variant!r} in {args.rates}: run `rates --only {args.variant!r}` first")
+    return ratio
+
+
 def train_one(args) -> dict:
     """Train variant `args.variant` for its CPU-equivalent steps; return its test metrics."""
     import keras
-    import numpy as np
     import tensorflow as tf
 
     if args.threads:
@@ -204,19 +214,12 @@ def train_one(args) -> dict:
 
     from vqvae_faces import lfw_files, pipeline
     from vqvae_faces.callbacks import TrainingClock
-    from vqvae_faces.evaluation import image_quality
-    from vqvae_faces.inference import decode, tokenize
     from vqvae_faces.training import policy_callbacks
 
     config = run_config(args.base + VARIANTS[args.variant])
     config.data.path = args.data
     run = config.runs["vqvae"]
-    ratio = 1.0  # same-cost variants train at the default's rate; the others need a measured one
-    if not same_cost(args.variant):
-        rates_file = Path(args.rates)
-        ratio = json.loads(rates_file.read_text()).get(args.variant) if rates_file.is_file() else None
-        if ratio is None:
-            sys.exit(f"no speed ratio for {args.variant!r} in {args.rates}: run `rates --only {args.variant!r}` first")
+    ratio = speed_ratio(args)
     steps = int(args.cpu_images_per_s * ratio * args.minutes * 60 / run.batch_size)
 
     faces = lfw_files.load_faces(config.data, ROOT / "checkpoints" / "data_cache", [])
@@ -245,11 +248,6 @@ def train_one(args) -> dict:
     seconds = time.perf_counter() - started
     losses = [float(value) for value in history.history["loss"]]
 
-    originals = test_images.astype(np.float32) / 255.0
-    tokens = tokenize(model, test_images, 128)
-    reconstructions = decode(model, tokens, 128)
-    quality = image_quality(originals, reconstructions)
-    stats = token_statistics(tokens, run.num_embeddings)
     return {
         "variant": args.variant,
         "base": " ".join(args.base),
@@ -257,13 +255,28 @@ def train_one(args) -> dict:
         "cpu_ratio": ratio,
         "steps": len(done),
         "epochs": epochs,
+        **test_figures(model, test_images, run.num_embeddings),
+        "device_seconds": seconds,
+        "loss_rise": max(loss / lowest for loss, lowest in zip(losses, itertools.accumulate(losses, min))),
+        "loss_per_epoch": losses,
+    }
+
+
+def test_figures(model, test_images, num_embeddings: int) -> dict:
+    """PSNR, SSIM and the codebook's use on the test faces, from the nearest codes."""
+    import numpy as np
+
+    from vqvae_faces.evaluation import image_quality
+    from vqvae_faces.inference import decode, tokenize
+
+    tokens = tokenize(model, test_images, 128)
+    quality = image_quality(test_images.astype(np.float32) / 255.0, decode(model, tokens, 128))
+    stats = token_statistics(tokens, num_embeddings)
+    return {
         "psnr": float(quality["psnr"].mean()),
         "ssim": float(quality["ssim"].mean()),
         "codebook_usage": stats["codebook_usage"],
         "perplexity": stats["perplexity"],
-        "device_seconds": seconds,
-        "loss_rise": max(loss / lowest for loss, lowest in zip(losses, itertools.accumulate(losses, min))),
-        "loss_per_epoch": losses,
     }
 
 
