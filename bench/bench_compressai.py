@@ -29,7 +29,6 @@ from common import ROOT, report
 
 from vqvae_faces import lfw_files
 from vqvae_faces.config import load_config
-from vqvae_faces.run_folder import RunPaths
 
 MODELS = {"bmshj2018-hyperprior": "bmshj2018_hyperprior", "mbt2018-mean": "mbt2018_mean"}
 
@@ -40,7 +39,8 @@ def faces_of_run(args):
     config = load_config(args.config, overrides)
     out = Path(args.out)
     faces = lfw_files.load_faces(config.data, out / "checkpoints" / "data_cache", [ROOT])
-    split = lfw_files.load_split(RunPaths.for_run(out, args.run).split, faces)
+    # run_folder.RunPaths says the same, but importing it loads TensorFlow, which must not share a process with PyTorch
+    split = lfw_files.load_split(out / "checkpoints" / args.run / "split.json", faces)
     return faces.subset(split["train"]), faces.subset(split["test"])
 
 
@@ -81,7 +81,7 @@ def train(name: str, lmbda: float, train_images, args):
         aux_optimizer.step()
         steps += 1
     net.update(force=True)
-    return net.eval(), steps, float(loss["bpp_loss"]), float(loss["mse_loss"])
+    return net.eval(), steps, float(loss["bpp_loss"].detach()), float(loss["mse_loss"].detach())
 
 
 def bitstreams(net, test_images, batch_size: int = 64) -> dict:

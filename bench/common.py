@@ -20,9 +20,8 @@ import pandas as pd  # noqa: E402
 
 
 def machine() -> dict:
-    """CPU model and core count (from /proc/cpuinfo on Linux), plus GPUs TensorFlow sees."""
-    import tensorflow as tf
-
+    """CPU model and core count (from /proc/cpuinfo on Linux), plus the GPUs TensorFlow sees when the
+    benchmark uses it (one that does not, such as the PyTorch race, must not load it beside PyTorch)."""
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -31,6 +30,9 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    tf = sys.modules.get("tensorflow")
+    if tf is None:
+        return {"cpu": model, "cores": os.cpu_count()}
     gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
     return {"cpu": model, "cores": os.cpu_count(), "gpus": gpus, "tensorflow": tf.__version__}
 
@@ -70,7 +72,7 @@ def report(name: str, rows: list[dict], extra: dict | None = None) -> None:
     """Print `rows` as a table and write them with the machine description to bench/<name>.json."""
     table = pd.DataFrame(rows)
     info = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), **machine(), **(extra or {})}
-    print(f"# {name}  ({info['date']}, {info['cpu']}, {info['cores']} cores, TF {info['tensorflow']})")
+    print(f"# {name}  ({info['date']}, {info['cpu']}, {info['cores']} cores, TF {info.get('tensorflow')})")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     out = Path(__file__).resolve().parent / f"{name}.json"
     out.write_text(json.dumps({**info, "rows": rows}, indent=2))
