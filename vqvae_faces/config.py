@@ -126,22 +126,22 @@ class RevivalConfig:
         _check_range(path, "noise", self.noise, 0.0, 10.0)
 
 
-# A prior's augmentation: photometric changes, small shifts, scales and turns that leave a face a
-# plausible face (the mirror image is `flipped_faces`); off until turned on.
-PRIOR_AUGMENTATION = AugmentationConfig(
-    enabled=False,
-    probability=0.5,
-    flip=False,
-    brightness=0.1,
-    contrast=0.15,
-    sharpness=0.0,
-    saturation=0.15,
-    rotation_degrees=3.0,
-    noise_stddev=0.0,
-    translation_pixels=2.0,
-    blur_sigma=0.0,
-    zoom=0.05,
-)
+@dataclass
+class PriorAugmentationConfig(AugmentationConfig):
+    """A prior's augmentation: photometric changes, small shifts, scales and turns that leave a face a
+    plausible face (the mirror image is `flipped_faces`); off until turned on."""
+
+    probability: float = 0.5
+    flip: bool = False
+    brightness: float = 0.1
+    contrast: float = 0.15
+    sharpness: float = 0.0
+    saturation: float = 0.15
+    rotation_degrees: float = 3.0
+    noise_stddev: float = 0.0
+    translation_pixels: float = 2.0
+    blur_sigma: float = 0.0
+    zoom: float = 0.05
 
 
 @dataclass
@@ -420,7 +420,7 @@ class PriorRunConfig(RunConfig):
     pixelcnn: PixelCNNConfig = field(default_factory=PixelCNNConfig)
     flipped_faces: bool = True
     searched_tokens: bool = False
-    augmentation: AugmentationConfig = field(default_factory=lambda: dataclasses.replace(PRIOR_AUGMENTATION))
+    augmentation: PriorAugmentationConfig = field(default_factory=PriorAugmentationConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
 
