@@ -416,7 +416,9 @@ def test_weight_decay_shrinks_weight_matrices_spares_biases_and_norms_and_surviv
     model(np.zeros((1, 2, 2), np.int32))
     model.save(tmp_path / "prior.keras")
     resumed = model_settings.load_model(tmp_path / "prior.keras")
+    run.transformer.dropout = 0.3  # a resumed prior trains on with the dropout its settings say
     model_settings.apply_training_policy(resumed, run, 0.1)
+    assert resumed.dropout == resumed.blocks[0].attention_dropout.rate == resumed.blocks[0].residual_dropout.rate == 0.3
     for trained in (model, resumed):
         variables = trained.trainable_variables
         before = [v.numpy() for v in variables]

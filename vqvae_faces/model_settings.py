@@ -24,9 +24,10 @@ from vqvae_faces.gaussian_vae import VAE
 from vqvae_faces.token_prior import CausalTransformer, GatedPixelCNN
 
 # Constructor arguments of a saved model that may differ from the current settings when it is
-# resumed or evaluated: the quantizer's training policy and the seed of its random draws. Every
-# other argument is architecture or training objective and must match (see `model_mismatches`).
-RESUMABLE_MODEL_ARGUMENTS = frozenset({"commitment_cost", "decay", "epsilon", "codebook_init", "seed"})
+# resumed or evaluated: the quantizer's training policy, the seed of its random draws and a prior's
+# dropout (set anew on resuming). Every other argument is architecture or training objective and
+# must match (see `model_mismatches`).
+RESUMABLE_MODEL_ARGUMENTS = frozenset({"commitment_cost", "decay", "epsilon", "codebook_init", "seed", "dropout"})
 MODEL_CLASSES = {"vqvae": VQVAE, "vae": VAE}
 # Weights AdamW leaves undecayed, by name: biases and layer normalisation's scale and offset.
 NOT_DECAYED = ["bias", "gamma", "beta"]
@@ -98,15 +99,17 @@ def build_model(
 
 
 def apply_training_policy(model: keras.Model, run: RunConfig, learning_rate: float) -> None:
-    """Set what a run may change when it resumes: the learning rate, the gradient clipping, the weight
-    decay and what it spares (biases and layer-norm scales and offsets, which `.keras` files do not
-    record), and how the step runs (`jit_compile`, `run_eagerly`, this session's choice)."""
+    """Set what a run may change when it resumes: the learning rate, the gradient clipping, a prior's
+    dropout, the weight decay and what it spares (biases and layer-norm scales and offsets, which `.keras`
+    files do not record), and how the step runs (`jit_compile`, `run_eagerly`, this session's choice)."""
     model.jit_compile, model.run_eagerly = run.jit_compile, run.run_eagerly
     model.optimizer.learning_rate.assign(learning_rate)
     # Under mixed_float16 the optimizer is a LossScaleOptimizer: clipping and decay belong to the one inside,
     # which sees the unscaled gradients.
     optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
     optimizer.global_clipnorm = run.gradient_clipnorm
+    if isinstance(run, PriorRunConfig) and hasattr(model, "set_dropout"):
+        model.set_dropout(run.transformer.dropout)
     if isinstance(optimizer, keras.optimizers.AdamW):
         optimizer.weight_decay = run.weight_decay
         optimizer.exclude_from_weight_decay(var_names=NOT_DECAYED)

@@ -266,6 +266,12 @@ class CausalTransformer(TokenPrior):
         self.norm = layers.LayerNormalization(epsilon=1e-5, name="norm")
         self.head = layers.Dense(num_embeddings, name="head")
 
+    def set_dropout(self, rate):
+        """Train on with another dropout `rate` (set before the train step is traced)."""
+        self.dropout = rate
+        for block in self.blocks:
+            block.dropout = block.attention_dropout.rate = block.residual_dropout.rate = rate
+
     def _inputs(self, previous_tokens, positions):
         """Embedded inputs for `positions` (n,) given the tokens before them (B, n), -1 = start."""
         columns = self.grid_size[1]
