@@ -542,15 +542,25 @@ def _build_runs(runs: dict) -> dict[str, RunConfig]:
     return built
 
 
+def _run_keys(kind: str) -> set[str]:
+    """The keys a run of `kind` takes."""
+    return {f.name for f in dataclasses.fields(RUN_KINDS[kind])}
+
+
+def _kinds_with(key: str) -> list[str]:
+    """The kinds of run that take `key`."""
+    return [kind for kind in RUN_KINDS if key in _run_keys(kind)]
+
+
 def _check_keys_of_kind(run: dict, kind: str, path: str) -> None:
     """Refuse a key of another kind of run, or one renamed since, saying where it belongs."""
-    known = {f.name for f in dataclasses.fields(RUN_KINDS[kind])}
+    known = _run_keys(kind)
     for key in run:
         if key in known:
             continue
         if key in RENAMED_KEYS:
             raise ConfigError(f"{path}.{key} is now {RENAMED_KEYS[key]}: rename it.")
-        kinds = [other for other, cls in RUN_KINDS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+        kinds = _kinds_with(key)
         if kinds:
             raise ConfigError(
                 f"{path}.{key} is a setting of {' and '.join(map(repr, kinds))} runs, not of a {kind!r} run: remove it."
@@ -668,14 +678,14 @@ def _apply_override(raw: dict, selected: list[str], parts: list[str], value) -> 
     for name in selected:
         run = raw["runs"][name]
         kind = run.get("model", "vqvae") if isinstance(run, dict) else None
-        if kind in RUN_KINDS and parts[0] in {f.name for f in dataclasses.fields(RUN_KINDS[kind])}:
+        if kind in RUN_KINDS and parts[0] in _run_keys(kind):
             _assign(run, parts, value)
             placed = True
     if not placed:
         key = ".".join(parts)
         if parts[0] in RENAMED_KEYS:
             raise ConfigError(f"--set {key}: {parts[0]} is now {RENAMED_KEYS[parts[0]]}.")
-        kinds = [kind for kind, cls in RUN_KINDS.items() if parts[0] in {f.name for f in dataclasses.fields(cls)}]
+        kinds = _kinds_with(parts[0])
         if not kinds:
             raise ConfigError(f"--set {key}: unknown key {parts[0]!r} (not a setting of any kind of run).")
         log.warning("--set %s changes none of the selected runs %s (a setting of %s runs)", key, selected, kinds)

@@ -30,7 +30,7 @@ class PriorStream:
     def __init__(self, prior, batch: int):
         if not hasattr(prior, "chunk_probabilities"):
             raise UserFacingError(
-                f'the codec needs a prior with a one-position step (prior.architecture "transformer"); '
+                f'the codec needs a prior with a one-position step (architecture "transformer"); '
                 f"this prior is a {type(prior).__name__}."
             )
         self.prior, self.batch = prior, batch
