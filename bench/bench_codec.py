@@ -6,6 +6,10 @@ again in another order (other batches) and must give the encoded tokens; so must
 `.vqfs` container of all the faces, encoded on its own and decoded whole. WebP runs at
 the quality whose mean size is closest to the codec's, on the same uint8 faces.
 
+A second table puts the prior's two arithmetics side by side on the same tokens: format 2's
+integer pass (what the codec runs) and format 1's float32 XLA program: their code lengths in
+bits per face, and faces/s for all tokens known (encoding) and position by position (decoding).
+
     python bench/bench_codec.py --out OUT [--run prior] [--config experiment.json] [--faces N]
 """
 
@@ -21,9 +25,11 @@ from common import ROOT, report
 from PIL import Image
 
 from vqvae_faces import codec_files, compare, lfw_files  # noqa: E402
+from vqvae_faces.codec import CODEC_BATCH  # noqa: E402
 from vqvae_faces.config import load_config  # noqa: E402
 from vqvae_faces.evaluation import image_quality  # noqa: E402
 from vqvae_faces.inference import decode  # noqa: E402
+from vqvae_faces.prior_stream import FloatStream  # noqa: E402
 from vqvae_faces.run_folder import RunPaths  # noqa: E402
 
 
@@ -74,6 +80,38 @@ def vqf_round_trips(codec, images: np.ndarray) -> tuple[dict, dict, np.ndarray]:
     return rows["files"], rows["container"], grids
 
 
+def arithmetic_rows(codec, grids: np.ndarray) -> list[dict]:
+    """Code lengths and speeds of the prior's distributions for `grids` (N, h, w) in each arithmetic."""
+    tokens = grids.reshape(len(grids), -1).astype(np.int64)
+    rows = []
+    for name, stream, batch in (
+        ("format 2: integer (the codec)", codec.stream, None),
+        ("format 1: float32 XLA", FloatStream(codec.prior, CODEC_BATCH), CODEC_BATCH),
+    ):
+        groups = [tokens[start : start + CODEC_BATCH] for start in range(0, len(tokens), CODEC_BATCH)]
+        padded = [np.pad(group, ((0, (batch or len(group)) - len(group)), (0, 0))) for group in groups]
+        stream.known(padded[0][:1] if batch is None else padded[0])  # compiles the float program
+        started = time.perf_counter()
+        known = np.concatenate([stream.known(group)[: len(raw)] for group, raw in zip(padded, groups)])
+        known_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        for group in padded:
+            stream.run(lambda position, probabilities, group=group: group[:, position], len(group))
+        run_seconds = time.perf_counter() - started
+        chosen = np.take_along_axis(known, tokens[..., None], axis=-1)[..., 0]
+        rows.append(
+            {
+                "arithmetic": name,
+                "bits_per_face": float(-np.log2(chosen).sum(axis=1).mean()),
+                "known_faces_per_second": len(tokens) / known_seconds,
+                "position_by_position_faces_per_second": len(tokens) / run_seconds,
+            }
+        )
+    for row in rows:
+        row["bits_ratio_to_float32"] = row["bits_per_face"] / rows[-1]["bits_per_face"]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder holding checkpoints/<prior run> and its VQ-VAE run")
@@ -93,6 +131,7 @@ def main() -> None:
     with codec_files.opened_codec(config, prior_run, out) as codec:
         files, container, grids = vqf_round_trips(codec, images)
         psnr = float(image_quality(originals, np.clip(decode(codec.vqvae, grids, 64), 0, 1))["psnr"].mean())
+        arithmetics = arithmetic_rows(codec, grids)
     candidates = {q: compare.encode_decode(images, "WebP", q).bits_per_image for q in range(1, 101, 3)}
     quality = min(candidates, key=lambda q: abs(candidates[q] - files["bits_per_face"]))
     webp_bits, webp_encode, webp_decode, webp_decoded = webp_round_trip(images, quality)
@@ -118,6 +157,7 @@ def main() -> None:
             }
         )
     report("bench_codec", rows, {**vars(args), "test_faces": len(images)})
+    report("bench_codec_arithmetic", arithmetics, {**vars(args), "test_faces": len(images)})
 
 
 if __name__ == "__main__":

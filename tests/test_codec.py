@@ -61,6 +61,11 @@ def favour_token(prior, token, logit):
     prior.head.bias.assign(bias)
 
 
+def rebuilt(codec):
+    """A codec of the same models and settings that reads the prior's weights again (a codec reads them once)."""
+    return FaceCodec(codec.vqvae, codec.prior, codec.fingerprints, codec.search_steps, codec.chooser.search_step_size)
+
+
 def decoded_mse(vqvae, tokens, pixels):
     """Per-face mean squared error (N,) of the decoded tokens against the pixels in [0, 1]."""
     return ((vqvae.decode_tokens(tokens).numpy() - pixels) ** 2).mean(axis=(1, 2, 3))
@@ -77,6 +82,7 @@ def test_tokens_round_trip_including_the_first_and_last_symbol_under_skewed_dist
     np.testing.assert_array_equal(codec.decode_container(container, "all.vqfs"), grids)
     # A prior almost sure of token 0: the unlikely last symbol still codes, and certain tokens cost almost nothing.
     favour_token(codec.prior, 0, 25.0)
+    codec = rebuilt(codec)
     skewed = np.zeros((2, *GRID), np.int16)
     skewed[1, 2, 3] = K - 1
     encoded = codec.encode_tokens(skewed)
@@ -104,9 +110,9 @@ def test_the_header_holds_magic_version_fingerprints_grid_and_checksum(codec):
     encoded = codec.encode_tokens(grid[None])
     (data,), container = encoded.files, encoded.container
     checksum = token_checksum(grid)
-    assert data[:HEADER_BYTES] == b"VQ\x01\x12\x34\x56\x78\x04\x04" + bytes([checksum >> 8, checksum & 0xFF])
+    assert data[:HEADER_BYTES] == b"VQ\x02\x12\x34\x56\x78\x04\x04" + bytes([checksum >> 8, checksum & 0xFF])
     crc = zlib.crc32(grid.astype("<i2").tobytes())
-    assert container[:CONTAINER_HEADER_BYTES] == b"VS\x01\x12\x34\x56\x78\x04\x04\0\0\0\x01" + crc.to_bytes(4, "big")
+    assert container[:CONTAINER_HEADER_BYTES] == b"VS\x02\x12\x34\x56\x78\x04\x04\0\0\0\x01" + crc.to_bytes(4, "big")
 
 
 def test_a_container_costs_the_code_lengths_and_no_header_per_face(codec):
@@ -154,12 +160,24 @@ print(json.dumps({{**{{p.stem: g.tolist() for p, g in zip(names, grids)}}, "all"
 
 
 ONE_THREAD = {name: "1" for name in TWO_THREADS}
+OTHER_THREADS = TWO_THREADS if os.environ.get("TF_NUM_INTRAOP_THREADS") != "2" else ONE_THREAD
+# Other computers, as far as one can be simulated: XLA limited to older instruction sets (AVX: no AVX2 or FMA),
+# oneDNN off, other thread counts for TensorFlow and for NumPy's BLAS.
+ELSEWHERE = {
+    "AVX, oneDNN off, other TensorFlow threads": {
+        **OTHER_THREADS,
+        "XLA_FLAGS": "--xla_cpu_max_isa=AVX",
+        "TF_ENABLE_ONEDNN_OPTS": "0",
+    },
+    "SSE4_2, one BLAS thread": {"XLA_FLAGS": "--xla_cpu_max_isa=SSE4_2", "OPENBLAS_NUM_THREADS": "1"},
+}
 
 
-def test_another_process_with_other_threads_and_other_batches_decodes_the_same_tokens(codec, model_files):
-    """Encoded here with one TensorFlow thread (conftest), decoded by a program with another count: files of nearest
-    codes (their probabilities computed a cache chunk per call) and a container of tokens chosen by the rate
-    term (a position per call)."""
+@pytest.mark.parametrize("elsewhere", sorted(ELSEWHERE))
+def test_another_process_on_other_arithmetic_decodes_the_same_tokens(codec, model_files, elsewhere):
+    """Encoded here, decoded by a program with other instruction sets, threads and batches: files of nearest
+    codes (their probabilities from the full pass) and a container of tokens chosen by the rate term (a
+    position at a time). Format 1's float32 probabilities failed exactly this."""
     images = faces(CODEC_BATCH + 5)
     encoded = codec.encode(images)
     files, grids = encoded.files, encoded.grids
@@ -170,9 +188,7 @@ def test_another_process_with_other_threads_and_other_batches_decodes_the_same_t
         (model_files / f"face{index:03d}.vqf").write_bytes(data)
     (model_files / "all.vqfs").write_bytes(container)
     script = DECODE_ELSEWHERE.format(root=str(ROOT), folder=str(model_files), count=len(files) - 2)
-    # another thread count than this process's (conftest sets 1 unless the environment says otherwise)
-    other = TWO_THREADS if os.environ.get("TF_NUM_INTRAOP_THREADS") != "2" else ONE_THREAD
-    environment = {**os.environ, **other}
+    environment = {**os.environ, **ELSEWHERE[elsewhere]}
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=environment
     )
@@ -196,14 +212,14 @@ def scrambled_after(offset):
     "container, damage, message",
     [
         (False, lambda data: b"PK" + data[2:], "is not a .vqf file"),
-        (False, lambda data: data[:2] + b"\x07" + data[3:], "format version 7; this program reads version 1"),
+        (False, lambda data: data[:2] + b"\x07" + data[3:], "format version 7; this program reads versions 1 and 2"),
         (False, lambda data: data[:6], "is truncated"),
         (False, lambda data: data[: HEADER_BYTES + 1], "corrupt"),
         (False, scrambled_after(HEADER_BYTES), "corrupt"),
         (False, flipped_bit(9), "do not match the checksum"),
         (False, flipped_bit(4), "other models"),
         (True, lambda data: b"VQ" + data[2:], "is not a .vqfs file"),
-        (True, lambda data: data[:2] + b"\x02" + data[3:], ".vqfs format version 2; this program reads version 1"),
+        (True, lambda data: data[:2] + b"\x03" + data[3:], ".vqfs format version 3; this program reads versions 1"),
         (True, lambda data: data[:12], "is truncated"),
         (True, lambda data: data[: CONTAINER_HEADER_BYTES + 8], "corrupt"),
         (True, scrambled_after(CONTAINER_HEADER_BYTES), "corrupt"),
@@ -235,6 +251,7 @@ def test_the_rate_term_moves_tokens_to_shorter_codes(model_files):
     """A prior that prefers token 3: the larger rate_lambda, the fewer bits; at a huge one every token is 3."""
     codec = make_codec(model_files)
     favour_token(codec.prior, 3, 4.0)
+    codec = rebuilt(codec)
     images = faces(6)
     bits, grids = [], []
     for rate_lambda in (0.0, 0.1, 0.3, 1e6):
@@ -273,6 +290,7 @@ def test_searched_tokens_are_coded_and_the_rate_term_moves_away_from_them(model_
     np.testing.assert_array_equal(codec.decode(files, list("abcdef")), searched)
     assert (decoded_mse(codec.vqvae, grids, pixels) <= decoded_mse(codec.vqvae, nearest, pixels)).all()
     favour_token(codec.prior, 3, 4.0)
+    codec = rebuilt(codec)
     np.testing.assert_array_equal(codec.choose_tokens(images, 1e-9)[0], searched)
     encoded = codec.encode(images, 1e6)
     files, grids = encoded.files, encoded.grids

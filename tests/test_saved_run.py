@@ -67,12 +67,32 @@ def test_the_saved_runs_evaluate_to_the_figures_they_were_saved_with(saved):
         assert ("test_bits_per_token" if run == "prior" else "psnr") in expected
 
 
+def decoded_faces(saved, tmp_path, folder: str) -> Path:
+    """--decode of the four files in `folder` of the saved run; returns where the PNGs are."""
+    faces = tmp_path / folder
+    assert main(saved, "--decode", *[str(saved / folder / name) for name in CODED], "--to", str(faces)) == 0
+    return faces
+
+
 @pytest.mark.skipif(not same_instruction_sets(), reason="format version 1 files decode only on the writer's CPU")
-def test_files_written_before_decode_to_the_same_faces_and_photos_encode_to_the_same_tokens(saved, tmp_path):
-    assert main(saved, "--decode", *[str(saved / "vqf" / name) for name in CODED], "--to", str(tmp_path / "faces")) == 0
+def test_format_1_files_written_before_decode_to_the_same_faces(saved, tmp_path):
+    faces = decoded_faces(saved, tmp_path, "vqf")
     for picture in sorted((SAVED / "decoded").iterdir()):
-        expected = np.asarray(Image.open(picture))
-        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "faces" / picture.name)), expected)
+        np.testing.assert_array_equal(np.asarray(Image.open(faces / picture.name)), np.asarray(Image.open(picture)))
+
+
+def test_format_2_files_decode_to_the_same_faces_on_any_computer(saved, tmp_path):
+    """The same photos written in format 2 (vqf2/) carry the same tokens; the faces are equal here, and within
+    one level of a pixel's rounding on a computer whose float convolutions round otherwise."""
+    faces = decoded_faces(saved, tmp_path, "vqf2")
+    tolerance = 0 if same_instruction_sets() else 1
+    for picture in sorted((SAVED / "decoded").iterdir()):
+        decoded = np.asarray(Image.open(faces / picture.name)).astype(int)
+        assert np.abs(decoded - np.asarray(Image.open(picture)).astype(int)).max() <= tolerance, picture.name
+
+
+@pytest.mark.skipif(not same_instruction_sets(), reason="the encoder's float32 nearest codes may differ elsewhere")
+def test_photos_encode_to_the_same_files(saved, tmp_path):
     photos = []
     for index in range(3):
         photos.append(tmp_path / f"face{index}.png")
@@ -82,4 +102,4 @@ def test_files_written_before_decode_to_the_same_faces_and_photos_encode_to_the_
     assert vqvae_face_main.main(["--out", str(saved), "--encode", *map(str, photos), "--to", str(again)]) == 0
     assert main(saved, "--encode", *map(str, photos), "--into", str(again / "all.vqfs"), "--rate-lambda", "1") == 0
     for name in CODED:
-        assert (again / name).read_bytes() == (SAVED / "vqf" / name).read_bytes(), name
+        assert (again / name).read_bytes() == (SAVED / "vqf2" / name).read_bytes(), name

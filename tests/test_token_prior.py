@@ -7,7 +7,7 @@ import scipy.stats
 import tensorflow as tf
 from conftest import token_log_probs
 
-from vqvae_faces.prior_stream import PriorStream
+from vqvae_faces.prior_stream import FloatStream
 from vqvae_faces.token_prior import (
     CACHE_CHUNK,
     CausalTransformer,
@@ -87,7 +87,7 @@ def test_cached_sampling_equals_full_passes():
 
 
 def test_the_stream_spans_several_cache_chunks_and_a_chunk_per_call_equals_a_position_per_call():
-    """The codec's program over a 9x10 grid (a full cache chunk of keys and values and a partial one): the
+    """Format 1's float program over a 9x10 grid (a full cache chunk of keys and values and a partial one): the
     encoder's call per chunk (`known`) and the decoder's call per position (`run`) give identical
     distributions, equal to the softmax of the full pass; `run` hands each position the tokens chosen
     before it. Cached sampling still equals full-pass sampling."""
@@ -98,7 +98,7 @@ def test_the_stream_spans_several_cache_chunks_and_a_chunk_per_call_equals_a_pos
     assert [length for _, length in model.cache_chunks()] == [CACHE_CHUNK, grid[0] * grid[1] - CACHE_CHUNK]
     tokens = np.random.default_rng(2).integers(0, K, (3, grid[0] * grid[1]))
     full = tf.nn.softmax(model(tokens.reshape(3, *grid))).numpy().reshape(3, -1, K)
-    stream = PriorStream(model, 3)
+    stream = FloatStream(model, 3)
     at_once = stream.known(tokens)
     np.testing.assert_allclose(at_once, full, atol=1e-5)
     seen = []
@@ -107,7 +107,7 @@ def test_the_stream_spans_several_cache_chunks_and_a_chunk_per_call_equals_a_pos
         seen.append(probabilities)
         return tokens[:, position]
 
-    chosen, one_by_one = stream.run(choose)
+    chosen, one_by_one = stream.run(choose, 3)
     np.testing.assert_array_equal(chosen, tokens)
     np.testing.assert_array_equal(one_by_one, at_once)
     np.testing.assert_array_equal(np.stack(seen, axis=1), at_once)
@@ -253,6 +253,6 @@ def test_dropout_acts_in_training_only_and_the_codec_s_program_ignores_it():
     tested = model.test_on_batch(tokens, return_dict=True)["loss"]
     assert abs(trained - tested) > 1e-3  # the train step drops, the test step does not
     np.testing.assert_allclose(model.evaluate(tokens, verbose=0, return_dict=True)["loss"], tested, rtol=1e-6)
-    known = PriorStream(model, 4).known(tokens.reshape(4, -1))
+    known = FloatStream(model, 4).known(tokens.reshape(4, -1))
     np.testing.assert_allclose(known, tf.nn.softmax(inference).numpy().reshape(4, -1, K), atol=1e-5)
     assert CausalTransformer.from_config(model.get_config()).dropout == 0.5

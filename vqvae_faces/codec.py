@@ -3,10 +3,11 @@
 
 Encoding chooses each face's tokens (`token_choice.py`) and codes them with the distributions the
 prior gives each position given the tokens before it; decoding runs the prior position by position
-with the tokens decoded so far. Both sides compute those distributions with the same program on
-the same shapes (`prior_stream.py`), in groups of `CODEC_BATCH` faces, padded. The files carry a
-checksum of their tokens, so a decoder that ever computed other probabilities reports the file as
-undecodable instead of returning wrong faces.
+with the tokens decoded so far, in groups of `CODEC_BATCH` faces. Both sides compute those
+distributions in integer arithmetic (`prior_stream.ExactStream`), so a file decodes the same on any
+computer; files of format 1 (float32 probabilities) are decoded with the float program that wrote
+them. The files carry a checksum of their tokens, so a decoder that ever computed other
+probabilities reports the file as undecodable instead of returning wrong faces.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import constriction
 import numpy as np
 
 from vqvae_faces import vqf_format
-from vqvae_faces.prior_stream import PriorStream
+from vqvae_faces.prior_stream import ExactStream, FloatStream
 from vqvae_faces.token_choice import TokenChooser, code_lengths_in_bits
-from vqvae_faces.vqf_format import MAX_CONTAINER_FACES, CodecError, Fingerprints
+from vqvae_faces.vqf_format import FLOAT_VERSION, MAX_CONTAINER_FACES, CodecError, Fingerprints
 
-# Grids are coded in groups of this many, padded: every probability is computed on inputs of one shape.
-# A step costs about the same for 16 grids as for 64 on 2 cores, so larger groups code faster
-# (bench/RESULTS.md); a single file still pays for a whole group.
+# Grids are coded in groups of this many: a decoding step costs little more for 64 grids than for one
+# (bench/RESULTS.md). The container's symbols are in this order, and format 1 computed its probabilities
+# on groups of exactly this many grids, padded.
 CODEC_BATCH = 64
 
 # The range coder's model family, one for every encoder and decoder call. perfect=False: constriction gives
@@ -57,7 +58,8 @@ class FaceCodec:
 
     def __init__(self, vqvae, prior, fingerprints: Fingerprints, search_steps: int = 0, search_step_size: float = 0.0):
         self.vqvae, self.prior, self.fingerprints = vqvae, prior, fingerprints
-        self.stream = PriorStream(prior, CODEC_BATCH)
+        self.stream = ExactStream(prior)
+        self._float_stream = None  # format 1's program, compiled when a format 1 file is decoded
         self.chooser = TokenChooser(vqvae, self.stream, search_steps, search_step_size)
         self.search_steps = search_steps
         self.grid = tuple(prior.grid_size)
@@ -66,19 +68,17 @@ class FaceCodec:
     # -- encoding ---------------------------------------------------------------------------------
 
     def _groups(self, images=None, grids=None, rate_lambda=0.0) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """(faces, tokens (CODEC_BATCH, L), distributions (CODEC_BATCH, L, K)) of each group of uint8
-        `images` (N, H, W, C), their tokens chosen at `rate_lambda`, or of the given `grids` (N, h, w)."""
+        """(faces, tokens (faces, L), distributions (faces, L, K)) of each group of uint8 `images`
+        (N, H, W, C), their tokens chosen at `rate_lambda`, or of the given `grids` (N, h, w)."""
         count = len(images) if grids is None else len(grids)
         for start in range(0, count, CODEC_BATCH):
             size = min(CODEC_BATCH, count - start)
             if grids is None:
                 padded = np.zeros((CODEC_BATCH, *images.shape[1:]), np.float32)
                 padded[:size] = images[start : start + size].astype(np.float32) / 255.0
-                yield (size, *self.chooser.choose(padded, rate_lambda))
+                yield (size, *self.chooser.choose(padded, size, rate_lambda))
             else:
-                tokens = np.zeros((CODEC_BATCH, self.stream.length), np.int64)
-                tokens[:size] = grids[start : start + size].reshape(size, -1)
-                yield (size, *self.chooser.given(tokens))
+                yield (size, *self.chooser.given(grids[start : start + size].reshape(size, -1).astype(np.int64)))
 
     def choose_tokens(self, images: np.ndarray, rate_lambda: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """Tokens (N, h, w) int16 the codec sends for uint8 images (N, H, W, C), and their code lengths
@@ -104,13 +104,13 @@ class FaceCodec:
         written, grids, bits = [], [], []
         stream = constriction.stream.queue.RangeEncoder()
         for size, tokens, distributions in groups:
-            grid = tokens[:size].reshape(size, *self.grid).astype(np.int16)
-            chosen = np.take_along_axis(distributions[:size], tokens[:size, :, None], axis=-1)[..., 0]
+            grid = tokens.reshape(size, *self.grid).astype(np.int16)
+            chosen = np.take_along_axis(distributions, tokens[:, :, None], axis=-1)[..., 0]
             if files:
                 written += [self._file(grid[index], distributions[index]) for index in range(size)]
             if container:
-                symbols = tokens[:size].T.reshape(-1).astype(np.int32)
-                stream.encode(symbols, CODER_MODEL, distributions[:size].transpose(1, 0, 2).reshape(len(symbols), -1))
+                symbols = tokens.T.reshape(-1).astype(np.int32)
+                stream.encode(symbols, CODER_MODEL, distributions.transpose(1, 0, 2).reshape(len(symbols), -1))
             grids.append(grid)
             bits.append(code_lengths_in_bits(chosen).sum(axis=1))
             if on_group is not None:
@@ -129,55 +129,64 @@ class FaceCodec:
     def decode(self, files: list[bytes], names: list[str]) -> np.ndarray:
         """Token grids (N, h, w) int16 of `.vqf` bytes; a `CodecError` naming the first bad file."""
         headers = [self.reader.file(data, name) for data, name in zip(files, names)]
-        grids = []
-        for start in range(0, len(files), CODEC_BATCH):
-            group = headers[start : start + CODEC_BATCH]
-            decoders = [constriction.stream.queue.RangeDecoder(words) for _, words in group]
-            group_names = names[start : start + CODEC_BATCH]
+        grids = np.zeros((len(files), *self.grid), np.int16)
+        for version in {version for version, _, _ in headers}:
+            chosen = [index for index, header in enumerate(headers) if header[0] == version]
+            for start in range(0, len(chosen), CODEC_BATCH):
+                group = chosen[start : start + CODEC_BATCH]
+                decoders = [constriction.stream.queue.RangeDecoder(headers[index][2]) for index in group]
 
-            def read(probabilities, decoders=decoders, group_names=group_names):
-                return np.array(
-                    [
-                        _read_symbols(decoder, probabilities[index : index + 1], group_names[index])[0]
-                        for index, decoder in enumerate(decoders)
-                    ]
-                )
+                def read(probabilities, decoders=decoders, group=group, version=version):
+                    return np.array(
+                        [
+                            _read_symbols(decoder, probabilities[row : row + 1], names[index], version)[0]
+                            for row, (decoder, index) in enumerate(zip(decoders, group))
+                        ]
+                    )
 
-            grids.append(self._decode_group(len(group), read))
-        grids = np.concatenate(grids) if grids else np.zeros((0, *self.grid), np.int16)
-        vqf_format.check_checksums(grids, [checksum for checksum, _ in headers], names)
+                grids[group] = self._decode_group(len(group), read, version)
+        vqf_format.check_checksums(grids, [header[1] for header in headers], names, [header[0] for header in headers])
         return grids
 
     def decode_container(self, data: bytes, name: str, on_group=None) -> np.ndarray:
         """Token grids (N, h, w) int16 of a `.vqfs` container's bytes; a `CodecError` when it is bad.
         `on_group(n)` is called after each group of n faces."""
-        count, checksum, words = self.reader.container(data, name)
+        version, count, checksum, words = self.reader.container(data, name)
         decoder = constriction.stream.queue.RangeDecoder(words)
         grids = []
         for start in range(0, count, CODEC_BATCH):
             size = min(CODEC_BATCH, count - start)
-            grids.append(self._decode_group(size, lambda probabilities: _read_symbols(decoder, probabilities, name)))
+            read = lambda probabilities: _read_symbols(decoder, probabilities, name, version)  # noqa: E731
+            grids.append(self._decode_group(size, read, version))
             if on_group is not None:
                 on_group(size)
         grids = np.concatenate(grids) if grids else np.zeros((0, *self.grid), np.int16)
-        vqf_format.check_container_checksum(grids, checksum, name)
+        vqf_format.check_container_checksum(grids, checksum, name, version)
         return grids
 
-    def _decode_group(self, count: int, read: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-        """Token grids (count, h, w) of one group: at each position the stream's distributions of the
-        CODEC_BATCH rows, of which `read(probabilities[:count])` returns the count decoded tokens."""
+    def _decode_group(self, count: int, read: Callable[[np.ndarray], np.ndarray], version: int) -> np.ndarray:
+        """Token grids (count, h, w) of one group: at each position `read(probabilities)` returns the count
+        tokens decoded from the distributions (count, K) given the tokens before them. Format 1 computes
+        them on a padded group of CODEC_BATCH grids, as its encoder did."""
+        if version != FLOAT_VERSION:
+            tokens, _ = self.stream.run(lambda position, probabilities: read(probabilities), count)
+            return tokens.reshape(count, *self.grid).astype(np.int16)
+        if self._float_stream is None:
+            self._float_stream = FloatStream(self.prior, CODEC_BATCH)
 
         def choose(position, probabilities):
             tokens = np.zeros(CODEC_BATCH, np.int64)
             tokens[:count] = read(probabilities[:count])
             return tokens
 
-        tokens, _ = self.stream.run(choose)
+        tokens, _ = self._float_stream.run(choose, CODEC_BATCH)
         return tokens[:count].reshape(count, *self.grid).astype(np.int16)
 
 
-def _read_symbols(decoder, probabilities: np.ndarray, name: str) -> np.ndarray:
+def _read_symbols(decoder, probabilities: np.ndarray, name: str, version: int) -> np.ndarray:
     try:
         return decoder.decode(CODER_MODEL, probabilities)
     except Exception as error:  # the coder's own complaint about a damaged stream
+        if version == FLOAT_VERSION:
+            raise vqf_format.undecodable(name, version, f"the range decoder stopped: {error}") from None
         raise CodecError(f"{name} is corrupt or truncated ({error}).") from None

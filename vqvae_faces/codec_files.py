@@ -153,7 +153,7 @@ def decode_files(codec: FaceCodec, files: list[Path], to=None, overwrite=False) 
     for path, data in zip(files, contents):  # every header checked before any work
         folder = to or path.parent
         if data[:2] == CONTAINER_MAGIC:
-            count, _, _ = codec.reader.container(data, str(path))
+            _, count, _, _ = codec.reader.container(data, str(path))
             digits = len(str(count))
             containers.append((path, data, [folder / f"{path.stem}-{n:0{digits}d}.png" for n in range(1, count + 1)]))
         else:

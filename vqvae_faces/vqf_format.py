@@ -2,7 +2,7 @@
 of a file that cannot be decoded. No TensorFlow: the codec (`codec.py`) fills in the range coder's
 payload.
 
-File layout (version 1), big-endian:
+File layout (versions 1 and 2), big-endian:
 
     offset  bytes  field
     0       2      magic b"VQ"
@@ -14,7 +14,11 @@ File layout (version 1), big-endian:
     9       2      checksum of the tokens (CRC-32 of the int16 grid, low 16 bits)
     11      ...    range coder words (little-endian uint32), trailing zero bytes dropped
 
-A container (`.vqfs`, version 1) holds many faces behind one header and in one range-coder
+The version says how the prior's probabilities were computed, which the decoder must repeat bit
+for bit: 2, in integer arithmetic (`integer_prior.py`), the same on every computer; 1, in float32
+by XLA, the same only with the writer's instruction set and TensorFlow (read, never written).
+
+A container (`.vqfs`, same versions) holds many faces behind one header and in one range-coder
 stream, so a face costs its code length and nothing more; its symbols are in the order the
 decoder reads them: group by group of `CODEC_BATCH` faces, and within a group position by
 position, every face of the group at each position:
@@ -42,7 +46,9 @@ import numpy as np
 from vqvae_faces.errors import UserFacingError
 
 MAGIC = b"VQ"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the version written
+FLOAT_VERSION = 1  # the version of float32 probabilities, still read
+READ_VERSIONS = (FLOAT_VERSION, FORMAT_VERSION)
 HEADER = struct.Struct(">2sBHHBBH")
 HEADER_BYTES = HEADER.size
 CONTAINER_MAGIC = b"VS"
@@ -124,28 +130,32 @@ class Reader:
     fingerprints: Fingerprints
     grid: tuple[int, int]
 
-    def file(self, data: bytes, name: str) -> tuple[int, np.ndarray]:
-        """A `.vqf` file's token checksum and payload words; `CodecError` when its header is wrong."""
+    def file(self, data: bytes, name: str) -> tuple[int, int, np.ndarray]:
+        """A `.vqf` file's format version, token checksum and payload words; `CodecError` when its header
+        is wrong."""
         self._check_start(data, name, MAGIC, HEADER_BYTES, ".vqf")
-        _, _, vqvae, prior, rows, columns, checksum = HEADER.unpack_from(data)
+        _, version, vqvae, prior, rows, columns, checksum = HEADER.unpack_from(data)
         self._check_models(name, vqvae, prior, rows, columns)
-        return checksum, payload_words(data[HEADER_BYTES:])
+        return version, checksum, payload_words(data[HEADER_BYTES:])
 
-    def container(self, data: bytes, name: str) -> tuple[int, int, np.ndarray]:
-        """A `.vqfs` container's number of faces, CRC-32 of their tokens and payload words."""
+    def container(self, data: bytes, name: str) -> tuple[int, int, int, np.ndarray]:
+        """A `.vqfs` container's format version, number of faces, CRC-32 of their tokens and payload words."""
         self._check_start(data, name, CONTAINER_MAGIC, CONTAINER_HEADER_BYTES, ".vqfs")
-        _, _, vqvae, prior, rows, columns, count, checksum = CONTAINER_HEADER.unpack_from(data)
+        _, version, vqvae, prior, rows, columns, count, checksum = CONTAINER_HEADER.unpack_from(data)
         self._check_models(name, vqvae, prior, rows, columns)
         if count > MAX_CONTAINER_FACES:
             raise CodecError(f"{name} is corrupt: it claims {count} faces, more than a container holds.")
-        return count, checksum, payload_words(data[CONTAINER_HEADER_BYTES:])
+        return version, count, checksum, payload_words(data[CONTAINER_HEADER_BYTES:])
 
     @staticmethod
     def _check_start(data: bytes, name: str, magic: bytes, header_bytes: int, kind: str) -> None:
         if len(data) < 3 or data[:2] != magic:
             raise CodecError(f"{name} is not a {kind} file (it does not start with {magic!r}).")
-        if data[2] != FORMAT_VERSION:
-            raise CodecError(f"{name} is {kind} format version {data[2]}; this program reads version {FORMAT_VERSION}.")
+        if data[2] not in READ_VERSIONS:
+            raise CodecError(
+                f"{name} is {kind} format version {data[2]}; this program reads versions "
+                f"{' and '.join(map(str, READ_VERSIONS))}."
+            )
         if len(data) < header_bytes:
             raise CodecError(f"{name} is truncated: {len(data)} bytes, shorter than the {header_bytes}-byte header.")
 
@@ -161,13 +171,26 @@ class Reader:
             raise CodecError(f"{name} holds a {rows}x{columns} grid; these models use {self.grid[0]}x{self.grid[1]}.")
 
 
-def check_checksums(grids: np.ndarray, checksums: list[int], names: list[str]) -> None:
+def check_checksums(grids: np.ndarray, checksums: list[int], names: list[str], versions: list[int]) -> None:
     """A `CodecError` naming the first file whose decoded grid does not match its header's checksum."""
-    for grid, checksum, name in zip(grids, checksums, names):
+    for grid, checksum, name, version in zip(grids, checksums, names, versions):
         if token_checksum(grid) != checksum:
-            raise CodecError(f"{name} is corrupt: its tokens do not match the checksum in its header.")
+            raise undecodable(name, version)
 
 
-def check_container_checksum(grids: np.ndarray, checksum: int, name: str) -> None:
+def check_container_checksum(grids: np.ndarray, checksum: int, name: str, version: int) -> None:
     if container_checksum(grids) != checksum:
-        raise CodecError(f"{name} is corrupt: its tokens do not match the checksum in its header.")
+        raise undecodable(name, version)
+
+
+def undecodable(name: str, version: int, detail: str = "its tokens do not match the checksum in its header"):
+    """The error of a file whose decoding went astray (`detail` says how): a damaged file, or, for format 1,
+    more likely other arithmetic than the writer's."""
+    if version == FLOAT_VERSION:
+        return CodecError(
+            f"{name} is format version {FLOAT_VERSION}, whose probabilities were computed in float32: only a computer "
+            "with the writer's instruction set and TensorFlow repeats them exactly, and this one did not "
+            f"({detail}). Decode it where it was written, or encode the photo again (this version's files "
+            "decode anywhere)."
+        )
+    return CodecError(f"{name} is corrupt: {detail}.")
