@@ -9,6 +9,8 @@ the quality whose mean size is closest to the codec's, on the same uint8 faces.
 A second table puts the prior's two arithmetics side by side on the same tokens: format 2's
 integer pass (what the codec runs) and format 1's float32 XLA program: their code lengths in
 bits per face, and faces/s for all tokens known (encoding) and position by position (decoding).
+A third does the same for the VQ-VAE's decoder: the integer one `--decode` writes pixels with,
+and the float one: faces/s, PSNR of the 8-bit faces, and the pixels they share.
 
     python bench/bench_codec.py --out OUT [--run prior] [--config experiment.json] [--faces N]
 """
@@ -112,6 +114,26 @@ def arithmetic_rows(codec, grids: np.ndarray) -> list[dict]:
     return rows
 
 
+def decoder_rows(codec, grids: np.ndarray, originals: np.ndarray) -> list[dict]:
+    """Speed and quality of the integer decoder (`FaceCodec.pixels`) and the float one, on the same tokens."""
+    codec.pixels(grids[:1]), decode(codec.vqvae, grids[:1], 64)  # tables built, programs traced
+    faces = {}
+    rows = []
+    for name, run in (
+        ("integer (--decode)", lambda: codec.pixels(grids)),
+        ("float32", lambda: np.round(np.clip(decode(codec.vqvae, grids, 64), 0, 1) * 255).astype(np.uint8)),
+    ):
+        started = time.perf_counter()
+        faces[name] = run()
+        seconds = time.perf_counter() - started
+        quality = image_quality(originals, faces[name].astype(np.float32) / 255.0)
+        rows.append({"decoder": name, "faces_per_second": len(grids) / seconds, "psnr": float(quality["psnr"].mean())})
+    shared = float((faces["integer (--decode)"] == faces["float32"]).mean())
+    for row in rows:
+        row["pixels_equal_to_float32"] = shared
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder holding checkpoints/<prior run> and its VQ-VAE run")
@@ -130,8 +152,9 @@ def main() -> None:
     originals = images.astype(np.float32) / 255.0
     with codec_files.opened_codec(config, prior_run, out) as codec:
         files, container, grids = vqf_round_trips(codec, images)
-        psnr = float(image_quality(originals, np.clip(decode(codec.vqvae, grids, 64), 0, 1))["psnr"].mean())
+        psnr = float(image_quality(originals, codec.pixels(grids).astype(np.float32) / 255.0)["psnr"].mean())
         arithmetics = arithmetic_rows(codec, grids)
+        decoders = decoder_rows(codec, grids, originals)
     candidates = {q: compare.encode_decode(images, "WebP", q).bits_per_image for q in range(1, 101, 3)}
     quality = min(candidates, key=lambda q: abs(candidates[q] - files["bits_per_face"]))
     webp_bits, webp_encode, webp_decode, webp_decoded = webp_round_trip(images, quality)
@@ -158,6 +181,7 @@ def main() -> None:
         )
     report("bench_codec", rows, {**vars(args), "test_faces": len(images)})
     report("bench_codec_arithmetic", arithmetics, {**vars(args), "test_faces": len(images)})
+    report("bench_codec_decoder", decoders, {**vars(args), "test_faces": len(images)})
 
 
 if __name__ == "__main__":

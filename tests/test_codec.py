@@ -155,7 +155,8 @@ codec = FaceCodec(load_model(folder / "vqvae.keras"), load_model(folder / "prior
 names = sorted(folder.glob("*.vqf"), reverse=True)[:{count}]  # other files per batch, in another order
 grids = codec.decode([p.read_bytes() for p in names], [str(p) for p in names])
 together = codec.decode_container((folder / "all.vqfs").read_bytes(), "all.vqfs")
-print(json.dumps({{**{{p.stem: g.tolist() for p, g in zip(names, grids)}}, "all": together.tolist()}}))
+decoded = {{p.stem: g.tolist() for p, g in zip(names, grids)}}
+print(json.dumps({{**decoded, "all": together.tolist(), "pixels": codec.pixels(together).tolist()}}))
 """
 
 
@@ -177,7 +178,8 @@ ELSEWHERE = {
 def test_another_process_on_other_arithmetic_decodes_the_same_tokens(codec, model_files, elsewhere):
     """Encoded here, decoded by a program with other instruction sets, threads and batches: files of nearest
     codes (their probabilities from the full pass) and a container of tokens chosen by the rate term (a
-    position at a time). Format 1's float32 probabilities failed exactly this."""
+    position at a time), to the same tokens and the same pixels. Format 1's float32 probabilities failed
+    exactly this."""
     images = faces(CODEC_BATCH + 5)
     encoded = codec.encode(images)
     files, grids = encoded.files, encoded.grids
@@ -195,6 +197,7 @@ def test_another_process_on_other_arithmetic_decodes_the_same_tokens(codec, mode
     assert result.returncode == 0, result.stderr[-3000:]
     decoded = json.loads(result.stdout.strip().splitlines()[-1])
     np.testing.assert_array_equal(decoded.pop("all"), chosen)
+    np.testing.assert_array_equal(decoded.pop("pixels"), codec.pixels(chosen))
     assert len(decoded) == len(files) - 2
     for stem, grid in decoded.items():
         np.testing.assert_array_equal(grid, grids[int(stem[4:])], err_msg=stem)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from vqvae_faces import integer_prior as ip
-from vqvae_faces.integer_prior import FRACTION_BITS, IntegerPrior
+from vqvae_faces import integer_arithmetic as ia
+from vqvae_faces.integer_arithmetic import FRACTION_BITS
+from vqvae_faces.integer_prior import IntegerPrior
 from vqvae_faces.token_prior import CausalTransformer
 
 K = 7
@@ -35,10 +36,10 @@ def quantized(value) -> int:
 
 def dense(x: list[int], kernel: np.ndarray, bias: np.ndarray) -> list[int]:
     rows, columns = kernel.shape
-    input_bits = 53 - ip.WEIGHT_BITS - max(1, math.ceil(math.log2(rows)))
+    input_bits = 53 - ia.WEIGHT_BITS - max(1, math.ceil(math.log2(rows)))
     out = []
     for j in range(columns):
-        shift = ip.WEIGHT_BITS - 1 - math.frexp(float(np.abs(kernel[:, j]).max()))[1]
+        shift = ia.WEIGHT_BITS - 1 - math.frexp(float(np.abs(kernel[:, j]).max()))[1]
         weights = [round(math.ldexp(float(w), shift)) for w in kernel[:, j]]
         total = sum(clip(value, input_bits) * weight for value, weight in zip(x, weights))
         out.append(rshift(total, shift) + quantized(bias[j]))
@@ -52,7 +53,7 @@ def layer_norm(x: list[int], layer) -> list[int]:
     deviations = [value * width - sum(x) for value in x]
     epsilon = layer.epsilon * width**2 * 2.0 ** (2 * FRACTION_BITS)
     smallest = -((52 - math.frexp(epsilon)[1]) // 2)
-    shift = max(math.frexp(float(max(abs(d) for d in deviations)))[1] - ip.LAYER_NORM_BITS, smallest)
+    shift = max(math.frexp(float(max(abs(d) for d in deviations)))[1] - ia.LAYER_NORM_BITS, smallest)
     scaled = [rshift(d, shift) for d in deviations]
     variance = sum(s * s for s in scaled) // width + round(math.ldexp(epsilon, -2 * shift))
     root = math.isqrt(variance)
@@ -63,16 +64,20 @@ def layer_norm(x: list[int], layer) -> list[int]:
 
 
 def exp_weights(scores: list[int]) -> list[int]:
-    table = ip.exp_table()
+    table = ia.exp_table()
     top = max(scores)
-    return [int(table[min(rshift(top - s, FRACTION_BITS - ip.TABLE_STEP_BITS), len(table) - 1)]) for s in scores]
+    return [int(table[min(rshift(top - s, FRACTION_BITS - ia.TABLE_STEP_BITS), len(table) - 1)]) for s in scores]
 
 
 def gelu(value: int) -> int:
-    limit = ip.GELU_RANGE << FRACTION_BITS
+    """The table at value, linearly interpolated."""
+    limit, step, table = ia.GELU_RANGE << FRACTION_BITS, FRACTION_BITS - ia.TABLE_STEP_BITS, ia.gelu_table()
     if value > limit:
         return value
-    return int(ip.gelu_table()[rshift(max(-limit, min(limit, value)) + limit, FRACTION_BITS - ip.TABLE_STEP_BITS)])
+    offset = max(-limit, min(limit, value)) + limit
+    index = min(offset >> step, len(table) - 2)
+    below, above = int(table[index]), int(table[index + 1])
+    return below + rshift((above - below) * (offset - (index << step)), step)
 
 
 def oracle_logits(prior, grid: list[int]) -> list[list[int]]:
@@ -94,7 +99,7 @@ def oracle_logits(prior, grid: list[int]) -> list[list[int]]:
         head_width = block.width // block.num_heads
         scale = math.isqrt((1 << 4 * FRACTION_BITS) // head_width) >> FRACTION_BITS
         key_bits = (53 - max(1, math.ceil(math.log2(head_width)))) // 2
-        value_bits = 53 - ip.EXP_BITS - max(1, math.ceil(math.log2(length)))
+        value_bits = 53 - ia.EXP_BITS - max(1, math.ceil(math.log2(length)))
         qkv = [dense(layer_norm(x, block.norm_1), *block.qkv.get_weights()) for x in xs]
         attended = [[0] * block.width for _ in range(length)]
         for head in range(block.num_heads):
@@ -158,12 +163,12 @@ def test_the_cached_step_equals_the_full_pass_and_both_stay_close_to_the_float_m
 def test_the_tables_are_exp_and_gelu_rounded():
     """The tables built with `decimal` against the float64 library functions: equal to their rounding except
     where a value lies within float64's error of a half unit."""
-    step = 2.0**-ip.TABLE_STEP_BITS
-    exp = ip.exp_table()
-    expected = np.array([math.exp(-i * step) * 2**ip.EXP_BITS for i in range(len(exp))])
+    step = 2.0**-ia.TABLE_STEP_BITS
+    exp = ia.exp_table()
+    expected = np.array([math.exp(-i * step) * 2**ia.EXP_BITS for i in range(len(exp))])
     assert np.abs(exp - expected).max() <= 0.5 + 1e-9 and (exp == np.round(expected)).mean() > 0.999
-    assert exp[0] == 1 << ip.EXP_BITS and exp[-1] == 0
-    gelu_values = ip.gelu_table()
+    assert exp[0] == 1 << ia.EXP_BITS and exp[-1] == 0
+    gelu_values = ia.gelu_table()
     x = (np.arange(len(gelu_values)) - len(gelu_values) // 2) * step
     expected = np.array([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x]) * 2**FRACTION_BITS
     assert np.abs(gelu_values - expected).max() <= 0.5 + 1e-6 and (gelu_values == np.round(expected)).mean() > 0.999
@@ -175,14 +180,14 @@ def test_products_at_the_clip_bounds_stay_exact():
     rng = np.random.default_rng(4)
     rows = 512
     kernel = rng.normal(0, 1, (rows, 5)).astype(np.float32)
-    layer = ip._Dense(kernel, np.zeros(5, np.float32))
+    layer = ia.Dense(kernel, np.zeros(5, np.float32))
     bound = (1 << layer.input_bits) - 1
     x = rng.choice([-bound, bound, bound - 12345], (3, rows)) + rng.integers(-(1 << 20), 1 << 20, (3, rows))
     x[0] = bound  # every term at the bound: the largest sum the layer allows
     expected = [dense(list(map(int, row)), kernel, np.zeros(5)) for row in x]
     assert layer(x[:, None, :])[:, 0].tolist() == expected
     weights = layer.kernel.astype(np.int64)
-    assert np.abs(weights).max() <= 1 << (ip.WEIGHT_BITS - 1)
+    assert np.abs(weights).max() <= 1 << (ia.WEIGHT_BITS - 1)
     assert (np.abs(x[0][:, None] * weights).sum(axis=0) < 2**53).all()
 
 
@@ -193,8 +198,8 @@ def test_layer_norm_keeps_its_precision_for_tiny_and_huge_rows():
     layer.build((None, 64))
     layer.set_weights([np.linspace(0.5, 1.5, 64).astype(np.float32), np.linspace(-1, 1, 64).astype(np.float32)])
     rng = np.random.default_rng(5)
-    rows = ip._quantized(np.stack([rng.normal(3, 0.1, 64), rng.normal(-20, 1e3, 64), np.full(64, 7.0)]))
-    integer = ip._LayerNorm(*[w.numpy() for w in layer.weights], layer.epsilon)(rows)
+    rows = ia.quantized(np.stack([rng.normal(3, 0.1, 64), rng.normal(-20, 1e3, 64), np.full(64, 7.0)]))
+    integer = ia.LayerNorm(*[w.numpy() for w in layer.weights], layer.epsilon)(rows)
     floats = layer(rows / 2**FRACTION_BITS).numpy()
     np.testing.assert_allclose(integer / 2**FRACTION_BITS, floats, atol=4 / 2**FRACTION_BITS)
     np.testing.assert_allclose(integer[2] / 2**FRACTION_BITS, layer.get_weights()[1], atol=1 / 2**FRACTION_BITS)

@@ -4,9 +4,10 @@
 Encoding chooses each face's tokens (`token_choice.py`) and codes them with the distributions the
 prior gives each position given the tokens before it; decoding runs the prior position by position
 with the tokens decoded so far, in groups of `CODEC_BATCH` faces. Both sides compute those
-distributions in integer arithmetic (`prior_stream.ExactStream`), so a file decodes the same on any
-computer; files of format 1 (float32 probabilities) are decoded with the float program that wrote
-them. The files carry a checksum of their tokens, so a decoder that ever computed other
+distributions in integer arithmetic (`prior_stream.ExactStream`), and the faces come from the
+VQ-VAE's decoder in integer arithmetic too (`integer_decoder.py`), so a file decodes to the same
+pixels on any computer; files of format 1 (float32 probabilities) are decoded with the float
+program that wrote them. The files carry a checksum of their tokens, so a decoder that ever computed other
 probabilities reports the file as undecodable instead of returning wrong faces.
 """
 
@@ -19,6 +20,7 @@ import constriction
 import numpy as np
 
 from vqvae_faces import vqf_format
+from vqvae_faces.integer_decoder import IntegerDecoder
 from vqvae_faces.prior_stream import ExactStream, FloatStream
 from vqvae_faces.token_choice import TokenChooser, code_lengths_in_bits
 from vqvae_faces.vqf_format import FLOAT_VERSION, MAX_CONTAINER_FACES, CodecError, Fingerprints
@@ -60,6 +62,7 @@ class FaceCodec:
         self.vqvae, self.prior, self.fingerprints = vqvae, prior, fingerprints
         self.stream = ExactStream(prior)
         self._float_stream = None  # format 1's program, compiled when a format 1 file is decoded
+        self._decoder = None  # the integer decoder, read from the VQ-VAE when faces are first asked for
         self.chooser = TokenChooser(vqvae, self.stream, search_steps, search_step_size)
         self.search_steps = search_steps
         self.grid = tuple(prior.grid_size)
@@ -181,6 +184,14 @@ class FaceCodec:
 
         tokens, _ = self._float_stream.run(choose, CODEC_BATCH)
         return tokens[:count].reshape(count, *self.grid).astype(np.int16)
+
+    def pixels(self, grids: np.ndarray) -> np.ndarray:
+        """The faces (N, H, W, C) uint8 of token grids (N, h, w), by the VQ-VAE's decoder in integer arithmetic:
+        the same pixels on any computer."""
+        if self._decoder is None:
+            self._decoder = IntegerDecoder(self.vqvae)
+        groups = range(0, len(grids), CODEC_BATCH)
+        return np.concatenate([self._decoder.pixels(grids[start : start + CODEC_BATCH]) for start in groups])
 
 
 def _read_symbols(decoder, probabilities: np.ndarray, name: str, version: int) -> np.ndarray:

@@ -24,7 +24,6 @@ from vqvae_faces.atomic_files import write_atomically
 from vqvae_faces.codec import CODEC_BATCH, FaceCodec
 from vqvae_faces.config import DataConfig, ExperimentConfig
 from vqvae_faces.errors import ConfigError, DataError, EvaluationError
-from vqvae_faces.inference import decode as decode_tokens
 from vqvae_faces.model_settings import load_model
 from vqvae_faces.run_folder import RunPaths, file_digest, run_lock
 from vqvae_faces.vqf_format import CONTAINER_MAGIC, MAX_CONTAINER_FACES, Fingerprints
@@ -179,9 +178,8 @@ def _write_faces(codec: FaceCodec, grids: np.ndarray, targets: list[Path]) -> No
     for folder in {target.parent for target in targets}:
         folder.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(grids), CODEC_BATCH):
-        images = np.clip(decode_tokens(codec.vqvae, grids[start : start + CODEC_BATCH], CODEC_BATCH), 0.0, 1.0)
-        for image, target in zip(images, targets[start : start + CODEC_BATCH]):
-            pixels = np.round(image * 255.0).astype(np.uint8)
+        faces = codec.pixels(grids[start : start + CODEC_BATCH])
+        for pixels, target in zip(faces, targets[start : start + CODEC_BATCH]):
             write_atomically(target, lambda tmp, pixels=pixels: _save_png(pixels, tmp))
 
 

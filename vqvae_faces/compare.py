@@ -29,7 +29,6 @@ from vqvae_faces import visualize  # noqa: E402
 from vqvae_faces.atomic_files import write_atomically, write_text_atomically  # noqa: E402
 from vqvae_faces.codec import CODEC_BATCH  # noqa: E402
 from vqvae_faces.evaluation import EvaluationResult, image_quality  # noqa: E402
-from vqvae_faces.inference import decode  # noqa: E402
 from vqvae_faces.vqf_format import HEADER_BYTES  # noqa: E402
 
 log = logging.getLogger("vqvae_faces.compare")
@@ -249,7 +248,7 @@ def vqf_rows(codec, prior_run: str, images: np.ndarray, names, lambdas, folder: 
         decoded = codec.decode([path.read_bytes() for path in checked], [str(path) for path in checked])
         if not np.array_equal(decoded, grids[: len(checked)]):
             raise RuntimeError(f"the .vqf files in {target} do not decode to the tokens they were made from")
-        scores = image_quality(originals, np.clip(decode(codec.vqvae, grids, CODEC_BATCH), 0.0, 1.0))
+        scores = image_quality(originals, codec.pixels(grids).astype(np.float32) / 255.0)  # the faces --decode writes
         rows.append(
             _row(
                 f"VQ-VAE codec ({prior_run})",
