@@ -24,6 +24,9 @@ from vqvae_faces.integer_arithmetic import (
     round_shift,
 )
 
+# Queries per block of the full pass's causal attention: a block skips the keys after its last query.
+CAUSAL_BLOCK = 64
+
 
 class _Block:
     """One pre-norm transformer block of `CausalTransformer` (`token_prior._Block`) in integers."""
@@ -52,12 +55,27 @@ class _Block:
         values = clip_bits(self._heads(v), self.value_bits).astype(np.float64)
         return clip_bits(q, self.key_bits).astype(np.float64), keys, values
 
-    def attend(self, x, queries, keys, values, valid=None) -> np.ndarray:
-        """x (B, n, width) plus the attention of `queries` over the transposed `keys` and `values` where
-        `valid` (broadcast to (B, heads, n, keys); None: all), then plus the MLP."""
+    def _attention(self, queries, keys, values, valid=None) -> np.ndarray:
+        """Each query's average of the values, weighted by exp(query . key) where `valid` (broadcast to
+        (B, heads, queries, keys); None: everywhere): (B, heads, queries, head width) int64."""
         scores = round_shift(exact_matmul(queries, keys), FRACTION_BITS)
         weights = exp_weights(scores, valid)
-        attended = round_divide(exact_matmul(weights.astype(np.float64), values), weights.sum(-1, keepdims=True))
+        return round_divide(exact_matmul(weights.astype(np.float64), values), weights.sum(-1, keepdims=True))
+
+    def attend(self, x, queries, keys, values, causal: bool = False) -> np.ndarray:
+        """x (B, n, width) plus the attention of `queries` over the transposed `keys` and `values`, then plus the
+        MLP. `causal`: the queries are at the keys' positions and each sees its own and the earlier ones
+        (computed CAUSAL_BLOCK queries at a time, over the keys up to the block's end); else each sees all."""
+        if causal:
+            length = queries.shape[2]
+            blocks = []
+            for start in range(0, length, CAUSAL_BLOCK):
+                end = min(length, start + CAUSAL_BLOCK)
+                valid = np.tri(end - start, end, start, dtype=bool)  # key j <= query start + i
+                blocks.append(self._attention(queries[:, :, start:end], keys[..., :end], values[:, :, :end], valid))
+            attended = np.concatenate(blocks, axis=2)
+        else:
+            attended = self._attention(queries, keys, values)
         batch, _, length, _ = attended.shape
         x = x + self.project(attended.transpose(0, 2, 1, 3).reshape(batch, length, -1))
         return x + self.mlp_out(gelu(self.mlp_in(self.norm_2(x))))
@@ -93,12 +111,11 @@ class IntegerPrior:
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         """Logits (B, L, K) of every position of the grids `tokens` (B, L), each from the tokens before it;
         a grid at a time (its attention's arrays then stay in the processor's cache)."""
-        causal = np.tril(np.ones((self.length, self.length), bool))
         logits = np.empty((len(tokens), self.length, self.num_embeddings), np.int64)
         for index, grid in enumerate(tokens):
             x = self._inputs(np.concatenate([[-1], grid[:-1]])[None], np.arange(self.length))
             for block in self.blocks:
-                x = block.attend(x, *block.attention_inputs(x), causal)
+                x = block.attend(x, *block.attention_inputs(x), causal=True)
             logits[index] = self.head(self.norm(x))[0]
         return logits
 
