@@ -4,9 +4,10 @@ and the `.vqf` codec's encoding and decoding faces/s.
 The transformer's cached path runs one compiled step per token; the full-pass path (the only
 one the PixelCNN has) runs the whole network once per token. The codec rows encode 64x64 faces
 (nearest codes + range coding, rate_lambda 0) and decode the files again, one CODEC_BATCH group
-after a warm-up group. The step rows time the codec's program (`chunk_probabilities`, milliseconds
-per position, mean over the grid, CODEC_BATCH grids) called once per position, as decoding does, and
-once per cache chunk, as encoding does (`PriorStream.run` and `PriorStream.known`).
+after a warm-up group. The step rows time the prior's distributions for CODEC_BATCH grids, in
+milliseconds per position (mean over the grid), one position at a time, as decoding does
+(`PriorStream.run`), and for known grids, as encoding does (`PriorStream.known`): in the codec's
+integer arithmetic (`ExactStream`) and in format 1's float32 XLA program (`FloatStream`).
 Sizes are those of the default VQ-VAE and prior: a 16x16 grid of 512 codes. Untrained weights:
 speed does not depend on them.
 
@@ -24,7 +25,7 @@ from common import report, sample_images
 
 from vqvae_class_keras import VQVAE  # noqa: E402
 from vqvae_faces.codec import CODEC_BATCH, FaceCodec  # noqa: E402
-from vqvae_faces.prior_stream import PriorStream  # noqa: E402
+from vqvae_faces.prior_stream import ExactStream, FloatStream  # noqa: E402
 from vqvae_faces.token_prior import CausalTransformer, GatedPixelCNN  # noqa: E402
 from vqvae_faces.vqf_format import Fingerprints  # noqa: E402
 
@@ -63,19 +64,21 @@ def codec_faces_per_second(prior) -> tuple[float, float]:
 
 
 def step_milliseconds(prior) -> dict[str, float]:
-    """Milliseconds per position of the codec's compiled program (see the docstring)."""
-    stream = PriorStream(prior, CODEC_BATCH)
+    """Milliseconds per position of the prior's distributions on the codec's path (see the docstring)."""
     zeros = np.zeros((CODEC_BATCH, GRID[0] * GRID[1]), np.int64)
-    variants = {
-        "a call per position (decoding)": lambda: stream.run(lambda position, probabilities: zeros[:, position]),
-        "a call per cache chunk (encoding)": lambda: stream.known(zeros),
-    }
     times = {}
-    for name, run in variants.items():
-        run()  # compiles
-        started = time.perf_counter()
-        run()
-        times[name] = 1000 * (time.perf_counter() - started) / (GRID[0] * GRID[1])
+    for arithmetic, stream in (("integer", ExactStream(prior)), ("float32 XLA", FloatStream(prior, CODEC_BATCH))):
+        variants = {
+            "a position at a time (decoding)": lambda: stream.run(
+                lambda position, probabilities: zeros[:, position], CODEC_BATCH
+            ),
+            "known grids (encoding)": lambda: stream.known(zeros),
+        }
+        for name, run in variants.items():
+            run()  # compiles
+            started = time.perf_counter()
+            run()
+            times[f"{arithmetic}, {name}"] = 1000 * (time.perf_counter() - started) / (GRID[0] * GRID[1])
     return times
 
 

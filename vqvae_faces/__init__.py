@@ -16,6 +16,8 @@ Each line imports only modules on the lines above it:
   inference                     a trained run's models: loading, faces -> tokens -> faces
   prior_data, prior_metrics     the grids a prior learns (cached per checkpoint); its code length, copying
   vqf_format                    the bytes of .vqf files and .vqfs containers (no TensorFlow)
+  integer_arithmetic            exact integer layers, the same bits on every computer (NumPy only)
+  integer_prior, integer_decoder  the codec's prior and the VQ-VAE's decoder in that arithmetic
   prior_stream, token_choice    the prior position by position; which tokens the codec sends
   codec, codec_files            the face codec; --encode and --decode
   training                      one run's training
