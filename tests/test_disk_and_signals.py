@@ -92,6 +92,27 @@ def test_a_full_disk_or_no_permission_at_any_write_ends_in_one_line_and_the_next
     assert (out / "images_saved" / "compare" / "report.html").is_file()
 
 
+@pytest.mark.parametrize("blocked", ["tensorboard", "tensorboard/reconstructions"])
+def test_tensorboard_logs_that_cannot_be_written_end_in_one_line_and_the_next_run_resumes(tmp_path, caplog, blocked):
+    """TensorBoard writes through TensorFlow, not `atomic_files`: a file where its folder (the scalars') or its
+    images' subfolder should be stops the run with the one line of every other write, and the same command
+    trains the run once the way is clear."""
+    tree = write_lfw_tree(tmp_path / "data", people=PEOPLE[:5], per_person=2)
+    out = tmp_path / "out"
+    obstacle = out / "checkpoints" / "vqvae" / blocked
+    obstacle.parent.mkdir(parents=True)
+    obstacle.write_text("a file where TensorBoard's folder should be")
+    assert main(out, tree, "--set", "epochs=1", "--set", "snapshot_every=1") == 2
+    message = caplog.records[-1].getMessage()
+    assert message.startswith(f"cannot write {obstacle}: ")
+    assert re.search(r"not a directory\. Files written before", message, re.IGNORECASE), message
+    assert "Traceback" not in caplog.text and "{{" not in message
+    assert_whole(out)
+    obstacle.unlink()
+    assert main(out, tree, "--set", "epochs=1", "--set", "snapshot_every=1") == 0
+    assert list((out / "checkpoints" / "vqvae" / blocked).rglob("events.out.tfevents.*"))
+
+
 @pytest.mark.parametrize(
     "sent, code, said", [(signal.SIGTERM, 143, "terminated (SIGTERM)"), (signal.SIGINT, 130, "interrupted")]
 )

@@ -299,3 +299,20 @@ def test_config_and_path_mistakes_are_reported_before_tensorflow_loads(tmp_path)
         lines = [line for line in printed.strip().splitlines() if line]
         assert len(lines) == 1 and message in lines[0] and "ERROR" in lines[0], (args, printed)
     assert not out.exists()
+
+
+def test_train_images_per_second_is_written_with_meaning(trained):
+    """The throughput the run measured (the epochs after the first: training images over their batches' time)
+    is the same in state.json, metrics.json and the last row of history.csv, absent from the first row, and
+    at least the training images of one epoch over the time from the split's writing to the last row's."""
+    out, _ = trained
+    folder = out / "checkpoints" / "vqvae"
+    state = json.loads((folder / "state.json").read_text())
+    metrics = json.loads((out / "images_saved" / "vqvae" / "metrics.json").read_text())
+    history = pd.read_csv(folder / "history.csv")
+    rate = state["train_images_per_second"]
+    assert rate == metrics["train_images_per_second"] == pytest.approx(history["images_per_second"].iloc[-1])
+    assert np.isnan(history["images_per_second"].iloc[0]) and len(history) == 2
+    train_images = len(json.loads((folder / "split.json").read_text())["train"])
+    elapsed = (folder / "history.csv").stat().st_mtime - (folder / "split.json").stat().st_mtime
+    assert train_images / elapsed <= rate

@@ -10,8 +10,10 @@ where `TrainingClock` all-reduces the clock after every batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import re
 import time
 import zipfile
 from pathlib import Path
@@ -22,8 +24,13 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from vqvae_faces.atomic_files import write_atomically, write_json_atomically, write_text_atomically
-from vqvae_faces.errors import TrainingError
+from vqvae_faces.atomic_files import (
+    cannot_write_message,
+    write_atomically,
+    write_json_atomically,
+    write_text_atomically,
+)
+from vqvae_faces.errors import StorageError, TrainingError
 
 
 class CommitmentAnnealing(keras.callbacks.Callback):
@@ -309,6 +316,58 @@ class HistoryLog(keras.callbacks.Callback):
         write_text_atomically(pd.DataFrame(self.rows).to_csv(index=False), self.path)
 
 
+@contextlib.contextmanager
+def _tensorboard_writes(folder: Path):
+    """TensorBoard's writes into `folder`: one that fails (disk full, no permission, a file where the folder
+    should be) ends the run with the one-line `StorageError` of every other write."""
+    try:
+        yield
+    except (tf.errors.OpError, OSError) as error:
+        if isinstance(error, StorageError):
+            raise
+        cause = str(getattr(error, "message", None) or error).splitlines()[0]
+        cause = re.sub(r"\s*\[Op:.*$", "", re.sub(r"\{\{.*?\}\}\s*", "", cause))  # TensorFlow's op names
+        raise StorageError(cannot_write_message(Path(folder), OSError(cause))) from None
+
+
+class TensorBoardLog(keras.callbacks.TensorBoard):
+    """Keras' TensorBoard callback (scalars per epoch into `log_dir`) whose failed writes end the run with one
+    line, as every other write does."""
+
+    def on_train_begin(self, logs=None):
+        with _tensorboard_writes(self.log_dir):
+            super().on_train_begin(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        with _tensorboard_writes(self.log_dir):
+            super().on_epoch_end(epoch, logs)
+
+    def on_test_end(self, logs=None):
+        with _tensorboard_writes(self.log_dir):
+            super().on_test_end(logs)
+
+    def on_train_end(self, logs=None):
+        with _tensorboard_writes(self.log_dir):
+            super().on_train_end(logs)
+
+
+class TensorBoardImages:
+    """Pictures for TensorBoard's Images tab in `folder` (its writer opened at the first one), or nowhere when
+    `folder` is None."""
+
+    def __init__(self, folder: Optional[Path]):
+        self.folder, self.writer = folder, None
+
+    def write(self, tag: str, images: np.ndarray, step: int) -> None:
+        if self.folder is None:
+            return
+        with _tensorboard_writes(self.folder):
+            self.writer = self.writer or tf.summary.create_file_writer(str(self.folder))
+            with self.writer.as_default():
+                tf.summary.image(tag, images, step=step, max_outputs=len(images))
+            self.writer.flush()
+
+
 class ReconstructionSnapshots(keras.callbacks.Callback):
     """Every `every` epochs, save fixed validation faces over their reconstructions.
 
@@ -322,8 +381,7 @@ class ReconstructionSnapshots(keras.callbacks.Callback):
         self.folder = Path(folder)
         self.every = every
         self.save_grid = save_grid
-        self.tensorboard_dir = tensorboard_dir
-        self.writer = None  # created at the first snapshot, then reused
+        self.tensorboard = TensorBoardImages(tensorboard_dir)
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every == 0:
@@ -335,12 +393,8 @@ class ReconstructionSnapshots(keras.callbacks.Callback):
                 self.folder / f"epoch_{epoch + 1:04d}.png",
                 title=f"epoch {epoch + 1}",
             )
-            if self.tensorboard_dir is not None:
-                pairs = np.concatenate([self.images, np.clip(reconstructions, 0.0, 1.0)], axis=1)
-                self.writer = self.writer or tf.summary.create_file_writer(str(self.tensorboard_dir))
-                with self.writer.as_default():
-                    tf.summary.image("original over reconstruction", pairs, step=epoch, max_outputs=len(pairs))
-                self.writer.flush()
+            pairs = np.concatenate([self.images, np.clip(reconstructions, 0.0, 1.0)], axis=1)
+            self.tensorboard.write("original over reconstruction", pairs, epoch)
 
 
 class SampleSnapshots(keras.callbacks.Callback):
@@ -356,8 +410,7 @@ class SampleSnapshots(keras.callbacks.Callback):
     def __init__(self, decode, count: int, folder: Path, every: int, save_grid, seed: int, tensorboard_dir=None):
         super().__init__()
         self.decode, self.count, self.folder, self.every = decode, count, Path(folder), every
-        self.save_grid, self.seed, self.tensorboard_dir = save_grid, seed, tensorboard_dir
-        self.writer = None
+        self.save_grid, self.seed, self.tensorboard = save_grid, seed, TensorBoardImages(tensorboard_dir)
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every:
@@ -365,11 +418,7 @@ class SampleSnapshots(keras.callbacks.Callback):
         grids = self.model.sample_tokens(self.count, tf.constant([self.seed, 0], tf.int64))
         images = np.clip(keras.ops.convert_to_numpy(self.decode(grids)), 0.0, 1.0)
         self.save_grid([images], ["sample"], self.folder / f"epoch_{epoch + 1:04d}.png", title=f"epoch {epoch + 1}")
-        if self.tensorboard_dir is not None:
-            self.writer = self.writer or tf.summary.create_file_writer(str(self.tensorboard_dir))
-            with self.writer.as_default():
-                tf.summary.image("samples", images, step=epoch, max_outputs=len(images))
-            self.writer.flush()
+        self.tensorboard.write("samples", images, epoch)
 
 
 TRAINING_STATE_ENTRY = "training_state.json"

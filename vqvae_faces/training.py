@@ -35,6 +35,7 @@ from vqvae_faces.callbacks import (
     LossDiverged,
     ReconstructionSnapshots,
     SampleSnapshots,
+    TensorBoardLog,
     ThroughputMeter,
     TrainingCheckpoint,
     TrainingClock,
@@ -242,7 +243,7 @@ def _callbacks(model, job: FitJob, snapshots: keras.callbacks.Callback, train_co
     callbacks += [
         throughput,
         snapshots,
-        keras.callbacks.TensorBoard(str(paths.tensorboard), write_graph=False, update_freq="epoch"),
+        TensorBoardLog(str(paths.tensorboard), write_graph=False, update_freq="epoch"),
         HistoryLog(paths.history, read_history(paths.history, state["epochs_done"]) if state else None),
         checkpoint,
     ]
