@@ -71,6 +71,12 @@ def parse_args(argv):
     )
     parser.add_argument("--overwrite", action="store_true", help="let --encode/--decode replace existing files")
     parser.add_argument(
+        "--models",
+        default=None,
+        metavar="DIR",
+        help="--encode/--decode: the trained runs of this folder (default: --out's, else the ready-made models)",
+    )
+    parser.add_argument(
         "--rate-lambda",
         type=float,
         default=None,
@@ -259,12 +265,14 @@ def evaluate_trained(args, config, run_name: str, faces, other_faces, out: Path)
 
 
 def run_codec(args, config) -> int:
-    """--encode / --decode with the prior run (and its VQ-VAE) trained under --out."""
-    from vqvae_faces import codec_files
+    """--encode / --decode with the prior run (and its VQ-VAE) trained under --out, --models or ready-made."""
+    from vqvae_faces import codec_files, ready_made
 
     prior_run = codec_files.choose_prior_run(config, args.runs)
     to = Path(args.to) if args.to else None
-    with codec_files.opened_codec(config, prior_run, Path(args.out)) as codec:
+    runs = [prior_run, config.runs[prior_run].tokens_from]
+    models, shipped = ready_made.models_folder(Path(args.out), runs, args.models)
+    with codec_files.opened_codec(config, prior_run, models, locked=not shipped) as codec:
         if args.encode:
             rate_lambda = config.runs[prior_run].codec.rate_lambda
             photos = [Path(p) for p in args.encode]

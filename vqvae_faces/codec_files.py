@@ -46,8 +46,9 @@ def choose_prior_run(config: ExperimentConfig, selected: Optional[list[str]]) ->
 
 
 @contextlib.contextmanager
-def opened_codec(config: ExperimentConfig, prior_run: str, out: Path):
-    """The codec of `prior_run` and its VQ-VAE, trained under `out`; their folders are locked (shared) meanwhile."""
+def opened_codec(config: ExperimentConfig, prior_run: str, out: Path, locked: bool = True):
+    """The codec of `prior_run` and its VQ-VAE, trained under `out`; their folders are locked (shared) meanwhile,
+    unless not `locked` (the ready-made models: read-only, never trained)."""
     prior_paths = RunPaths.for_run(out, prior_run)
     vqvae_paths = prior_paths.sibling(config.runs[prior_run].tokens_from)
     files = {}
@@ -58,7 +59,10 @@ def opened_codec(config: ExperimentConfig, prior_run: str, out: Path):
                 f"no trained model for run {name!r} in {paths.checkpoints}: train it first "
                 f"(python vqvae_face_main.py --run {name} --out {out})."
             )
-    with run_lock(prior_paths.checkpoints, exclusive=False), run_lock(vqvae_paths.checkpoints, exclusive=False):
+    with contextlib.ExitStack() as locks:
+        if locked:
+            locks.enter_context(run_lock(prior_paths.checkpoints, exclusive=False))
+            locks.enter_context(run_lock(vqvae_paths.checkpoints, exclusive=False))
         vqvae_file, prior_file = files[config.runs[prior_run].tokens_from], files[prior_run]
         fingerprints = Fingerprints.from_digests(
             file_digest(vqvae_file), file_digest(prior_file), str(vqvae_file), str(prior_file)
