@@ -17,22 +17,18 @@ and the float one: faces/s, PSNR of the 8-bit faces, and the pixels they share.
 
 from __future__ import annotations
 
-import argparse
 import io
 import time
-from pathlib import Path
 
 import numpy as np  # noqa: E402 (after common, which sets the TensorFlow environment)
-from common import ROOT, report
+from common import codec_benchmark_setup, report
 from PIL import Image
 
-from vqvae_faces import codec_files, compare, lfw_files  # noqa: E402
+from vqvae_faces import codec_files, compare  # noqa: E402
 from vqvae_faces.codec import CODEC_BATCH  # noqa: E402
-from vqvae_faces.config import load_config  # noqa: E402
 from vqvae_faces.evaluation import image_quality  # noqa: E402
 from vqvae_faces.inference import decode  # noqa: E402
 from vqvae_faces.prior_stream import FloatStream  # noqa: E402
-from vqvae_faces.run_folder import RunPaths  # noqa: E402
 
 
 def webp_round_trip(images: np.ndarray, quality: int) -> tuple[float, float, float, np.ndarray]:
@@ -135,20 +131,7 @@ def decoder_rows(codec, grids: np.ndarray, originals: np.ndarray) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder holding checkpoints/<prior run> and its VQ-VAE run")
-    parser.add_argument("--run", default=None, help="prior run (default: the first in the config)")
-    parser.add_argument("--config", default=str(ROOT / "experiment.json"))
-    parser.add_argument("--data", default=None, help="the data the runs were trained on (default: data.path)")
-    parser.add_argument("--faces", type=int, default=None, help="use only the first N test faces")
-    args = parser.parse_args()
-    overrides = [f'data.path="{args.data}"'] if args.data else []
-    config = load_config(args.config, overrides)
-    prior_run = codec_files.choose_prior_run(config, [args.run] if args.run else None)
-    out = Path(args.out)
-    faces = lfw_files.load_faces(config.data, out / "checkpoints" / "data_cache", [ROOT])
-    split = lfw_files.load_split(RunPaths.for_run(out, prior_run).split, faces)
-    images = faces.subset(split["test"])[: args.faces]
+    args, config, prior_run, out, images, _ = codec_benchmark_setup(__doc__, None, "use only the first N test faces")
     originals = images.astype(np.float32) / 255.0
     with codec_files.opened_codec(config, prior_run, out) as codec:
         files, container, grids = vqf_round_trips(codec, images)

@@ -9,7 +9,6 @@ files and from one `.vqfs` container of them all.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -18,12 +17,10 @@ import time
 from pathlib import Path
 
 import numpy as np  # noqa: E402 (after common, which sets the TensorFlow environment)
-from common import ROOT, report
+from common import ROOT, codec_benchmark_setup, report
 from PIL import Image
 
-from vqvae_faces import codec_files, lfw_files  # noqa: E402
-from vqvae_faces.config import load_config  # noqa: E402
-from vqvae_faces.run_folder import RunPaths  # noqa: E402
+from vqvae_faces import codec_files  # noqa: E402
 
 ONE_THREAD = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 ENVIRONMENTS = {
@@ -49,19 +46,7 @@ def decoded_elsewhere(arguments: list[str], files: list[Path], folder: Path, env
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder holding checkpoints/<prior run> and its VQ-VAE run")
-    parser.add_argument("--run", default=None, help="prior run (default: the first in the config)")
-    parser.add_argument("--config", default=str(ROOT / "experiment.json"))
-    parser.add_argument("--data", default=None, help="the data the runs were trained on (default: data.path)")
-    parser.add_argument("--faces", type=int, default=100, help="the first N test faces")
-    args = parser.parse_args()
-    overrides = [f'data.path="{args.data}"'] if args.data else []
-    config = load_config(args.config, overrides)
-    prior_run = codec_files.choose_prior_run(config, [args.run] if args.run else None)
-    out = Path(args.out)
-    faces = lfw_files.load_faces(config.data, out / "checkpoints" / "data_cache", [ROOT])
-    images = faces.subset(lfw_files.load_split(RunPaths.for_run(out, prior_run).split, faces)["test"])[: args.faces]
+    args, config, prior_run, out, images, overrides = codec_benchmark_setup(__doc__, 100, "the first N test faces")
     folder = Path(tempfile.mkdtemp(prefix="bench_portable_"))
     with codec_files.opened_codec(config, prior_run, out) as codec:
         encoded = codec.encode(images, config.runs[prior_run].codec.rate_lambda)

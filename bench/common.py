@@ -76,3 +76,29 @@ def report(name: str, rows: list[dict], extra: dict | None = None) -> None:
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     out = Path(__file__).resolve().parent / f"{name}.json"
     out.write_text(json.dumps({**info, "rows": rows}, indent=2))
+
+
+def codec_benchmark_setup(description: str, faces: int | None, faces_help: str):
+    """Parse the arguments of a benchmark of a trained prior run's codec (--out, --run, --config, --data,
+    --faces) and load what they name. Returns the arguments, the config, the prior run's name, the --out
+    folder, its test faces (uint8, the first --faces of them) and the config overrides (--data)."""
+    import argparse
+
+    from vqvae_faces import codec_files, lfw_files
+    from vqvae_faces.config import load_config
+    from vqvae_faces.run_folder import RunPaths
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder holding checkpoints/<prior run> and its VQ-VAE run")
+    parser.add_argument("--run", default=None, help="prior run (default: the first in the config)")
+    parser.add_argument("--config", default=str(ROOT / "experiment.json"))
+    parser.add_argument("--data", default=None, help="the data the runs were trained on (default: data.path)")
+    parser.add_argument("--faces", type=int, default=faces, help=faces_help)
+    args = parser.parse_args()
+    overrides = [f'data.path="{args.data}"'] if args.data else []
+    config = load_config(args.config, overrides)
+    prior_run = codec_files.choose_prior_run(config, [args.run] if args.run else None)
+    out = Path(args.out)
+    loaded = lfw_files.load_faces(config.data, out / "checkpoints" / "data_cache", [ROOT])
+    split = lfw_files.load_split(RunPaths.for_run(out, prior_run).split, loaded)
+    return args, config, prior_run, out, loaded.subset(split["test"])[: args.faces], overrides
