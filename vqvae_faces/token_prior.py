@@ -308,7 +308,7 @@ class CausalTransformer(TokenPrior):
         `done` holds, per block, the full chunks before `position`'s chunk (a tuple of
         (keys, values), each (B, heads, chunk, head_width)), `current` per block the chunk
         `position` falls in; returns the logits and `current` with this position added.
-        The codec runs exactly this computation when it encodes and when it decodes.
+        Sampling runs it, and so did the codec's format 1 (`chunk_probabilities`).
         """
         start = sum(keys.shape[2] for keys, _ in done[0]) if done else 0
         x = self._inputs(previous, tf.reshape(position, [1]))
@@ -322,10 +322,11 @@ class CausalTransformer(TokenPrior):
         """Distributions of `count` positions from `position` on, all in the cache chunk
         `current`, computed one position after the other as `step_logits` does.
 
-        The codec's one program (`prior_stream.PriorStream`): an encoder, which knows
-        every token, computes a whole chunk in one call, with the chunk's keys and values
-        updated in place inside the loop; a decoder calls it for one position at a time.
-        Both run the same compiled loop body, so they compute the same probabilities.
+        The program of `.vqf` format 1 (`prior_stream.FloatStream`, which decodes such files;
+        format 2 computes in integers, `integer_prior.py`): an encoder, which knows every
+        token, computed a whole chunk in one call, with the chunk's keys and values updated
+        in place inside the loop; a decoder calls it for one position at a time. Both run
+        the same compiled loop body, so on one computer they compute the same probabilities.
 
         Args:
             previous: (B, n) int32, column j the token before the chunk's position j
