@@ -199,7 +199,7 @@ def test_layer_norm_keeps_its_precision_for_tiny_and_huge_rows():
     layer.set_weights([np.linspace(0.5, 1.5, 64).astype(np.float32), np.linspace(-1, 1, 64).astype(np.float32)])
     rng = np.random.default_rng(5)
     rows = ia.quantized(np.stack([rng.normal(3, 0.1, 64), rng.normal(-20, 1e3, 64), np.full(64, 7.0)]))
-    integer = ia.LayerNorm(*[w.numpy() for w in layer.weights], layer.epsilon)(rows)
+    integer = ia.LayerNorm.of(layer)(rows)
     floats = layer(rows / 2**FRACTION_BITS).numpy()
     np.testing.assert_allclose(integer / 2**FRACTION_BITS, floats, atol=4 / 2**FRACTION_BITS)
     np.testing.assert_allclose(integer[2] / 2**FRACTION_BITS, layer.get_weights()[1], atol=1 / 2**FRACTION_BITS)

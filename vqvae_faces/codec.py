@@ -7,8 +7,8 @@ with the tokens decoded so far, in groups of `CODEC_BATCH` faces. Both sides com
 distributions in integer arithmetic (`prior_stream.ExactStream`), and the faces come from the
 VQ-VAE's decoder in integer arithmetic too (`integer_decoder.py`), so a file decodes to the same
 pixels on any computer; files of format 1 (float32 probabilities) are decoded with the float
-program that wrote them. The files carry a checksum of their tokens, so a decoder that ever computed other
-probabilities reports the file as undecodable instead of returning wrong faces.
+program that wrote them. The files carry a checksum of their tokens, so a decoder that ever
+computed other probabilities reports the file as undecodable instead of returning wrong faces.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class FaceCodec:
         """Token grids (N, h, w) int16 of `.vqf` bytes; a `CodecError` naming the first bad file."""
         headers = [self.reader.file(data, name) for data, name in zip(files, names)]
         grids = np.zeros((len(files), *self.grid), np.int16)
-        for version in {version for version, _, _ in headers}:
+        for version in sorted({version for version, _, _ in headers}):
             chosen = [index for index, header in enumerate(headers) if header[0] == version]
             for start in range(0, len(chosen), CODEC_BATCH):
                 group = chosen[start : start + CODEC_BATCH]

@@ -342,6 +342,11 @@ class LayerNorm:
         self.epsilon = epsilon * self.width**2 * 2.0 ** (2 * FRACTION_BITS)
         self.smallest_shift = -((52 - math.frexp(self.epsilon)[1]) // 2)
 
+    @classmethod
+    def of(cls, layer) -> "LayerNorm":
+        """The integer version of a Keras `LayerNormalization` layer."""
+        return cls(*(weight.numpy() for weight in layer.weights), layer.epsilon)
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = clip_bits(x, self.input_bits)
         deviations = x * self.width - x.sum(axis=-1, keepdims=True)

@@ -33,8 +33,7 @@ class _Block:
 
     def __init__(self, block, length: int):
         self.heads, self.head_width = block.num_heads, block.width // block.num_heads
-        self.norm_1 = LayerNorm(*[w.numpy() for w in block.norm_1.weights], block.norm_1.epsilon)
-        self.norm_2 = LayerNorm(*[w.numpy() for w in block.norm_2.weights], block.norm_2.epsilon)
+        self.norm_1, self.norm_2 = LayerNorm.of(block.norm_1), LayerNorm.of(block.norm_2)
         self.qkv, self.project = Dense(*block.qkv.get_weights()), Dense(*block.project.get_weights())
         self.mlp_in, self.mlp_out = Dense(*block.mlp_in.get_weights()), Dense(*block.mlp_out.get_weights())
         # queries times 1 / sqrt(head width), a fraction of 2^FRACTION_BITS rounded down
@@ -100,7 +99,7 @@ class IntegerPrior:
         self.row_embed = quantized(prior.row_embed.get_weights()[0])
         self.column_embed = quantized(prior.column_embed.get_weights()[0])
         self.blocks = [_Block(block, self.length) for block in prior.blocks]
-        self.norm = LayerNorm(*[w.numpy() for w in prior.norm.weights], prior.norm.epsilon)
+        self.norm = LayerNorm.of(prior.norm)
         self.head = Dense(*prior.head.get_weights())
 
     def _inputs(self, previous: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -135,9 +134,8 @@ class IntegerPrior:
         the positions before it in `cache`, into which this position's are written."""
         x = self._inputs(previous[:, None], np.array([position]))
         for block, (keys, values) in zip(self.blocks, cache):
-            queries, keys[..., position : position + 1], values[:, :, position : position + 1] = block.attention_inputs(
-                x
-            )
+            queries, new_keys, new_values = block.attention_inputs(x)
+            keys[..., position : position + 1], values[:, :, position : position + 1] = new_keys, new_values
             x = block.attend(x, queries, keys[..., : position + 1], values[:, :, : position + 1])
         return self.head(self.norm(x))[:, 0]
 
