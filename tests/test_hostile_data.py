@@ -67,8 +67,8 @@ def test_decodes_in_flight_are_bounded(monkeypatch):
 
     real_decode = lfw_files.decode_face
 
-    def decode(data, config):
-        result = real_decode(data, config)
+    def decode(data, config, detector):
+        result = real_decode(data, config, detector)
         consumed[0] += 1
         return result
 

@@ -24,6 +24,7 @@ from vqvae_faces.atomic_files import write_atomically
 from vqvae_faces.codec import CODEC_BATCH, FaceCodec
 from vqvae_faces.config import DataConfig, ExperimentConfig
 from vqvae_faces.errors import ConfigError, DataError, EvaluationError
+from vqvae_faces.face_alignment import DetectorOnDemand
 from vqvae_faces.model_settings import load_model
 from vqvae_faces.run_folder import RunPaths, file_digest, run_lock
 from vqvae_faces.vqf_format import CONTAINER_MAGIC, MAX_CONTAINER_FACES, Fingerprints
@@ -120,13 +121,14 @@ def encode_photos(
     targets = [into] if into is not None else [(to or path.parent) / (path.stem + ".vqf") for path in photos]
     _check_targets(photos[: len(targets)], targets, overwrite)
     settings, channels = photo_settings(codec, config)
+    detector = DetectorOnDemand()
     faces = []
     for photo in photos:
         try:
-            face, note = lfw_files.decode_photo(_read(photo, config.data.max_file_bytes), settings, channels)
+            face, notes = lfw_files.decode_photo(_read(photo, config.data.max_file_bytes), settings, channels, detector)
         except DataError as error:
             raise DataError(f"{photo}: {error}") from None
-        if note:
+        for note in notes:
             log.warning("%s: %s", photo, note)
         faces.append(face)
     for folder in {target.parent for target in targets}:

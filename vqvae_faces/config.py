@@ -23,6 +23,9 @@ from vqvae_faces.errors import ConfigError
 
 log = logging.getLogger("vqvae_faces.config")
 
+FaceAlignment = Literal["lfw", "detect", "auto"]
+ALIGNMENTS = typing.get_args(FaceAlignment)
+
 
 @dataclass
 class AugmentationConfig:
@@ -68,6 +71,9 @@ class DataConfig:
     test_fraction: float = 0.1
     max_image_pixels: int = 25_000_000
     max_file_bytes: int = 10_000_000
+    # "lfw": every image is an LFW-style crop (source_size square); "detect": the face detector aligns every
+    # image to that framing; "auto": the detector aligns the images that are not source_size squares.
+    face_alignment: FaceAlignment = "auto"
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
 
     def validate(self, path: str) -> None:

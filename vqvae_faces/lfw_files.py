@@ -32,18 +32,19 @@ from typing import Iterator, Optional
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vqvae_faces.atomic_files import save_npz_atomically, write_json_atomically
 from vqvae_faces.config import DataConfig
 from vqvae_faces.errors import DataError
+from vqvae_faces.face_alignment import DetectorOnDemand, detect_and_align, needs_detection
 
 log = logging.getLogger("vqvae_faces.data")
 
 BUNDLED_DESCRIPTION = "scikit-image lfw_subset (100 bundled LFW face crops, 25x25 grayscale)"
 DEFAULT_SOURCE_NAMES = ("lfw-deepfunneled", "lfw-deepfunneled.tgz", "lfw-deepfunneled.tar.gz")
 ATTRIBUTES_FILE = "lfw_attributes.txt"
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar")
 # The only Pillow decoders that may open a data file: what LFW (JPEG) and common exports use.
 # Naming them keeps every other decoder (EPS through Ghostscript, TIFF, ...) unreachable.
@@ -232,77 +233,85 @@ def _count(counter: dict[str, int], reason: str) -> None:
     counter[reason] = counter.get(reason, 0) + 1
 
 
-def decode_face(data: bytes, settings: DataConfig) -> np.ndarray | str:
-    """Decode one image, crop `crop_border` px each side, resize to `image_size`.
-
-    Returns (S, S, C) uint8 with C = 1 for grayscale sources and 3 otherwise
-    (CMYK, palette and other modes are converted to RGB), or a string giving the
-    reason the image was skipped.
-    """
+def _open_picture(data: bytes, settings: DataConfig) -> Image.Image:
+    """The decoded image, upright (EXIF orientation applied), transparency laid on white, in mode "L" for
+    grayscale sources and "RGB" for all others (CMYK, palette, ...). Raises `DataError` with the reason an
+    image is unusable."""
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             width, height = image.size
             if width * height > settings.max_image_pixels:
-                return f"larger than max_image_pixels={settings.max_image_pixels}"
-            if settings.source_size is not None and (width, height) != (
-                settings.source_size,
-                settings.source_size,
-            ):
-                return f"not {settings.source_size}x{settings.source_size} pixels"
-            border = settings.crop_border
-            if width <= 2 * border or height <= 2 * border:
-                return f"too small for crop_border={border}"
+                raise DataError(f"larger than max_image_pixels={settings.max_image_pixels}")
             image.load()
-            mode = "L" if image.mode in ("L", "1", "I;16", "I", "LA") else "RGB"
-            face = image.convert(mode).crop((border, border, width - border, height - border))
-            face = face.resize((settings.image_size, settings.image_size), Image.BILINEAR)
+            picture = ImageOps.exif_transpose(image)
+            if picture.mode in ("RGBA", "LA", "PA") or (picture.mode == "P" and "transparency" in picture.info):
+                rgba = picture.convert("RGBA")
+                picture = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+            return picture.convert("L" if picture.mode in ("L", "1", "I;16", "I", "LA") else "RGB")
     except (UnidentifiedImageError, Image.DecompressionBombError):
-        return "not a readable image"
+        raise DataError("not a readable image") from None
+    except DataError:
+        raise
     except Exception:  # a damaged file can make a decoder raise almost anything (struct.error, IndexError, ...)
-        return "corrupt or truncated image"
-    array = np.asarray(face, dtype=np.uint8)
+        raise DataError("corrupt or truncated image") from None
+
+
+def _crop(frame: Image.Image, border: int, image_size: int) -> np.ndarray:
+    """`border` pixels cut from each side of `frame`, the rest resized to `image_size`; (S, S, C) uint8."""
+    face = frame.crop((border, border, frame.width - border, frame.height - border))
+    array = np.asarray(face.resize((image_size, image_size), Image.BILINEAR), dtype=np.uint8)
     return array[..., None] if array.ndim == 2 else array
 
 
-def decode_photo(data: bytes, settings: DataConfig, channels: int) -> tuple[np.ndarray, Optional[str]]:
-    """A user's photo as the models see faces: (S, S, channels) uint8, and a note when it needed more than
-    the training crop, or None.
+def decode_face(data: bytes, settings: DataConfig, detector: Optional[DetectorOnDemand] = None) -> np.ndarray | str:
+    """One training image as a face: (S, S, C) uint8 with C = 1 for grayscale sources and 3 otherwise, or
+    the reason it is skipped.
 
-    An LFW-style crop (`source_size` square) gets exactly the training crop and resize. Any
-    other photo is cut to its centre square, and that square is cropped by the same fraction
-    as an LFW image (`crop_border` / `source_size` each side) before the resize: right for a
-    face centred and framed like LFW's, worse for any other framing. A `DataError` when the
-    bytes are not an image this program reads.
+    A `source_size` square gets the fixed crop (`crop_border` each side) and the resize; an image of another
+    size is aligned into such a square by the face detector when `face_alignment` says so, else skipped.
     """
     try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-            width, height = image.size
-            if width * height > settings.max_image_pixels:
-                raise DataError(
-                    f"the image has {width}x{height} pixels, over max_image_pixels={settings.max_image_pixels}"
-                )
-            image.load()
-            picture = image.convert("L" if channels == 1 else "RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError):
-        raise DataError(f"not an image ({', '.join(IMAGE_FORMATS)} are read)") from None
-    except DataError:
-        raise
-    except Exception:
-        raise DataError("a corrupt or truncated image") from None
+        picture = _open_picture(data, settings)
+        size = settings.source_size
+        if needs_detection(settings.face_alignment, picture.size, size):
+            picture, _ = detect_and_align(picture, settings, (detector or DetectorOnDemand())())
+        elif size is not None and picture.size != (size, size):
+            return f"not {size}x{size} pixels"
+    except DataError as error:
+        return str(error)
+    if min(picture.size) <= 2 * settings.crop_border:
+        return f"too small for crop_border={settings.crop_border}"
+    return _crop(picture, settings.crop_border, settings.image_size)
+
+
+def decode_photo(
+    data: bytes, settings: DataConfig, channels: int, detector: Optional[DetectorOnDemand] = None
+) -> tuple[np.ndarray, list[str]]:
+    """A user's photo as the models see faces: (S, S, channels) uint8, and notes for the user (how it was
+    framed, what may make it code worse).
+
+    `face_alignment` decides: an LFW-style crop (`source_size` square) gets the training crop and resize;
+    the detector aligns any other photo (`"auto"`, `"detect"`); under `"lfw"` another photo is cut to its
+    centre square and cropped by LFW's fraction, right only for a face centred and framed like LFW's.
+    A `DataError` when the bytes are not an image this program reads, or no face is found.
+    """
+    picture = _open_picture(data, settings).convert("L" if channels == 1 else "RGB")
+    width, height = picture.size
     source = settings.source_size or min(width, height)
-    side = min(width, height)
-    note = None
+    if needs_detection(settings.face_alignment, picture.size, settings.source_size):
+        frame, notes = detect_and_align(picture, settings, (detector or DetectorOnDemand())())
+        return _crop(frame, settings.crop_border, settings.image_size), notes
+    notes = []
     if (width, height) != (source, source):
-        note = (
+        notes.append(
             f"{width}x{height} pixels, not a {source}x{source} LFW-style crop: its centre square is cropped by "
-            f"{settings.crop_border / source:.0%} each side as LFW faces are; faces framed otherwise code worse"
+            f"{settings.crop_border / source:.0%} each side as LFW faces are (data.face_alignment=lfw); faces "
+            "framed otherwise code worse, and face_alignment=auto finds the face"
         )
+    side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     border = round(side * settings.crop_border / source)
-    face = picture.crop((left + border, top + border, left + side - border, top + side - border))
-    face = face.resize((settings.image_size, settings.image_size), Image.BILINEAR)
-    array = np.asarray(face, dtype=np.uint8)
-    return (array[..., None] if array.ndim == 2 else array), note
+    return _crop(picture.crop((left, top, left + side, top + side)), border, settings.image_size), notes
 
 
 def _decode_all(members: Iterator[tuple[str, bytes]], settings: DataConfig, skipped: dict[str, int]):
@@ -313,6 +322,7 @@ def _decode_all(members: Iterator[tuple[str, bytes]], settings: DataConfig, skip
     """
     names, faces = [], []
     workers = min(8, os.cpu_count() or 1)
+    detector = DetectorOnDemand()
     pending: collections.deque = collections.deque()
 
     def collect_oldest():
@@ -326,7 +336,7 @@ def _decode_all(members: Iterator[tuple[str, bytes]], settings: DataConfig, skip
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         for name, data in members:
-            pending.append((name, pool.submit(decode_face, data, settings)))
+            pending.append((name, pool.submit(decode_face, data, settings, detector)))
             if len(pending) >= workers * DECODES_IN_FLIGHT_PER_WORKER:
                 collect_oldest()
         while pending:
@@ -396,6 +406,7 @@ def _cache_path(cache_dir: Path, source: Path, settings: DataConfig) -> Path:
             "source_size": settings.source_size,
             "max_image_pixels": settings.max_image_pixels,
             "max_file_bytes": settings.max_file_bytes,
+            "face_alignment": settings.face_alignment,
         },
         sort_keys=True,
     )
