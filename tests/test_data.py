@@ -1,6 +1,7 @@
 import io
 import logging
 import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -299,7 +300,7 @@ def test_malicious_archive_members_are_skipped(tmp_path, monkeypatch):
     before = set(tmp_path.rglob("*"))
     faces = lfw_files.load_faces(settings(tmp_path / "evil.tar", image_size=16), tmp_path / "cache", [])
     assert list(faces.names) == ["Evil/Evil_0001.jpg"]
-    assert faces.skipped["unsafe archive member (link, absolute path or '..')"] == 3
+    assert faces.skipped[lfw_files.UNSAFE_MEMBER] == 3
     created = set(tmp_path.rglob("*")) - before
     assert created and all(p.is_relative_to(tmp_path / "cache") for p in created), created
     assert not Path("/abs/Evil").exists()
@@ -365,4 +366,42 @@ def test_hard_link_archive_members_are_skipped(tmp_path):
         handle.addfile(link)
     faces = lfw_files.load_faces(settings(tmp_path / "links.tar", image_size=16), tmp_path / "cache", [])
     assert list(faces.names) == ["Real/Real_0001.jpg"]
-    assert faces.skipped == {"unsafe archive member (link, absolute path or '..')": 1}
+    assert faces.skipped == {lfw_files.UNSAFE_MEMBER: 1}
+
+
+def test_a_flat_folder_a_zip_and_a_csv_of_identities_give_the_same_faces(lfw_tree, tmp_path, caplog):
+    """The three layouts: identities from folders (LFW), none (a flat folder: one per file, with a warning),
+    or a CSV; a flat .zip reads as the flat folder does."""
+    caplog.set_level(logging.WARNING)
+    lfw = lfw_files.load_faces(settings(lfw_tree, image_size=16), tmp_path / "c0", [])
+    flat = tmp_path / "img_align" / "photos"
+    flat.mkdir(parents=True)
+    for name in lfw.names:
+        (flat / name.split("/")[1]).write_bytes((lfw_tree / name).read_bytes())
+    flat_faces = lfw_files.load_faces(settings(flat.parent, image_size=16), tmp_path / "c1", [])
+    order = np.argsort([name.split("/")[1] for name in lfw.names])
+    np.testing.assert_array_equal(flat_faces.images, lfw.images[order])
+    assert list(flat_faces.names) == [f"photos/{name.split('/')[1]}" for name in lfw.names[order]]
+    assert list(flat_faces.persons) == list(flat_faces.names)  # each file its own identity
+    assert "identities unknown" in caplog.text
+    with zipfile.ZipFile(tmp_path / "photos.zip", "w") as archive:
+        for file in sorted(flat.iterdir()):
+            archive.write(file, f"photos/{file.name}")
+    zipped = lfw_files.load_faces(settings(tmp_path / "photos.zip", image_size=16), tmp_path / "c2", [])
+    np.testing.assert_array_equal(zipped.images, flat_faces.images)
+    assert list(zipped.names) == list(flat_faces.names)
+    table = tmp_path / "who.csv"
+    rows = [(name.split("/")[1], name.split("/")[0]) for name in lfw.names[:-1]]  # the last file left unnamed
+    table.write_text("file,identity\n" + "".join(f"{file},{person}\n" for file, person in rows))
+    named = lfw_files.load_faces(settings(flat, image_size=16, identities=str(table)), tmp_path / "c3", [])
+    assert sorted(named.persons) == sorted(person for _, person in rows)
+    assert named.skipped == {f"not named in {table}": 1}
+    split = lfw_files.split_by_person(named.persons, 0.2, 0.2, seed=0)
+    people = {part: set(named.persons[indices]) for part, indices in split.items()}
+    assert not people["train"] & people["test"] and not people["val"] & people["test"]
+
+
+def test_an_identities_csv_without_its_columns_is_refused_in_one_line(lfw_tree, tmp_path):
+    (tmp_path / "who.csv").write_text("name,person\na.jpg,A\n")
+    with pytest.raises(lfw_files.DataError, match=r"needs columns 'file' and 'identity', has \['name', 'person'\]"):
+        lfw_files.load_faces(settings(lfw_tree, identities=str(tmp_path / "who.csv")), tmp_path / "c", [])

@@ -74,6 +74,10 @@ class DataConfig:
     # "lfw": every image is an LFW-style crop (source_size square); "detect": the face detector aligns every
     # image to that framing; "auto": the detector aligns the images that are not source_size squares.
     face_alignment: FaceAlignment = "auto"
+    # Who is who, for the split by person: "folders" (LFW's <Person>/<image> layout), "files" (each image its
+    # own identity), "auto" ("files" when all images sit in one folder, else "folders"), or a CSV's path
+    # (columns file, identity).
+    identities: str = "auto"
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
 
     def validate(self, path: str) -> None:
@@ -90,6 +94,10 @@ class DataConfig:
         _check_range(path, "test_fraction", self.test_fraction, 0.01, 0.5)
         _check_range(path, "max_image_pixels", self.max_image_pixels, 1, 10**9)
         _check_range(path, "max_file_bytes", self.max_file_bytes, 1, 10**10)
+        if self.identities not in ("auto", "folders", "files") and not self.identities.endswith(".csv"):
+            raise ConfigError(
+                f'{path}.identities must be "auto", "folders", "files" or a .csv file, received {self.identities!r}.'
+            )
         self.augmentation.validate(f"{path}.augmentation")
 
 

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import posixpath
+import stat
 import tarfile
 import zipfile
 from dataclasses import dataclass, field
@@ -45,12 +46,15 @@ BUNDLED_DESCRIPTION = "scikit-image lfw_subset (100 bundled LFW face crops, 25x2
 DEFAULT_SOURCE_NAMES = ("lfw-deepfunneled", "lfw-deepfunneled.tgz", "lfw-deepfunneled.tar.gz")
 ATTRIBUTES_FILE = "lfw_attributes.txt"
 CACHE_FORMAT_VERSION = 2
-ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar")
+ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar", ".zip")
 # The only Pillow decoders that may open a data file: what LFW (JPEG) and common exports use.
 # Naming them keeps every other decoder (EPS through Ghostscript, TIFF, ...) unreachable.
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
 DECODES_IN_FLIGHT_PER_WORKER = 4
-UNSAFE_MEMBER = "unsafe archive member (link, absolute path or '..')"
+UNSAFE_MEMBER = "unsafe archive member (link, absolute path, '..' or encrypted)"
+# <wrapper>/<person>/<image>: a file deeper than this is skipped.
+MAX_DEPTH = 3
+TOO_DEEP = f"deeper than {MAX_DEPTH} levels (<wrapper>/<person>/<image>)"
 OUTSIDE_LINK = "link pointing outside the data folder, or broken"
 
 
@@ -103,7 +107,7 @@ def resolve_source(path: Optional[str], search_dirs: list[Path]) -> Optional[Pat
                 "(<Person_Name>/<Person_Name>_0001.jpg) or the lfw-deepfunneled.tgz archive."
             )
         if source.is_file() and not source.name.endswith(ARCHIVE_SUFFIXES):
-            raise DataError(f"data path {str(source)!r} is a file but not a .tgz/.tar.gz/.tar archive.")
+            raise DataError(f"data path {str(source)!r} is a file but not a .tgz/.tar.gz/.tar/.zip archive.")
         return source
     for folder in search_dirs:
         for name in DEFAULT_SOURCE_NAMES:
@@ -124,13 +128,16 @@ def _safe_member_name(name: str) -> Optional[str]:
 
 
 def _iter_archive(path: Path, skipped: dict[str, int], max_bytes: int) -> Iterator[tuple[str, bytes]]:
-    """Yield (Person/file, bytes) for regular members two or three levels deep.
+    """Yield (relative name, bytes) for the regular members of a tar or zip archive, at most `MAX_DEPTH`
+    levels deep.
 
-    Links, devices, absolute names and names with `..` are skipped and counted,
-    and so are members larger than `max_bytes` (judged by the header, before
-    anything is read); nothing is written to disk.
+    Links, devices, absolute names and names with `..` are skipped and counted, and so are members
+    larger than `max_bytes` (judged by the header, before anything is read); nothing is written to disk.
     """
     try:
+        if zipfile.is_zipfile(path):
+            yield from _iter_zip(path, skipped, max_bytes)
+            return
         with tarfile.open(path, mode="r:*") as archive:
             for member in archive:
                 name = _safe_member_name(member.name)
@@ -141,30 +148,46 @@ def _iter_archive(path: Path, skipped: dict[str, int], max_bytes: int) -> Iterat
                     if not member.isdir():
                         _count(skipped, UNSAFE_MEMBER)
                     continue
-                parts = name.split("/")
-                if parts[-1] == ATTRIBUTES_FILE:
-                    continue
-                if len(parts) not in (2, 3):
-                    _count(skipped, "file outside the <Person>/<image> layout")
-                    continue
-                if member.size > max_bytes:
-                    _count(skipped, f"larger than max_file_bytes={max_bytes}")
-                    continue
-                handle = archive.extractfile(member)
-                if handle is not None:
-                    yield "/".join(parts[-2:]), handle.read()
-    except (tarfile.TarError, OSError, EOFError) as exc:
+                if _member_fits(name, member.size, skipped, max_bytes):
+                    handle = archive.extractfile(member)
+                    if handle is not None:
+                        yield name, handle.read()
+    except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as exc:
         raise DataError(f"cannot read archive {str(path)!r}: {exc}") from None
 
 
-def _person_root(root: Path) -> Path:
-    """The folder whose subfolders are people (accepts one wrapper level)."""
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
-    if any(any(child.is_file() for child in d.iterdir()) for d in subdirs):
-        return root
-    if len(subdirs) == 1:
-        return _person_root(subdirs[0])
-    return root
+def _iter_zip(path: Path, skipped: dict[str, int], max_bytes: int) -> Iterator[tuple[str, bytes]]:
+    """`_iter_archive` for a zip: links (Unix mode in the external attributes) and encrypted members are
+    skipped and counted; a member is read to at most `max_bytes` + 1 bytes whatever its header says."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.is_dir():
+                continue
+            name = _safe_member_name(info.filename)
+            if name is None or stat.S_ISLNK(info.external_attr >> 16) or info.flag_bits & 0x1:
+                _count(skipped, UNSAFE_MEMBER)
+                continue
+            if _member_fits(name, info.file_size, skipped, max_bytes):
+                with archive.open(info) as handle:
+                    data = handle.read(max_bytes + 1)
+                if len(data) > max_bytes:
+                    _count(skipped, f"larger than max_file_bytes={max_bytes}")
+                    continue
+                yield name, data
+
+
+def _member_fits(name: str, size: int, skipped: dict[str, int], max_bytes: int) -> bool:
+    """Whether an archive member is read: not the attributes table, not too deep, not too large."""
+    parts = name.split("/")
+    if parts[-1] == ATTRIBUTES_FILE:
+        return False
+    if len(parts) > MAX_DEPTH:
+        _count(skipped, TOO_DEEP)
+        return False
+    if size > max_bytes:
+        _count(skipped, f"larger than max_file_bytes={max_bytes}")
+        return False
+    return True
 
 
 def _outside(path: Path, real_root: Path) -> bool:
@@ -173,41 +196,43 @@ def _outside(path: Path, real_root: Path) -> bool:
 
 
 def _iter_folder(root: Path, skipped: dict[str, int], max_bytes: int) -> Iterator[tuple[str, bytes]]:
-    """Yield (Person/file, bytes) for the files of each person folder.
+    """Yield (relative name, bytes) for the files under `root`, at most `MAX_DEPTH` levels deep, in name
+    order.
 
-    Links (to folders or files) that lead outside the data folder or nowhere,
-    files larger than `max_bytes` (judged before reading) and files that cannot
-    be read are skipped and counted.
+    Links (to folders or files) that lead outside the data folder or nowhere, files larger than
+    `max_bytes` (judged before reading) and files that cannot be read are skipped and counted.
     """
-    people_root = _person_root(root)
-    real_root = people_root.resolve()
-    for person_dir in sorted(people_root.iterdir()):
-        if _outside(person_dir, real_root):
-            _count(skipped, OUTSIDE_LINK)
-            continue
-        if not person_dir.is_dir():
-            continue
+    real_root = root.resolve()
+
+    def walk(folder: Path, prefix: str, depth: int) -> Iterator[tuple[str, bytes]]:
         try:
-            files = sorted(person_dir.iterdir())
+            entries = sorted(folder.iterdir())
         except OSError:
             _count(skipped, "unreadable folder")
-            continue
-        for file in files:
-            if _outside(file, real_root):
+            return
+        for entry in entries:
+            if _outside(entry, real_root):
                 _count(skipped, OUTSIDE_LINK)
                 continue
-            if not file.is_file():
+            if entry.is_dir():
+                if depth + 1 < MAX_DEPTH:
+                    yield from walk(entry, f"{prefix}{entry.name}/", depth + 1)
+                else:
+                    _count(skipped, TOO_DEEP)
+                continue
+            if not entry.is_file() or entry.name == ATTRIBUTES_FILE:
                 continue
             try:
-                size = file.stat().st_size
-                if size > max_bytes:
+                if entry.stat().st_size > max_bytes:
                     _count(skipped, f"larger than max_file_bytes={max_bytes}")
                     continue
-                data = file.read_bytes()
+                data = entry.read_bytes()
             except OSError:
                 _count(skipped, "unreadable file")
                 continue
-            yield f"{person_dir.name}/{file.name}", data
+            yield prefix + entry.name, data
+
+    yield from walk(root, "", 0)
 
 
 def _fingerprint(source: Path) -> str:
@@ -407,6 +432,8 @@ def _cache_path(cache_dir: Path, source: Path, settings: DataConfig) -> Path:
             "max_image_pixels": settings.max_image_pixels,
             "max_file_bytes": settings.max_file_bytes,
             "face_alignment": settings.face_alignment,
+            "identities": settings.identities,
+            "identity_table": _fingerprint(Path(settings.identities)) if settings.identities.endswith(".csv") else None,
         },
         sort_keys=True,
     )
@@ -441,18 +468,20 @@ def load_faces(settings: DataConfig, cache_dir: Path, search_dirs: list[Path]) -
     else:
         members = _iter_archive(source, skipped, settings.max_file_bytes)
     names, faces = _decode_all(members, settings, skipped)
+    names, persons, keep, description = _identities(names, settings.identities, source, skipped)
+    faces = [faces[index] for index in keep]
     _report_skipped(skipped, source)
     if not faces:
         raise DataError(
-            f"no usable images in {str(source)!r}: expected "
-            "<Person_Name>/<Person_Name>_0001.jpg files (LFW layout) with images of "
-            f"{settings.source_size or 'any'}x{settings.source_size or 'any'} pixels."
+            f"no usable images in {str(source)!r}: expected <Person_Name>/<Person_Name>_0001.jpg files (LFW "
+            "layout), a flat folder of images, or images named in a CSV (data.identities), with faces of "
+            f"{settings.source_size or 'any'}x{settings.source_size or 'any'} pixels or found by face_alignment."
         )
     face_set = FaceSet(
         images=_stack_faces(faces),
         names=np.array(names),
-        persons=np.array([name.split("/")[0] for name in names]),
-        description=f"LFW-layout data at {source}",
+        persons=np.array(persons),
+        description=description,
         skipped=skipped,
     )
     _write_cache(cache_file, face_set)
@@ -465,6 +494,64 @@ def load_faces(settings: DataConfig, cache_dir: Path, search_dirs: list[Path]) -
         cache_file,
     )
     return face_set
+
+
+def _identities(
+    names: list[str], identities: str, source: Path, skipped: dict[str, int]
+) -> tuple[list[str], list[str], list[int], str]:
+    """Each decoded image's name (without the wrapper folders all of them share), identity and index into `names`
+    (the images kept), and a description of the data.
+
+    `identities`: "folders" (the folder holding an image names its person: LFW's layout), "files" (each image
+    its own identity), "auto" ("files" when all images sit in one folder, else "folders"), or the path of a
+    CSV with columns `file` (as named here, or just its file name) and `identity`.
+    """
+    parts = [name.split("/") for name in names]
+    shared = 0  # leading folders all names share, short of the one holding each image
+    while parts and all(len(p) > shared + 2 and p[shared] == parts[0][shared] for p in parts):
+        shared += 1
+    names = ["/".join(p[shared:]) for p in parts]
+    if identities == "auto":
+        identities = "files" if len({name.rpartition("/")[0] for name in names}) == 1 else "folders"
+    if identities == "folders":
+        keep = [i for i, name in enumerate(names) if "/" in name]
+        for _ in range(len(names) - len(keep)):
+            _count(skipped, "file outside the <Person>/<image> layout")
+        kept = [names[i] for i in keep]
+        return kept, [name.rsplit("/", 1)[0] for name in kept], keep, f"LFW-layout data at {source}"
+    if identities == "files":
+        log.warning(
+            "%s: identities unknown (one folder of images), so the split is by file and the same person may sit "
+            "in training and test; name each file's identity in a CSV (data.identities) for an honest test split",
+            source,
+        )
+        return names, list(names), list(range(len(names))), f"images at {source} (one identity per file)"
+    table = _read_identity_table(Path(identities))
+    by_file_name = collections.Counter(name.rsplit("/", 1)[-1] for name in names)
+    keep, persons = [], []
+    for index, name in enumerate(names):
+        base = name.rsplit("/", 1)[-1]
+        person = table.get(name, table.get(base) if by_file_name[base] == 1 else None)
+        if person is None:
+            _count(skipped, f"not named in {identities}")
+            continue
+        keep.append(index)
+        persons.append(person)
+    return [names[i] for i in keep], persons, keep, f"images at {source} (identities from {identities})"
+
+
+def _read_identity_table(path: Path) -> dict[str, str]:
+    """file -> identity from a CSV with columns `file` and `identity`; a `DataError` naming what is wrong."""
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read the identities CSV {str(path)!r}: {error}") from None
+    if not {"file", "identity"} <= set(table.columns):
+        raise DataError(
+            f"the identities CSV {str(path)!r} needs columns 'file' and 'identity', has {list(table.columns)}"
+        )
+    files = table["file"].str.replace("\\", "/", regex=False)
+    return dict(zip(files, table["identity"]))
 
 
 def _report_skipped(skipped: dict[str, int], source: Path) -> None:
