@@ -144,12 +144,13 @@ def run(args) -> int:
     if args.encode or args.decode:
         return run_codec(args, config)
     search_dirs = [SCRIPT_DIR, Path.cwd()]
+    run_names = selected_runs(args, config)
+    out = Path(args.out)
+    config = with_recorded_data(config, run_names, out, search_dirs)
     # Path mistakes are reported here, before TensorFlow is loaded.
     lfw_files.resolve_source(config.data.path, search_dirs)
     if args.test_data:
         lfw_files.resolve_source(args.test_data, [])
-    run_names = selected_runs(args, config)
-    out = Path(args.out)
 
     from vqvae_faces import prior_evaluation, training
     from vqvae_faces.evaluation import metrics_table
@@ -170,6 +171,21 @@ def run(args) -> int:
     if args.compare and results:
         compare_runs(results, test_names, test_faces.images, test_faces.description, out, config)
     return 0
+
+
+def with_recorded_data(config, run_names: list[str], out: Path, search_dirs: list[Path]):
+    """`config`, its `data.path` taken from the runs' config.json when it evaluates trained runs (no training)
+    and names no data, and no LFW folder lies in `search_dirs`: a run's own data need not be given again."""
+    from vqvae_faces import lfw_files
+    from vqvae_faces.run_folder import recorded_data_path
+
+    if config.enable_training or config.data.path is not None or lfw_files.resolve_source(None, search_dirs):
+        return config
+    recorded = recorded_data_path(out, run_names)
+    if recorded is None:
+        return config
+    log.info("data.path from the trained run's config.json: %s", recorded)
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, path=recorded))
 
 
 def selected_runs(args, config) -> list[str]:

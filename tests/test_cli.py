@@ -324,3 +324,24 @@ def test_lfw_deepfunneled_is_found_beside_the_script_or_in_the_current_folder(lf
     with pytest.raises(Resolved):
         vqvae_face_main.run(vqvae_face_main.parse_args(["--out", str(tmp_path / "out"), "--eval"]))
     assert found == [archive, beside / "lfw-deepfunneled"], "the current folder's, then the script's (searched first)"
+
+
+def test_evaluation_takes_the_data_a_run_was_trained_on_from_its_config(tmp_path, caplog):
+    """`--eval` (no training) with no data.path and no LFW folder beside the script reads the runs' own data,
+    recorded in their config.json; training, or a data.path given, keeps what the config says."""
+    caplog.set_level(logging.INFO)
+    from vqvae_faces.config import load_config
+    from vqvae_faces.run_folder import RunPaths
+
+    paths = RunPaths.for_run(tmp_path / "out", "prior")
+    paths.checkpoints.mkdir(parents=True)
+    paths.resolved_config.write_text(json.dumps({"data": {"path": "faces.tgz", "image_size": 64}}))
+    nowhere = [tmp_path / "empty"]
+    evaluating = load_config(None, ["enable_training=false"])
+    found = vqvae_face_main.with_recorded_data(evaluating, ["prior"], tmp_path / "out", nowhere)
+    assert found.data.path == "faces.tgz" and "from the trained run's config.json: faces.tgz" in caplog.text
+    training = load_config(None, [])
+    assert vqvae_face_main.with_recorded_data(training, ["prior"], tmp_path / "out", nowhere).data.path is None
+    given = load_config(None, ["enable_training=false", 'data.path="mine.tgz"'])
+    assert vqvae_face_main.with_recorded_data(given, ["prior"], tmp_path / "out", nowhere).data.path == "mine.tgz"
+    assert vqvae_face_main.with_recorded_data(evaluating, ["prior"], tmp_path / "new", nowhere).data.path is None

