@@ -254,6 +254,10 @@ def test_compare_reports_numbers_that_an_independent_computation_reproduces(trai
         assert width == pytest.approx(2 * 1.96 * values.std() / np.sqrt(len(values)), rel=0.3), method
     page = (folder / "report.html").read_text()
     assert "<table" in page and page.count("data:image/png;base64,") >= 4
+    headers = re.findall(r"<th>([^<]*)</th>", page)  # five columns fit a page; comparison.csv holds them all
+    assert headers == ["method", "bits per face", "PSNR dB (95% interval)", "SSIM", "setting"]
+    low, high = float(row["psnr_ci95_low"]), float(row["psnr_ci95_high"])
+    assert f"<td>{float(row['psnr']):.2f} ({low:.2f} to {high:.2f})</td>" in page
     assert "http://" not in page and "https://" not in page
     assert "<script" not in page and "<link" not in page
     assert all(source.startswith("data:image/png;base64,") for source in re.findall(r'src="([^"]*)"', page))
@@ -345,3 +349,16 @@ def test_evaluation_takes_the_data_a_run_was_trained_on_from_its_config(tmp_path
     given = load_config(None, ["enable_training=false", 'data.path="mine.tgz"'])
     assert vqvae_face_main.with_recorded_data(given, ["prior"], tmp_path / "out", nowhere).data.path == "mine.tgz"
     assert vqvae_face_main.with_recorded_data(evaluating, ["prior"], tmp_path / "new", nowhere).data.path is None
+
+
+def test_the_reconstruction_grid_has_no_row_for_a_prior():
+    """A prior's reconstructions are its VQ-VAE's: comparison.png shows them once."""
+    from vqvae_faces.evaluation import EvaluationResult
+
+    images = np.zeros((3, 8, 8, 1), np.uint8)
+    results = {
+        name: EvaluationResult(metrics, {}, np.full((3, 8, 8, 1), value, np.uint8))
+        for name, metrics, value in [("vq", {"model": "VQVAE"}, 1), ("pr", {"tokens_from": "vq"}, 1), ("vae", {}, 2)]
+    }
+    rows, labels = compare.reconstruction_rows(images, results, {})
+    assert labels == ["original", "vq", "vae"] and [row[0, 0, 0, 0] for row in rows] == [0, 1, 2]

@@ -294,12 +294,46 @@ def _embedded_png(path: Path) -> str:
     return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
 
 
+def html_table(table: pd.DataFrame) -> str:
+    """The comparison as report.html shows it: what a reader compares (size, PSNR with its interval, SSIM),
+    the setting last, in a page's width."""
+    shown = pd.DataFrame(
+        {
+            "method": table["method"],
+            "bits per face": table["bits_per_image"].map(lambda v: f"{v:,.0f}"),
+            "PSNR dB (95% interval)": [
+                f"{psnr:.2f} ({low:.2f} to {high:.2f})"
+                for psnr, low, high in zip(table["psnr"], table["psnr_ci95_low"], table["psnr_ci95_high"])
+            ],
+            "SSIM": table["ssim"].map(lambda v: f"{v:.3f}"),
+            "setting": table["setting"],
+        }
+    )
+    return shown.to_html(index=False, na_rep="")
+
+
+def reconstruction_rows(images: np.ndarray, results: dict[str, EvaluationResult], codecs: dict[str, CodecResult]):
+    """The rows of comparison.png and their labels: the originals, each model run's reconstructions (a prior's
+    are its VQ-VAE's, already shown, so priors have none) and each codec's decoded faces."""
+    count = min(PREVIEW_FACES, len(images))
+    rows, labels = [images[:count]], ["original"]
+    for name, result in results.items():
+        if not result.metrics.get("tokens_from"):
+            rows.append(result.reconstructions[:count])
+            labels.append(name)
+    for codec, result in codecs.items():
+        rows.append(result.decoded[:count])
+        labels.append(f"{codec} q{result.quality}")
+    return rows, labels
+
+
 def write_html(folder: Path, table: pd.DataFrame, run_images: dict[str, Path], dataset: str) -> Path:
     """report.html with every picture embedded as data: URIs (opens offline, no external references)."""
     sections = [
         "<h2>Comparison on the held-out test faces</h2>",
         f"<p>{html.escape(dataset)}</p>",
-        table.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep=""),
+        html_table(table),
+        "<p>Every column, the intervals' bounds and each run's extra figures: comparison.csv.</p>",
         "<h2>Rate-distortion</h2>",
         _embedded_png(folder / "rate_distortion.png"),
         "<h2>Reconstructions</h2>",
@@ -316,7 +350,8 @@ def write_html(folder: Path, table: pd.DataFrame, run_images: dict[str, Path], d
     page = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>vqvae-faces comparison</title>"
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
-        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;"
+        "vertical-align:top}td:last-child{font-size:12px;color:#555}"
         "img{max-width:100%}</style></head><body><h1>vqvae-faces comparison</h1>"
         + "\n".join(sections)
         + "</body></html>"
@@ -344,12 +379,7 @@ def write_comparison(
     curves = pd.concat([rate_distortion_curve(images, codec) for codec in CODECS])
     write_text_atomically(curves.to_csv(index=False), folder / "rate_distortion.csv")
     plot_rate_distortion(curves, table, folder / "rate_distortion.png")
-    count = min(PREVIEW_FACES, len(images))
-    rows = [images[:count]] + [r.reconstructions[:count] for r in results.values()]
-    labels = ["original"] + list(results)
-    for codec, result in codecs.items():
-        rows.append(result.decoded[:count])
-        labels.append(f"{codec} q{result.quality}")
+    rows, labels = reconstruction_rows(images, results, codecs)
     title = f"same test faces; codecs at the VQ-VAE budget of {budget:.0f} bits" if budget else "same test faces"
     visualize.save_image_grid(rows, labels, folder / "comparison.png", title=title)
     write_html(folder, table, run_images, dataset)
