@@ -71,6 +71,11 @@ def parse_args(argv):
     )
     parser.add_argument("--overwrite", action="store_true", help="let --encode/--decode replace existing files")
     parser.add_argument(
+        "--preview",
+        action="store_true",
+        help="--encode: also write <first file>.preview.png, the faces as sent (aligned crops) and as decoded",
+    )
+    parser.add_argument(
         "--models",
         default=None,
         metavar="DIR",
@@ -139,6 +144,8 @@ def run(args) -> int:
 
     config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     config = load_config(config_path, args.overrides + flag_overrides(args), args.runs)
+    if args.preview and not args.encode:
+        raise ConfigError("--preview shows what --encode sends: pass it with --encode PHOTO.")
     if args.into and not args.encode:
         raise ConfigError(f"--into {args.into} names the container --encode writes; to read one, pass it to --decode.")
     if args.encode or args.decode:
@@ -293,7 +300,7 @@ def run_codec(args, config) -> int:
             rate_lambda = config.runs[prior_run].codec.rate_lambda
             photos = [Path(p) for p in args.encode]
             into = Path(args.into) if args.into else None
-            codec_files.encode_photos(codec, photos, config, rate_lambda, to, args.overwrite, into)
+            codec_files.encode_photos(codec, photos, config, rate_lambda, to, args.overwrite, into, args.preview)
         if args.decode:
             codec_files.decode_files(codec, [Path(p) for p in args.decode], to, args.overwrite)
     return 0

@@ -164,5 +164,11 @@ def test_encode_refuses_a_faceless_photo_in_one_line_and_writes_nothing(tmp_path
     assert vqvae_face_main.main([*out, "--encode", str(tmp_path / "astronaut.png"), str(tmp_path / "wall.png")]) == 2
     assert caplog.records[-1].getMessage().startswith(f"{tmp_path / 'wall.png'}: no face found")
     assert not list(tmp_path.glob("*.vqf")) and "Traceback" not in caplog.text
-    assert vqvae_face_main.main([*out, "--encode", str(tmp_path / "astronaut.png")]) == 0
+    assert vqvae_face_main.main([*out, "--encode", str(tmp_path / "astronaut.png"), "--preview"]) == 0
     assert (tmp_path / "astronaut.vqf").is_file()
+    preview = np.asarray(Image.open(tmp_path / "astronaut.preview.png"))
+    assert preview.shape[0] > 100 and preview.std() > 20  # a figure of two faces, not a blank page
+    assert vqvae_face_main.main([*out, "--encode", str(tmp_path / "astronaut.png"), "--preview"]) == 2
+    assert "already exist: pass --overwrite" in caplog.records[-1].getMessage()
+    assert vqvae_face_main.main([*out, "--decode", str(tmp_path / "astronaut.vqf"), "--preview"]) == 2
+    assert caplog.records[-1].getMessage() == "--preview shows what --encode sends: pass it with --encode PHOTO."

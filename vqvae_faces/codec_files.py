@@ -29,6 +29,9 @@ from vqvae_faces.model_settings import load_model
 from vqvae_faces.run_folder import RunPaths, file_digest, run_lock
 from vqvae_faces.vqf_format import CONTAINER_MAGIC, MAX_CONTAINER_FACES, Fingerprints
 
+PREVIEW_FACES = 16  # faces shown by --preview
+PROGRESS_FROM = 10  # photos from which reading them shows a progress bar (finding faces takes a while)
+
 log = logging.getLogger("vqvae_faces.codec")
 
 # The largest .vqf or .vqfs file read: a .vqf is a few hundred bytes, a container of the most faces it may
@@ -113,15 +116,48 @@ def encode_photos(
     to=None,
     overwrite=False,
     into: Optional[Path] = None,
+    preview: bool = False,
 ) -> list[Path]:
     """Write `<photo stem>.vqf` for each photo, or with `into` one `.vqfs` container of them all
-    (in the order given); returns the files written."""
+    (in the order given); with `preview`, also `<first file's stem>.preview.png`: the faces as sent (the
+    aligned crops) above the faces the files decode to. Returns the files written."""
     if into is not None and len(photos) > MAX_CONTAINER_FACES:
         raise DataError(f"{len(photos)} photos: a .vqfs container holds at most {MAX_CONTAINER_FACES} faces.")
     targets = [into] if into is not None else [(to or path.parent) / (path.stem + ".vqf") for path in photos]
-    _check_targets(photos[: len(targets)], targets, overwrite)
-    settings, channels = photo_settings(codec, config)
+    preview_path = targets[0].with_name(targets[0].stem + ".preview.png") if preview else None
+    _check_targets(photos[: len(targets)] + [photos[0]] * preview, targets + [preview_path] * preview, overwrite)
+    faces = _read_photos(photos, config, *photo_settings(codec, config))
+    for folder in {target.parent for target in targets}:
+        folder.mkdir(parents=True, exist_ok=True)
+    bar = keras.utils.Progbar(len(photos), unit_name="photo")
+    if into is not None:
+        encoded = codec.encode(np.stack(faces), rate_lambda, on_group=bar.add, files=False)
+        write_atomically(into, lambda tmp: tmp.write_bytes(encoded.container))
+        log.info("wrote %s: %d faces, %.0f bits per face", into, len(faces), 8 * len(encoded.container) / len(faces))
+        grids = encoded.grids
+    else:
+        sizes, grids = [], []
+        for start in range(0, len(photos), CODEC_BATCH):
+            encoded = codec.encode(np.stack(faces[start : start + CODEC_BATCH]), rate_lambda, container=False)
+            for data, target in zip(encoded.files, targets[start : start + CODEC_BATCH]):
+                write_atomically(target, lambda tmp, data=data: tmp.write_bytes(data))
+                sizes.append(len(data))
+            grids.append(encoded.grids)
+            bar.add(len(encoded.files))
+        average = np.mean(sizes)
+        log.info("wrote %d .vqf files, %.0f bytes on average (%.0f bits)", len(sizes), average, 8 * average)
+        grids = np.concatenate(grids)
+    if preview:
+        _write_preview(codec, faces[:PREVIEW_FACES], grids[:PREVIEW_FACES], len(photos), preview_path)
+        targets = targets + [preview_path]
+    return targets
+
+
+def _read_photos(photos: list[Path], config: ExperimentConfig, settings: DataConfig, channels: int) -> list[np.ndarray]:
+    """Each photo as the face the codec sends (`lfw_files.decode_photo`), its notes logged; a `DataError`
+    naming the first photo that is unusable, before anything is written."""
     detector = DetectorOnDemand()
+    bar = keras.utils.Progbar(len(photos), unit_name="photo read") if len(photos) >= PROGRESS_FROM else None
     faces = []
     for photo in photos:
         try:
@@ -131,23 +167,23 @@ def encode_photos(
         for note in notes:
             log.warning("%s: %s", photo, note)
         faces.append(face)
-    for folder in {target.parent for target in targets}:
-        folder.mkdir(parents=True, exist_ok=True)
-    bar = keras.utils.Progbar(len(photos), unit_name="photo")
-    if into is not None:
-        container = codec.encode(np.stack(faces), rate_lambda, on_group=bar.add, files=False).container
-        write_atomically(into, lambda tmp: tmp.write_bytes(container))
-        log.info("wrote %s: %d faces, %.0f bits per face", into, len(faces), 8 * len(container) / len(faces))
-        return targets
-    sizes = []
-    for start in range(0, len(photos), CODEC_BATCH):
-        files = codec.encode(np.stack(faces[start : start + CODEC_BATCH]), rate_lambda, container=False).files
-        for data, target in zip(files, targets[start : start + CODEC_BATCH]):
-            write_atomically(target, lambda tmp, data=data: tmp.write_bytes(data))
-            sizes.append(len(data))
-        bar.add(len(files))
-    log.info("wrote %d .vqf files, %.0f bytes on average (%.0f bits)", len(sizes), np.mean(sizes), 8 * np.mean(sizes))
-    return targets
+        if bar is not None:
+            bar.add(1)
+    return faces
+
+
+def _write_preview(codec: FaceCodec, faces: list[np.ndarray], grids: np.ndarray, total: int, path: Path) -> None:
+    """The faces as sent above the faces their files decode to (the first `PREVIEW_FACES`)."""
+    from vqvae_faces.visualize import save_image_grid
+
+    decoded = codec.pixels(grids)
+    shown = (
+        f"the first {len(faces)} of {total} photos"
+        if total > len(faces)
+        else f"{total} photo(s)".replace("(s)", "s" if total > 1 else "")
+    )
+    save_image_grid([np.stack(faces), decoded], ["sent", "decoded"], path, title=shown)
+    log.info("wrote %s: the faces as sent and as the files decode", path)
 
 
 def decode_files(codec: FaceCodec, files: list[Path], to=None, overwrite=False) -> list[Path]:
