@@ -177,11 +177,8 @@ def _write_preview(codec: FaceCodec, faces: list[np.ndarray], grids: np.ndarray,
     from vqvae_faces.visualize import save_image_grid
 
     decoded = codec.pixels(grids)
-    shown = (
-        f"the first {len(faces)} of {total} photos"
-        if total > len(faces)
-        else f"{total} photo(s)".replace("(s)", "s" if total > 1 else "")
-    )
+    plural = "s" if total > 1 else ""
+    shown = f"the first {len(faces)} of {total} photos" if total > len(faces) else f"{total} photo{plural}"
     save_image_grid([np.stack(faces), decoded], ["sent", "decoded"], path, title=shown)
     log.info("wrote %s: the faces as sent and as the files decode", path)
 
