@@ -153,6 +153,8 @@ def run(args) -> int:
     search_dirs = [SCRIPT_DIR, Path.cwd()]
     run_names = selected_runs(args, config)
     out = Path(args.out)
+    if args.sample is not None and sample_from_other_models(args, config, run_names, out):
+        return 0
     config = with_recorded_data(config, run_names, out, search_dirs)
     # Path mistakes are reported here, before TensorFlow is loaded.
     lfw_files.resolve_source(config.data.path, search_dirs)
@@ -178,6 +180,30 @@ def run(args) -> int:
     if args.compare and results:
         compare_runs(results, test_names, test_faces.images, test_faces.description, out, config)
     return 0
+
+
+def sample_from_other_models(args, config, run_names: list[str], out: Path) -> bool:
+    """--sample with the prior runs of --models, or of the ready-made models when --out holds none trained:
+    samples.png and samples.npz under --out's images_saved/<run>/ (no nearest_training_faces.png, as their
+    training faces are not here). False when --out's own runs are the ones to sample."""
+    from vqvae_faces import prior_evaluation, ready_made
+    from vqvae_faces.model_settings import load_model
+    from vqvae_faces.run_folder import RunPaths
+
+    chosen = {}
+    for run_name in run_names:
+        runs = [run_name, config.runs[run_name].tokens_from]
+        folder, _ = ready_made.models_folder(out, runs, args.models)
+        if folder == out:
+            return False
+        chosen[run_name] = folder
+    for run_name, folder in chosen.items():
+        run = config.runs[run_name]
+        prior = load_model(RunPaths.for_run(folder, run_name).trained_model())
+        vqvae = load_model(RunPaths.for_run(folder, run.tokens_from).trained_model())
+        paths = RunPaths.for_run(out, run_name)
+        prior_evaluation.write_samples(run_name, prior, vqvae, args.sample, run.sampling, config.seed, None, paths)
+    return True
 
 
 def with_recorded_data(config, run_names: list[str], out: Path, search_dirs: list[Path]):

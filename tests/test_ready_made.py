@@ -59,3 +59,16 @@ def test_models_that_hold_no_trained_runs_are_refused_in_one_line(tmp_path, capl
     message = caplog.records[-1].getMessage()
     assert message.startswith(f"--models {tmp_path / 'none'} holds no trained runs") and "Traceback" not in caplog.text
     assert not (tmp_path / "me.vqf").exists()
+
+
+def test_a_fresh_out_samples_faces_from_the_ready_made_prior(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "empty"
+    assert vqvae_face_main.main(["--out", str(out), "--sample", "2"]) == 0
+    assert f"using the ready-made models in {READY_MADE}" in caplog.text
+    folder = out / "images_saved" / "prior"
+    with np.load(folder / "samples.npz", allow_pickle=False) as samples:
+        tokens = samples["tokens"]
+    assert tokens.shape == (2, 16, 16) and 0 <= tokens.min() and tokens.max() < 512 and len(np.unique(tokens)) > 20
+    assert (folder / "samples.png").is_file() and not (folder / "nearest_training_faces.png").exists()
+    assert not (out / "checkpoints").exists()  # nothing trained, nothing cached

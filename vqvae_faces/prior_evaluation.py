@@ -78,10 +78,11 @@ def write_samples(
     count: int,
     settings: SamplingConfig,
     seed: int,
-    training_images: np.ndarray,
+    training_images: Optional[np.ndarray],
     paths: RunPaths,
 ) -> dict:
-    """`--sample N`: samples.png, samples.npz and nearest_training_faces.png in `paths.images`.
+    """`--sample N`: samples.png, samples.npz and (given the training images) nearest_training_faces.png in
+    `paths.images`.
 
     Returns what was written and the sampling speed.
     """
@@ -97,7 +98,9 @@ def write_samples(
         batch_size=np.int64(settings.batch_size),
     )
     save_sample_grid(images, paths.images / "samples.png", f"{run_name}: {describe_sampling(settings, seed)}")
-    save_nearest_training_faces(images[:NEAREST_PAIRS], training_images, paths.images / "nearest_training_faces.png")
+    if training_images is not None:
+        nearest = paths.images / "nearest_training_faces.png"
+        save_nearest_training_faces(images[:NEAREST_PAIRS], training_images, nearest)
     speed = count / seconds if seconds > 0 else None
     log.info("run %s: %d samples in %s (%.1f faces/s)", run_name, count, paths.images, speed or math.nan)
     return {"samples": count, "faces_per_second": speed, "folder": str(paths.images)}
