@@ -210,10 +210,11 @@ def with_recorded_data(config, run_names: list[str], out: Path, search_dirs: lis
     """`config`, its `data.path` taken from the runs' config.json when it evaluates trained runs (no training)
     and names no data, and no LFW folder lies in `search_dirs`: a run's own data need not be given again."""
     from vqvae_faces import lfw_files
-    from vqvae_faces.run_folder import recorded_data_path
 
     if config.enable_training or config.data.path is not None or lfw_files.resolve_source(None, search_dirs):
         return config
+    from vqvae_faces.run_folder import recorded_data_path  # loads Keras: after the cheap checks
+
     recorded = recorded_data_path(out, run_names)
     if recorded is None:
         return config
