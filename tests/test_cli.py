@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 
 import keras
@@ -362,3 +363,24 @@ def test_the_reconstruction_grid_has_no_row_for_a_prior():
     }
     rows, labels = compare.reconstruction_rows(images, results, {})
     assert labels == ["original", "vq", "vae"] and [row[0, 0, 0, 0] for row in rows] == [0, 1, 2]
+
+
+def test_a_flat_zip_of_photos_trains_and_evaluates_with_the_same_command(tmp_path, caplog):
+    """Training on a flat archive (no identities: one per file) end to end: the split is by file, saved with the
+    names as given, and the run evaluates on its test files."""
+    from conftest import face_image
+
+    with zipfile.ZipFile(tmp_path / "photos.zip", "w") as archive:
+        for index in range(30):
+            picture = io.BytesIO()
+            Image.fromarray(face_image(index)).save(picture, format="JPEG", quality=90)
+            archive.writestr(f"my_photos/{index:06d}.jpg", picture.getvalue())
+    overrides = [item for setting in TINY_RUN for item in ("--set", setting)]
+    args = ["--out", str(tmp_path / "out"), "--data", str(tmp_path / "photos.zip"), "--run", "vqvae", *overrides]
+    assert vqvae_face_main.main(args) == 0
+    assert "identities unknown (one folder of images)" in caplog.text
+    split = json.loads((tmp_path / "out" / "checkpoints" / "vqvae" / "split.json").read_text())
+    names = split["train"] + split["val"] + split["test"]
+    assert sorted(names) == [f"my_photos/{index:06d}.jpg" for index in range(30)] and split["test"]
+    metrics = json.loads((tmp_path / "out" / "images_saved" / "vqvae" / "metrics.json").read_text())
+    assert metrics["num_test_images"] == len(split["test"]) and "one identity per file" in metrics["dataset"]
