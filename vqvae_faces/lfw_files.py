@@ -26,6 +26,7 @@ import os
 import posixpath
 import stat
 import tarfile
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar", ".zip")
 # Naming them keeps every other decoder (EPS through Ghostscript, TIFF, ...) unreachable.
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
 DECODES_IN_FLIGHT_PER_WORKER = 4
+PROGRESS_EVERY = 5000  # images between progress lines while a source is decoded (the detector takes a while)
 UNSAFE_MEMBER = "unsafe archive member (link, absolute path, '..' or encrypted)"
 # <wrapper>/<person>/<image>: a file deeper than this is skipped.
 MAX_DEPTH = 3
@@ -350,6 +352,8 @@ def _decode_all(members: Iterator[tuple[str, bytes]], settings: DataConfig, skip
     detector = DetectorOnDemand()
     pending: collections.deque = collections.deque()
 
+    started, done = time.monotonic(), [0]
+
     def collect_oldest():
         name, future = pending.popleft()
         result = future.result()
@@ -358,6 +362,9 @@ def _decode_all(members: Iterator[tuple[str, bytes]], settings: DataConfig, skip
         else:
             names.append(name)
             faces.append(result)
+        done[0] += 1
+        if done[0] % PROGRESS_EVERY == 0:
+            log.info("%d images read (%.0f per second)", done[0], done[0] / (time.monotonic() - started))
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         for name, data in members:
