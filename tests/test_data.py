@@ -53,7 +53,7 @@ def test_crop_resize_scale_on_a_known_image(tmp_path):
     np.testing.assert_allclose(scaled[0, 0, 0], np.array([200, 100, 40]) / 255.0, rtol=1e-6)
 
 
-def test_grayscale_stays_one_channel_and_cmyk_becomes_rgb():
+def test_grayscale_stays_one_channel_and_cmyk_becomes_rgb_and_transparency_lies_on_white():
     gray, cmyk = io.BytesIO(), io.BytesIO()
     Image.new("L", (250, 250), 90).save(gray, format="JPEG")
     Image.new("CMYK", (250, 250), (0, 0, 0, 0)).save(cmyk, format="JPEG")
@@ -61,6 +61,12 @@ def test_grayscale_stays_one_channel_and_cmyk_becomes_rgb():
     assert grey_face.shape == (16, 16, 1) and np.abs(grey_face.astype(int) - 90).max() <= 1  # JPEG rounding
     cmyk_face = lfw_files.decode_face(cmyk.getvalue(), settings(image_size=16))
     assert cmyk_face.shape == (16, 16, 3) and cmyk_face.min() >= 254, "no ink is white"
+    see_through = np.zeros((250, 250, 2), np.uint8)
+    see_through[..., 0], see_through[:, :125, 1] = 100, 255  # grey 100, the right half transparent
+    with_alpha = io.BytesIO()
+    Image.fromarray(see_through, mode="LA").save(with_alpha, format="PNG")
+    alpha_face = lfw_files.decode_face(with_alpha.getvalue(), settings(image_size=16))
+    assert alpha_face.shape == (16, 16, 1) and alpha_face[8, 2, 0] == 100 and alpha_face[8, 13, 0] == 255  # on white
 
 
 ONLY = {name: 0 for name in ("brightness", "contrast", "sharpness", "saturation", "rotation_degrees")}

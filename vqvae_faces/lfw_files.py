@@ -271,10 +271,11 @@ def _open_picture(data: bytes, settings: DataConfig) -> Image.Image:
                 raise DataError(f"larger than max_image_pixels={settings.max_image_pixels}")
             image.load()
             picture = ImageOps.exif_transpose(image)
+            mode = "L" if picture.mode in ("L", "1", "I;16", "I", "LA") else "RGB"
             if picture.mode in ("RGBA", "LA", "PA") or (picture.mode == "P" and "transparency" in picture.info):
                 rgba = picture.convert("RGBA")
                 picture = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-            return picture.convert("L" if picture.mode in ("L", "1", "I;16", "I", "LA") else "RGB")
+            return picture.convert(mode)
     except (UnidentifiedImageError, Image.DecompressionBombError):
         raise DataError("not a readable image") from None
     except DataError:
