@@ -1,9 +1,9 @@
-"""LFW faces as files: reading, decoding, cropping, caching, and the identity-disjoint split.
+"""Face photos as files: reading, decoding, cropping (or aligning), caching, and the identity-disjoint split.
 
 Sources, in order of preference:
-  * `data.path` / `--data`: an LFW-layout folder (`<root>/<Person_Name>/<Person_Name>_0001.jpg`,
-    optionally one level down, e.g. `lfw-deepfunneled/`) or the `.tgz` archive itself,
-    read member by member without extracting anything to disk;
+  * `data.path` / `--data`: a folder or a `.tgz`/`.zip` archive (read member by member without extracting
+    anything to disk) in LFW's layout (`<root>/<Person_Name>/<Person_Name>_0001.jpg`, optionally one level
+    down), or flat (images in one folder: one identity per file), or named in a CSV (`data.identities`);
   * a `lfw-deepfunneled` folder or `lfw-deepfunneled.tgz` beside the script or in the
     current folder;
   * the 100 real LFW face crops bundled with scikit-image (`skimage.data.lfw_subset()`,
