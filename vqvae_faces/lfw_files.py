@@ -11,7 +11,7 @@ Sources, in order of preference:
 
 Decoded images are kept as uint8 (N, S, S, C) arrays and cached as `.npz`; the
 scaling to [0, 1] float32 and the augmentation happen on the fly in `pipeline`.
-No TensorFlow is imported here.
+TensorFlow is imported only when an image needs the face detector (`face_alignment`).
 """
 
 from __future__ import annotations
