@@ -264,6 +264,13 @@ class VectorQuantizerEMA(layers.Layer):
             are scaled to norm 1 before the lookup and every code is kept at norm
             1, so the nearest code is the one of highest cosine similarity and
             code lengths cannot drift apart.
+        rate_lambda: entropy-constrained assignment (Chou, Lookabaugh and Gray
+            1989) in training and encoding alike: each vector takes the code k
+            minimising |z - e_k|^2 + rate_lambda * u * l_k, with l_k = -log2 of
+            the code's share of the EMA counts (its length under the codebook's
+            own usage) and u the EMA of the mean squared distance to the chosen
+            code, so rate_lambda is in bits per unit of the usual quantization
+            error. 0: the nearest code.
 
     Input shape: (..., D) float. Call returns a dict:
         quantized (..., D): straight-through quantized vectors;
@@ -275,7 +282,8 @@ class VectorQuantizerEMA(layers.Layer):
     Non-trainable weights: embeddings (K, D), ema_cluster_size (K,),
     ema_embedding_sum (K, D), commitment_cost (), initialized (),
     latent_sample (K, D) (a random sample of the last training batch's inputs,
-    where `revive_dead_codes` takes new codes from).
+    where `revive_dead_codes` takes new codes from); with rate_lambda > 0 also
+    rate_unit () (u above; 0 until the first training batch).
     """
 
     CHUNK_ROWS = 512
@@ -289,11 +297,14 @@ class VectorQuantizerEMA(layers.Layer):
         epsilon=1e-5,
         codebook_init="data",
         l2_normalize=False,
+        rate_lambda=0.0,
         seed=None,
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
+        if rate_lambda < 0:
+            raise ValueError(f"rate_lambda must be >= 0, received rate_lambda={rate_lambda}")
         if num_embeddings < 2:
             raise ValueError(f"num_embeddings must be >= 2, received num_embeddings={num_embeddings}")
         if not 0.0 <= decay < 1.0:
@@ -307,6 +318,7 @@ class VectorQuantizerEMA(layers.Layer):
         self.epsilon = epsilon
         self.codebook_init = codebook_init
         self.l2_normalize = l2_normalize
+        self.rate_lambda = rate_lambda
         self.seed = seed
         self.random_stream = RandomStream(seed, name="random_stream")
 
@@ -333,10 +345,13 @@ class VectorQuantizerEMA(layers.Layer):
         self.commitment_cost = state("commitment_cost", (), keras.initializers.Constant(self.initial_commitment_cost))
         self.initialized = state("initialized", (), "zeros")
         self.latent_sample = state("latent_sample", (k, d), "zeros")
+        if self.rate_lambda > 0:  # only then: checkpoints of nearest-code quantizers keep their weights
+            self.rate_unit = state("rate_unit", (), "zeros")
         self.random_stream.build()
 
     def nearest_codes(self, flat):
-        """Index (N,) int32 of the nearest code, by squared Euclidean distance, for flat inputs (N, D).
+        """Index (N,) int32 of the nearest code, by squared Euclidean distance, for flat inputs (N, D)
+        (with rate_lambda, plus rate_lambda * rate_unit * code length).
 
         argmin_k |z - e_k|^2 = argmin_k (|e_k|^2 - 2 z.e_k): one matmul against the
         codebook with the code norms computed once per call. Rows are processed in
@@ -349,6 +364,8 @@ class VectorQuantizerEMA(layers.Layer):
         padded = tf.pad(flat, [[0, (-count) % rows], [0, 0]])
         chunks = ops.reshape(padded, (-1, rows, self.embedding_dim))
         code_norms = ops.sum(ops.square(self.embeddings), axis=1)
+        if self.rate_lambda > 0:
+            code_norms = code_norms + self.rate_lambda * self.rate_unit * self.code_lengths()
         codebook = ops.convert_to_tensor(self.embeddings)
 
         def nearest(chunk):
@@ -358,6 +375,11 @@ class VectorQuantizerEMA(layers.Layer):
         parallel = None if tf.executing_eagerly() else 2
         indices = tf.map_fn(nearest, chunks, fn_output_signature=tf.int32, parallel_iterations=parallel)
         return ops.reshape(indices, (-1,))[:count]
+
+    def code_lengths(self):
+        """-log2 of each code's share of the (Laplace-smoothed) EMA counts: (K,) float32 bits."""
+        counts = ops.convert_to_tensor(self.ema_cluster_size) + self.epsilon
+        return -ops.log(counts / ops.sum(counts)) / np.log(2.0)
 
     def _as_code_space(self, vectors):
         """float32 (..., D) vectors as the codebook sees them: unit length when l2_normalize."""
@@ -391,6 +413,8 @@ class VectorQuantizerEMA(layers.Layer):
         quantized = ops.reshape(ops.take(self.embeddings, flat_indices, axis=0), ops.shape(inputs))
         counts = tf.math.unsorted_segment_sum(tf.ones_like(flat_indices, tf.float32), flat_indices, self.num_embeddings)
         if training:
+            if self.rate_lambda > 0:
+                self._update_rate_unit(flat, quantized)
             self._ema_update(flat, flat_indices, counts)
             self.latent_sample.assign(sample)
         commitment_loss = self.commitment_cost * ops.mean(ops.square(inputs - ops.stop_gradient(quantized)))
@@ -438,6 +462,17 @@ class VectorQuantizerEMA(layers.Layer):
         rows = ops.shape(flat)[0]
         order = tf.argsort(tf.random.stateless_uniform([rows], seed=self.random_stream.next()))
         return ops.take(flat, ops.take(order, ops.arange(count) % rows), axis=0)
+
+    def _update_rate_unit(self, flat, quantized):
+        """rate_unit := EMA (`decay`) of the mean squared distance to the chosen codes, over all replicas;
+        the first batch sets it."""
+        chosen = ops.reshape(quantized, (-1, self.embedding_dim))
+        total = all_reduce_sum(ops.sum(ops.square(flat - chosen)))
+        count = all_reduce_sum(ops.cast(ops.shape(flat)[0], "float32"))
+        batch_mean = total / count
+        started = ops.cast(self.rate_unit > 0, "float32")
+        blend = started * self.decay
+        self.rate_unit.assign(blend * self.rate_unit + (1.0 - blend) * batch_mean)
 
     def _ema_update(self, flat, flat_indices, counts):
         dw = tf.math.unsorted_segment_sum(flat, flat_indices, self.num_embeddings)
@@ -524,6 +559,7 @@ class VectorQuantizerEMA(layers.Layer):
             "epsilon": self.epsilon,
             "codebook_init": self.codebook_init,
             "l2_normalize": self.l2_normalize,
+            "rate_lambda": self.rate_lambda,
             "seed": self.seed,
         }
 
@@ -701,14 +737,15 @@ class VQVAE(ReconstructionModel):
 
     Args:
         embedding_dim, num_embeddings, commitment_cost, decay, epsilon,
-        codebook_init, l2_normalize: see `VectorQuantizerEMA`.
+        codebook_init, l2_normalize, rate_lambda: see `VectorQuantizerEMA`.
         **trunk: the `ReconstructionModel` trunk arguments (image_channels,
             encoder_filters, decoder_filters, num_residual_blocks,
             residual_hidden_channels, decoder_residual_blocks, activation, output_activation,
             reconstruction_loss, data_variance, seed).
 
     Input shape: (B, H, W, C) in [0, 1]. Output: reconstructions of the same shape.
-    Tokens: `encode_to_tokens` gives (B, h, w) int32 (the nearest codes), and `decode_tokens`
+    Tokens: `encode_to_tokens` gives (B, h, w) int32 (the nearest codes; with rate_lambda, the
+    entropy-constrained ones the decoder was trained on), and `decode_tokens`
     inverts them (and the tokens `token_search.search_tokens` picks).
     """
 
@@ -723,6 +760,7 @@ class VQVAE(ReconstructionModel):
         epsilon=1e-5,
         codebook_init="data",
         l2_normalize=False,
+        rate_lambda=0.0,
         **trunk,
     ):
         super().__init__(latent_channels=embedding_dim, **trunk)
@@ -734,6 +772,7 @@ class VQVAE(ReconstructionModel):
             epsilon=epsilon,
             codebook_init=codebook_init,
             l2_normalize=l2_normalize,
+            rate_lambda=rate_lambda,
         )
         self.quantizer = VectorQuantizerEMA(
             num_embeddings,
@@ -743,6 +782,7 @@ class VQVAE(ReconstructionModel):
             epsilon,
             codebook_init,
             l2_normalize,
+            rate_lambda,
             seed=self.trunk_config["seed"],
             name="quantizer",
         )
@@ -764,7 +804,7 @@ class VQVAE(ReconstructionModel):
         }
 
     def encode_to_tokens(self, images):
-        """(B, H, W, C) images -> (B, h, w) int32 code indices."""
+        """(B, H, W, C) images -> (B, h, w) int32 code indices (the quantizer's assignment)."""
         return self.quantizer.encode_indices(self.encoder(images))
 
     def decode_tokens(self, tokens):

@@ -205,3 +205,47 @@ def test_nearest_codes_over_several_chunks_match_numpy(mode, rows):
     differ = found != expected
     assert differ.mean() < 0.002
     np.testing.assert_allclose(distances[differ, found[differ]], distances[differ, expected[differ]], rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_entropy_constrained_assignment_by_hand_and_over_steps(mode):
+    """rate_lambda > 0: argmin |z - e_k|^2 + rate_lambda * u * (-log2 share of code k), u the EMA of the mean
+    squared distance to the chosen codes (the first batch sets it), against NumPy over three training steps."""
+    layer = VectorQuantizerEMA(3, 2, decay=0.5, epsilon=0.0, codebook_init="uniform", rate_lambda=1.0)
+    layer.build((None, 2))
+    layer.embeddings.assign(CODEBOOK)
+    layer.ema_embedding_sum.assign(CODEBOOK)
+    layer.ema_cluster_size.assign([6.0, 1.0, 1.0])  # shares 3/4, 1/8, 1/8: 0.415, 3 and 3 bits
+    layer.rate_unit.assign(0.1)
+    # (0.6, 0.1): 0.37 + 0.0415 for code 0 against 0.17 + 0.3 for code 1, so code 0 (the nearest is 1);
+    # (0.9, -0.2): 0.85 + 0.0415 against 0.05 + 0.3: code 1 still
+    found = layer.encode_indices(tf.constant([[0.6, 0.1], [0.9, -0.2]], tf.float32)).numpy()
+    np.testing.assert_array_equal(found, [0, 1])
+    rng = np.random.default_rng(1)
+    step = (lambda x: layer(x, training=True)) if mode == "eager" else tf.function(lambda x: layer(x, training=True))
+    cluster, sums, unit = np.array([6.0, 1.0, 1.0]), CODEBOOK.astype(np.float64), 0.1
+    for _ in range(3):
+        flat = rng.normal(0.5, 0.8, size=(12, 2)).astype(np.float32)
+        codes = layer.embeddings.numpy().astype(np.float64)
+        lengths = -np.log2(cluster / cluster.sum())
+        costs = ((flat[:, None, :] - codes[None]) ** 2).sum(-1) + 1.0 * unit * lengths
+        indices = costs.argmin(1)
+        out = step(tf.constant(flat))
+        np.testing.assert_array_equal(out["indices"].numpy(), indices)
+        unit = 0.5 * unit + 0.5 * ((flat - codes[indices]) ** 2).sum(-1).mean()
+        cluster, sums, _ = numpy_ema_oracle(codes, cluster, sums, flat, indices, 0.5, 0.0)
+        np.testing.assert_allclose(layer.rate_unit.numpy(), unit, rtol=1e-5)
+        np.testing.assert_allclose(layer.ema_cluster_size.numpy(), cluster, rtol=1e-5)
+
+
+def test_the_rate_term_is_off_by_default_and_its_state_exists_only_with_it():
+    plain, rated = VectorQuantizerEMA(8, 4), VectorQuantizerEMA(8, 4, codebook_init="uniform", rate_lambda=0.5)
+    plain.build((None, 4))
+    rated.build((None, 4))
+    assert len(rated.non_trainable_weights) == len(plain.non_trainable_weights) + 1 and not hasattr(plain, "rate_unit")
+    assert VectorQuantizerEMA.from_config(rated.get_config()).rate_lambda == 0.5
+    unit = rated.rate_unit.numpy()
+    rated(tf.random.normal((4, 4)), training=True)
+    assert unit == 0 and rated.rate_unit.numpy() > 0  # the first batch sets it
+    with pytest.raises(ValueError, match="rate_lambda=-1"):
+        VectorQuantizerEMA(8, 4, rate_lambda=-1)

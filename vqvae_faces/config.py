@@ -366,6 +366,9 @@ class VQVAEConfig(AutoencoderConfig):
     epsilon: float = 1e-5
     codebook_init: Literal["data", "uniform"] = "data"
     l2_normalize: bool = False
+    # > 0: entropy-constrained assignment in training (VectorQuantizerEMA); the annealing is then off, as
+    # the rate term, not an evenness target, decides how often each code is used.
+    rate_lambda: float = 0.0
     token_search_steps: int = 50
     token_search_step_size: float = 1.5e-3
     annealing: AnnealingConfig = field(default_factory=AnnealingConfig)
@@ -378,6 +381,7 @@ class VQVAEConfig(AutoencoderConfig):
         _check_range(path, "commitment_cost", self.commitment_cost, 0.0, 100.0)
         _check_range(path, "decay", self.decay, 0.0, 0.99999)
         _check_range(path, "epsilon", self.epsilon, 1e-12, 1.0)
+        _check_range(path, "rate_lambda", self.rate_lambda, 0.0, 100.0)
         _check_range(path, "token_search_steps", self.token_search_steps, 0, 100000)
         _check_range(path, "token_search_step_size", self.token_search_step_size, 1e-9, 1.0)
         self.annealing.validate(f"{path}.annealing")

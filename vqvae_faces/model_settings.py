@@ -28,6 +28,9 @@ from vqvae_faces.token_prior import CausalTransformer, GatedPixelCNN
 # dropout (set anew on resuming). Every other argument is architecture or training objective and
 # must match (see `model_mismatches`).
 RESUMABLE_MODEL_ARGUMENTS = frozenset({"commitment_cost", "decay", "epsilon", "codebook_init", "seed", "dropout"})
+# Constructor arguments added after models were saved without them, with the value that gives what those
+# models did: a checkpoint that does not record one was trained with it.
+ADDED_ARGUMENTS = {"rate_lambda": 0.0}
 MODEL_CLASSES = {"vqvae": VQVAE, "vae": VAE}
 # Weights AdamW leaves undecayed, by name: biases and layer normalisation's scale and offset.
 NOT_DECAYED = ["bias", "gamma", "beta"]
@@ -140,7 +143,8 @@ def model_mismatches(saved: dict, run: RunConfig) -> list[str]:
 
     Arguments in `RESUMABLE_MODEL_ARGUMENTS` may differ. An argument the saved
     model does not record (it was saved before the argument existed) is a
-    difference too: what it was trained with is unknown.
+    difference too, what it was trained with being unknown, unless
+    `ADDED_ARGUMENTS` gives the value it had.
     """
     wanted_class = model_class(run)
     if saved["class_name"] != wanted_class.__name__:
@@ -152,10 +156,10 @@ def model_mismatches(saved: dict, run: RunConfig) -> list[str]:
     for key, wanted in model_arguments(run, channels=0, data_variance=None, seed=0).items():
         if key in ignored:
             continue
-        if key not in saved["config"]:
+        if key not in saved["config"] and key not in ADDED_ARGUMENTS:
             mismatches.append(f"{key}: not recorded in the checkpoint (saved by an older version)")
             continue
-        found = saved["config"][key]
+        found = saved["config"].get(key, ADDED_ARGUMENTS.get(key))
         if key == "data_variance":
             key, found, wanted = "normalize_by_variance", found is not None, run.normalize_by_variance
         if isinstance(found, tuple):

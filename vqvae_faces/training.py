@@ -155,7 +155,9 @@ def policy_callbacks(model, run: RunConfig, clock: TrainingClock, learning_rate:
                 model.quantizer, r.threshold, r.max_revivals_per_batch, r.every_n_batches, r.noise, r.source, seed
             )
         )
-    if isinstance(model, VQVAE) and run.annealing.enabled:
+    if isinstance(model, VQVAE) and run.annealing.enabled and run.rate_lambda > 0:
+        log.info("annealing off: with rate_lambda=%g the rate term decides how evenly codes are used", run.rate_lambda)
+    elif isinstance(model, VQVAE) and run.annealing.enabled:
         a = run.annealing
         callbacks.append(
             CommitmentAnnealing(model.quantizer, a.target_low, a.target_high, a.factor, a.decay, a.min_cost, a.max_cost)
