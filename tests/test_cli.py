@@ -384,3 +384,18 @@ def test_a_flat_zip_of_photos_trains_and_evaluates_with_the_same_command(tmp_pat
     assert sorted(names) == [f"my_photos/{index:06d}.jpg" for index in range(30)] and split["test"]
     metrics = json.loads((tmp_path / "out" / "images_saved" / "vqvae" / "metrics.json").read_text())
     assert metrics["num_test_images"] == len(split["test"]) and "one identity per file" in metrics["dataset"]
+
+
+def test_a_rate_aware_vqvae_trains_without_annealing_and_evaluates(tmp_path, caplog):
+    """`rate_lambda` reaches the quantizer, is kept in the checkpoint (so --eval accepts the run and a run of
+    another rate_lambda is refused), and turns the evenness annealing off."""
+    caplog.set_level(logging.INFO)
+    overrides = [item for setting in [*TINY_RUN, "rate_lambda=0.5"] for item in ("--set", setting)]
+    args = ["--out", str(tmp_path), "--data", "bundled", "--run", "vqvae", *overrides]
+    assert vqvae_face_main.main(args) == 0
+    assert "annealing off: with rate_lambda=0.5" in caplog.text
+    model = keras.saving.load_model(tmp_path / "checkpoints" / "vqvae" / "best.keras", safe_mode=True)
+    assert model.quantizer.rate_lambda == 0.5 and model.quantizer.rate_unit.numpy() > 0
+    assert vqvae_face_main.main([*args, "--eval"]) == 0
+    assert vqvae_face_main.main([*args, "--eval", "--set", "rate_lambda=0"]) == 2
+    assert "rate_lambda: checkpoint 0.5, config 0" in caplog.records[-1].getMessage()
