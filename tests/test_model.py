@@ -427,3 +427,17 @@ def test_weight_decay_shrinks_weight_matrices_spares_biases_and_norms_and_surviv
         assert 0 < sum(spared) < len(variables)
         for variable, old, kept in zip(variables, before, spared):
             np.testing.assert_allclose(variable.numpy(), old if kept else old * (1 - 0.1 * 0.5), rtol=1e-6)
+
+
+def test_compiled_functions_of_many_models_do_not_warn_of_retracing(caplog):
+    """Each model's compiled function traces once; TensorFlow must not count them as one function retracing
+    (its "excessive number of tracings" warning, printed to users at every evaluation before)."""
+    from vqvae_faces.compiled import compiled
+
+    def scaled(model, x, scale):
+        return x * scale
+
+    for index in range(7):
+        model = keras.Sequential()  # any object the functions are kept beside
+        compiled(model, scaled, scale=float(index))(tf.ones((index + 1, 2)))
+    assert "retracing" not in caplog.text

@@ -6,6 +6,7 @@ each time. `compiled` keeps the compiled functions beside the model, dropped wit
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import tensorflow as tf
@@ -14,7 +15,7 @@ _COMPILED: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary
 
 
 def compiled(model, function, jit_compile: bool = False, **settings):
-    """`tf.function(lambda *inputs: function(model, *inputs, **settings))`, created once per model,
+    """`tf.function` of `function(model, *inputs, **settings)`, created once per model,
     function, `jit_compile` (XLA) and settings (which must be hashable).
 
     `function` is a method of the model's class (`VQVAE.encode_to_tokens`) or any function whose
@@ -23,5 +24,7 @@ def compiled(model, function, jit_compile: bool = False, **settings):
     functions = _COMPILED.setdefault(model, {})
     key = (function, jit_compile, tuple(sorted(settings.items())))
     if key not in functions:
-        functions[key] = tf.function(lambda *inputs: function(model, *inputs, **settings), jit_compile=jit_compile)
+        # A partial rather than a lambda: TensorFlow counts retracing per code object, so lambdas made here would
+        # all count as one function, and tracing a few different ones would warn of "excessive retracing".
+        functions[key] = tf.function(functools.partial(function, model, **settings), jit_compile=jit_compile)
     return functions[key]
