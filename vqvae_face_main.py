@@ -360,24 +360,26 @@ def compare_runs(results, test_names, images, dataset, out: Path, config) -> Non
     print(compare.markdown_table(table))
 
 
-# Seconds after which a SIGTERM that arrived inside a finalizer is sent again (see `_terminate`).
+# Seconds after which a SIGTERM or SIGINT that arrived inside a finalizer is sent again (see `_stop`).
 RESIGNAL_SECONDS = 0.1
 
 
-def _terminate(signum, frame):
-    """SIGTERM: stop like Ctrl-C. Python prints and drops an exception raised inside a `__del__`
-    (TensorFlow's finalizers run often during training), so a signal that lands there is sent again
-    a moment later instead of being lost."""
+def _stop(signum, frame):
+    """SIGINT (Ctrl-C): KeyboardInterrupt; SIGTERM: `Terminated`. Python prints and drops an exception
+    raised inside a `__del__` (TensorFlow's finalizers run often during training), so a signal that lands
+    there is sent again a moment later instead of being lost."""
     if frame is not None and frame.f_code.co_name == "__del__":
         threading.Timer(RESIGNAL_SECONDS, os.kill, (os.getpid(), signum)).start()
         return
-    raise Terminated()
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_runtime(args.verbose)
-    previous_handler = signal.signal(signal.SIGTERM, _terminate)
+    # Ctrl-C keeps an ignored disposition (a job started in the background must not stop on it).
+    stopping = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else [])
+    previous_handlers = {signum: signal.signal(signum, _stop) for signum in stopping}
     try:
         return run(args)
     except WorkerLost as error:
@@ -400,7 +402,8 @@ def main(argv=None) -> int:
         log.error("terminated (SIGTERM): the last completed epoch is saved; run the same command again to resume.")
         return 143
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":
