@@ -125,7 +125,8 @@ def encode_photos(
         raise DataError(f"{len(photos)} photos: a .vqfs container holds at most {MAX_CONTAINER_FACES} faces.")
     targets = [into] if into is not None else [(to or path.parent) / (path.stem + ".vqf") for path in photos]
     preview_path = targets[0].with_name(targets[0].stem + ".preview.png") if preview else None
-    _check_targets(photos[: len(targets)] + [photos[0]] * preview, targets + [preview_path] * preview, overwrite)
+    written = targets + ([preview_path] if preview else [])
+    _check_targets(photos[: len(targets)] + ([photos[0]] if preview else []), written, overwrite)
     faces = _read_photos(photos, config, *photo_settings(codec, config))
     for folder in {target.parent for target in targets}:
         folder.mkdir(parents=True, exist_ok=True)
@@ -149,8 +150,7 @@ def encode_photos(
         grids = np.concatenate(grids)
     if preview:
         _write_preview(codec, faces[:PREVIEW_FACES], grids[:PREVIEW_FACES], len(photos), preview_path)
-        targets = targets + [preview_path]
-    return targets
+    return written
 
 
 def _read_photos(photos: list[Path], config: ExperimentConfig, settings: DataConfig, channels: int) -> list[np.ndarray]:

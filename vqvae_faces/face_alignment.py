@@ -136,11 +136,20 @@ def needs_detection(alignment: str, size: tuple[int, int], source_size: int | No
     return alignment == "detect"
 
 
+def _template(frame_size: int) -> np.ndarray:
+    """`LFW_LANDMARKS` in a `frame_size` frame."""
+    return LFW_LANDMARKS * (frame_size / LFW_SOURCE_SIZE)
+
+
+def _scale(transform: np.ndarray) -> float:
+    """Photo pixels per frame pixel of a similarity `transform` (3, 3)."""
+    return float(np.sqrt(abs(np.linalg.det(transform[:2, :2]))))
+
+
 def frame_transform(landmarks: np.ndarray, frame_size: int) -> SimilarityTransform:
     """The similarity transform from a `frame_size` LFW-style frame to the photo that puts `landmarks`
     ((5, 2) photo pixels) where deepfunneled LFW has them (least squares over the five points)."""
-    template = LFW_LANDMARKS * (frame_size / LFW_SOURCE_SIZE)
-    transform = SimilarityTransform.from_estimate(template, landmarks)
+    transform = SimilarityTransform.from_estimate(_template(frame_size), landmarks)
     if not transform:
         raise DataError("the face's landmarks are degenerate (all in one point or on one line)")
     return transform
@@ -149,7 +158,7 @@ def frame_transform(landmarks: np.ndarray, frame_size: int) -> SimilarityTransfo
 def aligned_frame(picture: Image.Image, transform: np.ndarray, frame_size: int) -> Image.Image:
     """`picture` resampled into a `frame_size` square by `transform` ((3, 3), frame to photo pixel centres);
     what falls outside the photo is black."""
-    scale = np.sqrt(abs(np.linalg.det(transform[:2, :2])))
+    scale = _scale(transform)
     if scale > 1:  # first a resize that averages the pixels it drops, so that the warp's samples skip none
         size = (max(1, round(picture.width / scale)), max(1, round(picture.height / scale)))
         ratio = np.array(size) / picture.size
@@ -180,8 +189,7 @@ def locate(picture: Image.Image, frame_size: int, detector: FaceDetector) -> tup
     # the first one turned upright, corrects the roll and the scale that are left.
     again = detector.faces(np.asarray(aligned_frame(picture, transform, frame_size).convert("RGB")))
     if again:
-        template = LFW_LANDMARKS * (frame_size / LFW_SOURCE_SIZE)
-        centred = min(again, key=lambda face: np.abs(face.landmarks - template).sum())
+        centred = min(again, key=lambda face: np.abs(face.landmarks - _template(frame_size)).sum())
         transform = transform @ frame_transform(centred.landmarks, frame_size).params
     return transform, faces
 
@@ -195,8 +203,7 @@ def detect_and_align(picture: Image.Image, settings, detector: FaceDetector) -> 
     notes = []
     if len(faces) > 1:
         notes.append(f"{len(faces)} faces found: the largest ({faces[0].box[2]}x{faces[0].box[3]} px) is used")
-    scale = np.sqrt(abs(np.linalg.det(transform[:2, :2])))
-    upscale = settings.image_size / (scale * (frame_size - 2 * border))
+    upscale = settings.image_size / (_scale(transform) * (frame_size - 2 * border))
     if upscale > 1:
         notes.append(f"a small face, upscaled {upscale:.1f}x to {settings.image_size} px: expect a blurred face")
     low, high = border, frame_size - border

@@ -352,10 +352,10 @@ def _decode_all(members: Iterator[tuple[str, bytes]], settings: DataConfig, skip
     workers = min(8, os.cpu_count() or 1)
     detector = DetectorOnDemand()
     pending: collections.deque = collections.deque()
-
-    started, done = time.monotonic(), [0]
+    started, done = time.monotonic(), 0
 
     def collect_oldest():
+        nonlocal done
         name, future = pending.popleft()
         result = future.result()
         if isinstance(result, str):
@@ -363,9 +363,9 @@ def _decode_all(members: Iterator[tuple[str, bytes]], settings: DataConfig, skip
         else:
             names.append(name)
             faces.append(result)
-        done[0] += 1
-        if done[0] % PROGRESS_EVERY == 0:
-            log.info("%d images read (%.0f per second)", done[0], done[0] / (time.monotonic() - started))
+        done += 1
+        if done % PROGRESS_EVERY == 0:
+            log.info("%d images read (%.0f per second)", done, done / (time.monotonic() - started))
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         for name, data in members:
