@@ -268,9 +268,11 @@ class VectorQuantizerEMA(layers.Layer):
             1989) in training and encoding alike: each vector takes the code k
             minimising |z - e_k|^2 + rate_lambda * u * l_k, with l_k = -log2 of
             the code's share of the EMA counts (its length under the codebook's
-            own usage) and u the EMA of the mean squared distance to the chosen
+            own usage) and u the EMA of the mean squared distance to the nearest
             code, so rate_lambda is in bits per unit of the usual quantization
-            error. 0: the nearest code.
+            error (the codec's unit). u does not depend on which codes the rate
+            term picks: a unit that grew with the error of the picked codes would
+            let popular codes feed their own popularity. 0: the nearest code.
 
     Input shape: (..., D) float. Call returns a dict:
         quantized (..., D): straight-through quantized vectors;
@@ -414,7 +416,7 @@ class VectorQuantizerEMA(layers.Layer):
         counts = tf.math.unsorted_segment_sum(tf.ones_like(flat_indices, tf.float32), flat_indices, self.num_embeddings)
         if training:
             if self.rate_lambda > 0:
-                self._update_rate_unit(flat, quantized)
+                self._update_rate_unit(flat)
             self._ema_update(flat, flat_indices, counts)
             self.latent_sample.assign(sample)
         commitment_loss = self.commitment_cost * ops.mean(ops.square(inputs - ops.stop_gradient(quantized)))
@@ -463,11 +465,10 @@ class VectorQuantizerEMA(layers.Layer):
         order = tf.argsort(tf.random.stateless_uniform([rows], seed=self.random_stream.next()))
         return ops.take(flat, ops.take(order, ops.arange(count) % rows), axis=0)
 
-    def _update_rate_unit(self, flat, quantized):
-        """rate_unit := EMA (`decay`) of the mean squared distance to the chosen codes, over all replicas;
+    def _update_rate_unit(self, flat):
+        """rate_unit := EMA (`decay`) of the mean squared distance to the nearest codes, over all replicas;
         the first batch sets it."""
-        chosen = ops.reshape(quantized, (-1, self.embedding_dim))
-        total = all_reduce_sum(ops.sum(ops.square(flat - chosen)))
+        total = all_reduce_sum(ops.sum(ops.min(self.squared_distances(flat), axis=-1)))
         count = all_reduce_sum(ops.cast(ops.shape(flat)[0], "float32"))
         batch_mean = total / count
         started = ops.cast(self.rate_unit > 0, "float32")
