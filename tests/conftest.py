@@ -119,19 +119,22 @@ def lfw_archive(lfw_tree, tmp_path_factory) -> Path:
     return write_archive(lfw_tree, tmp_path_factory.mktemp("archive") / "lfw-deepfunneled.tgz")
 
 
-# Files in decreasing order of their CPU time on the 2-core machine (measured with the suite in one
-# process). pytest.ini gives each xdist worker whole files (--dist loadfile) in this order
+# Files in decreasing order of their time on the 2-core machine (`pytest --durations=0`, summed per
+# file). pytest.ini gives each xdist worker whole files (--dist loadfile) in this order
 # (--no-loadscope-reorder), so the long files start first and the short ones fill the gaps at the end.
 SLOWEST_FIRST = [
     "test_distributed.py",
     "test_prior_run.py",
-    "test_cli.py",
-    "test_resume.py",
-    "test_model.py",
     "test_disk_and_signals.py",
-    "test_codec.py",
-    "test_faults.py",
     "test_token_prior.py",
+    "test_resume.py",
+    "test_cli.py",
+    "test_codec.py",
+    "test_model.py",
+    "test_faults.py",
+    "test_ready_made.py",
+    "test_face_alignment.py",
+    "test_saved_run.py",
 ]
 
 
