@@ -3,7 +3,9 @@
 scratch with CompressAI's own rate-distortion loss (lambda x 255^2 x MSE + bits per pixel, and the
 entropy bottleneck's auxiliary loss) on the training faces of a trained VQ-VAE run, for `--minutes` of
 training per model and lambda; then real bitstreams of its test faces (`compress`, `decompress` in
-another order of batches): bits per face, PSNR, encoding and decoding faces/s.
+another order of batches): bits per face, PSNR, encoding and decoding faces/s. Besides bench/'s JSON, the
+points go to OUT/images_saved/compare/compressai.json (with each face's error and a fingerprint of the
+test faces), where the next `--compare` of these runs puts them in its table, its curve and report.html.
 
 A face's bits are its y and z strings plus 2 bytes that say where one ends (what a file of it needs
 besides the shape, which every face shares). PSNR is measured like the VQ-VAE's: the decoded float
@@ -28,7 +30,10 @@ from pathlib import Path
 from common import ROOT, report
 
 from vqvae_faces import lfw_files
+from vqvae_faces.atomic_files import write_json_atomically
 from vqvae_faces.config import load_config
+
+COMPRESSAI_FILE = "compressai.json"  # = compare.COMPRESSAI_FILE (compare.py loads TensorFlow: not beside PyTorch)
 
 MODELS = {"bmshj2018-hyperprior": "bmshj2018_hyperprior", "mbt2018-mean": "mbt2018_mean"}
 
@@ -104,6 +109,7 @@ def bitstreams(net, test_images, batch_size: int = 64) -> dict:
     return {
         "bits_per_face": 8 * float(np.mean(lengths)),
         "psnr": float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-12)))),
+        "mse_per_face": mse.astype(float).tolist(),
         "encode_faces_per_second": len(test_images) / encode_seconds,
         "decode_faces_per_second": len(test_images) / decode_seconds,
     }
@@ -136,7 +142,19 @@ def main() -> None:
             row.update(train_bpp=bpp, train_psnr=-10 * math.log10(max(mse, 1e-12)), **bitstreams(net, test_images))
             rows.append(row)
             print(row, flush=True)
+    write_for_compare(Path(args.out), test_images, rows)
+    rows = [{key: value for key, value in row.items() if key != "mse_per_face"} for row in rows]
     report("bench_compressai", rows, {**vars(args), "train_faces": len(train_images), "test_faces": len(test_images)})
+
+
+def write_for_compare(out: Path, test_images, rows: list[dict]) -> Path:
+    """OUT/images_saved/compare/compressai.json: `rows` (each with its `mse_per_face`) and the fingerprint of
+    the test faces (uint8 (N, H, W, C)) they were measured on, which `compare.compressai_rows` checks."""
+    path = out / "images_saved" / "compare" / COMPRESSAI_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomically({"test_faces": lfw_files.pixels_fingerprint(test_images), "rows": rows}, path)
+    print(f"--compare of these runs shows them: {path}")
+    return path
 
 
 if __name__ == "__main__":

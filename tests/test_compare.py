@@ -71,3 +71,37 @@ def test_markdown_table():
         "| WebP | 28.04 |  |",
         "| VAE |  | x |",
     ]
+
+
+def test_compressai_points_measured_on_these_faces_join_the_table_the_curve_and_the_report(faces, tmp_path, caplog):
+    """What bench/bench_compressai.py leaves in images_saved/compare/ shows in the next comparison of the same
+    test faces, with PSNR from each face's error; points of other faces, or a torn file, are left out with a
+    warning."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_compressai
+
+    assert bench_compressai.COMPRESSAI_FILE == compare.COMPRESSAI_FILE
+    folder = tmp_path / "images_saved" / "compare"
+    point = {"model": "mbt2018-mean", "lambda": 0.013, "train_minutes": 60.0, "bits_per_face": 2500.0}
+    point.update(encode_faces_per_second=200.0, decode_faces_per_second=150.0, mse_per_face=[1e-3, 2e-3, 1e-3, 4e-3])
+    bench_compressai.write_for_compare(tmp_path, faces, [point, {**point, "lambda": 0.025, "bits_per_face": 3500.0}])
+    rows = compare.compressai_rows(folder, faces)
+    # 10 log10(1 / mse): 30, 26.990, 30 and 23.979 dB, mean 27.742
+    assert [row["psnr"] for row in rows] == pytest.approx([27.7423] * 2, abs=1e-4)
+    assert [row["bits_per_image"] for row in rows] == [2500.0, 3500.0]
+    assert rows[0]["method"] == "CompressAI mbt2018-mean" and rows[1]["setting"].startswith("lambda 0.025, 60 min")
+    table = compare.write_comparison(folder, faces, {}, {}, "four faces")
+    assert list(table["bits_per_image"]) == [2500.0, 3500.0]
+    report = (folder / "report.html").read_text()
+    assert report.count("CompressAI mbt2018-mean") == 2 and "27.74 (" in report
+    assert "<td>nan</td>" not in report, "no SSIM was measured: an empty cell"
+
+    assert compare.compressai_rows(folder, faces[::-1]) == []  # the same faces in another order
+    assert "measured on other test faces" in caplog.text
+    (folder / compare.COMPRESSAI_FILE).write_text('{"test_faces": "0123", "rows": [')
+    caplog.clear()
+    assert compare.compressai_rows(folder, faces) == [] and "cannot be read" in caplog.text

@@ -3,7 +3,9 @@
 The codecs see exactly the test images the models see (same crop and size, uint8).
 Each codec is run at the highest quality whose mean size fits the VQ-VAE's token
 budget (grid cells x log2 K bits), and over a range of qualities for the
-rate-distortion plot.
+rate-distortion plot. CompressAI's learned codecs join the table and the plot when
+`bench/bench_compressai.py` has measured them on the same test faces (its
+`compressai.json` in the comparison's folder).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import logging
 import lzma
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ from vqvae_faces import visualize  # noqa: E402
 from vqvae_faces.atomic_files import write_atomically, write_text_atomically  # noqa: E402
 from vqvae_faces.codec import CODEC_BATCH  # noqa: E402
 from vqvae_faces.evaluation import EvaluationResult, image_quality  # noqa: E402
+from vqvae_faces.lfw_files import pixels_fingerprint  # noqa: E402
 from vqvae_faces.vqf_format import HEADER_BYTES  # noqa: E402
 
 log = logging.getLogger("vqvae_faces.compare")
@@ -40,6 +44,7 @@ CODECS = {
 CURVE_QUALITIES = (1, 2, 3, 5, 7, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 95)
 BOOTSTRAP_SAMPLES = 2000
 PREVIEW_FACES = 8
+COMPRESSAI_FILE = "compressai.json"  # bench/bench_compressai.py writes it into images_saved/compare/
 
 
 @dataclass
@@ -268,6 +273,44 @@ def vqf_rows(codec, prior_run: str, images: np.ndarray, names, lambdas, folder: 
     return rows
 
 
+def compressai_rows(folder: Path, images: np.ndarray) -> list[dict]:
+    """CompressAI's points from `folder`/compressai.json (`bench/bench_compressai.py`), one per model and
+    lambda, when they were measured on exactly these test faces (uint8 (N, H, W, C)); otherwise none,
+    with a warning: a file of other faces (another split or run) or one that does not parse."""
+    path = folder / COMPRESSAI_FILE
+    if not path.is_file():
+        return []
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        faces, points = record["test_faces"], record["rows"]
+        mses = [np.asarray(point["mse_per_face"], np.float64) for point in points]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as error:
+        log.warning("%s cannot be read (%s): CompressAI left out of the comparison", path, error)
+        return []
+    if faces != pixels_fingerprint(images) or any(len(mse) != len(images) for mse in mses):
+        log.warning(
+            "%s was measured on other test faces: CompressAI left out of the comparison "
+            "(run bench/bench_compressai.py again with this --out and these runs)",
+            path,
+        )
+        return []
+    rows = []
+    for point, mse in zip(points, mses):
+        quality = {"psnr": 10 * np.log10(1.0 / np.maximum(mse, 1e-12)), "mse": mse, "ssim": np.full(len(mse), np.nan)}
+        setting = f"lambda {point['lambda']:g}, {point['train_minutes']:g} min of training: real bitstreams"
+        rows.append(
+            _row(
+                f"CompressAI {point['model']}",
+                setting,
+                point["bits_per_face"],
+                quality,
+                encode_faces_per_second=point["encode_faces_per_second"],
+                decode_faces_per_second=point["decode_faces_per_second"],
+            )
+        )
+    return rows
+
+
 def plot_rate_distortion(curves: pd.DataFrame, table: pd.DataFrame, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for codec, curve in curves.groupby("codec"):
@@ -275,6 +318,9 @@ def plot_rate_distortion(curves: pd.DataFrame, table: pd.DataFrame, path: Path) 
     for method, points in table[table["method"].str.startswith("VQ-VAE codec")].groupby("method"):
         points = points.sort_values("bits_per_image")
         axis.plot(points["bits_per_image"], points["psnr"], marker="o", label=f"{method}, .vqf files (rate_lambda)")
+    for method, points in table[table["method"].str.startswith("CompressAI")].groupby("method"):
+        points = points.sort_values("bits_per_image")
+        axis.plot(points["bits_per_image"], points["psnr"], marker="s", label=f"{method} (lambda)")
     models = table[table["method"].str.startswith(("VQ-VAE", "VAE")) & ~table["method"].str.startswith("VQ-VAE codec")]
     for row in models.itertuples(index=False):
         axis.scatter(row.bits_per_image, row.psnr, s=60, zorder=3, label=row.method)
@@ -305,7 +351,7 @@ def html_table(table: pd.DataFrame) -> str:
                 f"{psnr:.2f} ({low:.2f} to {high:.2f})"
                 for psnr, low, high in zip(table["psnr"], table["psnr_ci95_low"], table["psnr_ci95_high"])
             ],
-            "SSIM": table["ssim"].map(lambda v: f"{v:.3f}"),
+            "SSIM": table["ssim"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}"),
             "setting": table["setting"],
         }
     )
@@ -370,10 +416,11 @@ def write_comparison(
     extra_rows: list[dict] = (),
 ) -> pd.DataFrame:
     """Write comparison.csv/.md/.png, rate_distortion.png and report.html into `folder`
-    (`extra_rows`: the `.vqf` codec's points from `vqf_rows`)."""
+    (`extra_rows`: the `.vqf` codec's points from `vqf_rows`; CompressAI's from `compressai_rows`)."""
     folder.mkdir(parents=True, exist_ok=True)
     table, codecs, budget = build_table(images, results)
-    table = pd.concat([table, pd.DataFrame(list(extra_rows))], ignore_index=True) if extra_rows else table
+    extra_rows = [*extra_rows, *compressai_rows(folder, images)]
+    table = pd.concat([table, pd.DataFrame(extra_rows)], ignore_index=True) if extra_rows else table
     write_text_atomically(table.to_csv(index=False), folder / "comparison.csv")
     write_text_atomically(markdown_table(table), folder / "comparison.md")
     curves = pd.concat([rate_distortion_curve(images, codec) for codec in CODECS])

@@ -628,9 +628,15 @@ def images_fingerprint(faces: FaceSet, indices: np.ndarray) -> str:
     Two LFW variants share file names (`lfw` and `lfw-deepfunneled`), so names
     alone cannot tell which images a split was made of; the pixels can.
     """
+    return pixels_fingerprint(faces.images[index] for index in indices)
+
+
+def pixels_fingerprint(images) -> str:
+    """SHA-256 (hex, 16 digits) of uint8 images (an (N, H, W, C) array or an iterable of (H, W, C)), in order:
+    which faces a figure was measured on."""
     digest = hashlib.sha256()
-    for index in indices:
-        digest.update(faces.images[index].tobytes())
+    for image in images:
+        digest.update(np.ascontiguousarray(image).tobytes())
     return digest.hexdigest()[:16]
 
 
