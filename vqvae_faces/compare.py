@@ -315,12 +315,10 @@ def plot_rate_distortion(curves: pd.DataFrame, table: pd.DataFrame, path: Path) 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for codec, curve in curves.groupby("codec"):
         axis.plot(curve["bits_per_image"], curve["psnr"], marker=".", label=f"{codec} (quality 1..95)")
-    for method, points in table[table["method"].str.startswith("VQ-VAE codec")].groupby("method"):
-        points = points.sort_values("bits_per_image")
-        axis.plot(points["bits_per_image"], points["psnr"], marker="o", label=f"{method}, .vqf files (rate_lambda)")
-    for method, points in table[table["method"].str.startswith("CompressAI")].groupby("method"):
-        points = points.sort_values("bits_per_image")
-        axis.plot(points["bits_per_image"], points["psnr"], marker="s", label=f"{method} (lambda)")
+    for prefix, marker, knob in (("VQ-VAE codec", "o", ", .vqf files (rate_lambda)"), ("CompressAI", "s", " (lambda)")):
+        for method, points in table[table["method"].str.startswith(prefix)].groupby("method"):
+            points = points.sort_values("bits_per_image")
+            axis.plot(points["bits_per_image"], points["psnr"], marker=marker, label=method + knob)
     models = table[table["method"].str.startswith(("VQ-VAE", "VAE")) & ~table["method"].str.startswith("VQ-VAE codec")]
     for row in models.itertuples(index=False):
         axis.scatter(row.bits_per_image, row.psnr, s=60, zorder=3, label=row.method)
