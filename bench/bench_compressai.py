@@ -134,16 +134,16 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     train_images, test_images = faces_of_run(args)
-    rows = []
+    rows, errors = [], []
     for name in args.models:
         for lmbda in args.lambdas:
             net, steps, bpp, mse = train(name, lmbda, train_images, args)
             row = {"model": name, "lambda": lmbda, "train_minutes": args.minutes, "steps": steps}
             row.update(train_bpp=bpp, train_psnr=-10 * math.log10(max(mse, 1e-12)), **bitstreams(net, test_images))
+            errors.append(row.pop("mse_per_face"))
             rows.append(row)
             print(row, flush=True)
-    write_for_compare(Path(args.out), test_images, rows)
-    rows = [{key: value for key, value in row.items() if key != "mse_per_face"} for row in rows]
+    write_for_compare(Path(args.out), test_images, [{**row, "mse_per_face": e} for row, e in zip(rows, errors)])
     report("bench_compressai", rows, {**vars(args), "train_faces": len(train_images), "test_faces": len(test_images)})
 
 
