@@ -382,18 +382,20 @@ def main(argv=None) -> int:
     previous_handlers = {signum: signal.signal(signum, _stop) for signum in stopping}
     try:
         return run(args)
+    # Errors are logged as text: a log record holding the exception would keep its traceback's frames (models,
+    # datasets, compiled functions) alive for as long as a handler keeps the record.
     except WorkerLost as error:
         # TensorFlow's collective runtime is aborted: leaving through the interpreter's normal exit
         # can block or print errors from its threads, so the process ends here.
-        log.error("%s", error)
+        log.error("%s", str(error))
         logging.shutdown()
         os._exit(2)
     except UserFacingError as error:
-        log.error("%s", error)
+        log.error("%s", str(error))
         return 2
     except OSError as error:  # an unexpected place could not read or write a file: say which and why
         where = f" {error.filename}" if error.filename else ""
-        log.error("cannot access%s: %s", where, error.strerror or error)
+        log.error("cannot access%s: %s", where, error.strerror or str(error))
         return 2
     except KeyboardInterrupt:
         log.error("interrupted: the last completed epoch is saved; run the same command again to resume.")

@@ -285,7 +285,7 @@ def compressai_rows(folder: Path, images: np.ndarray) -> list[dict]:
         faces, points = record["test_faces"], record["rows"]
         mses = [np.asarray(point["mse_per_face"], np.float64) for point in points]
     except (ValueError, UnicodeDecodeError, KeyError, TypeError) as error:
-        log.warning("%s cannot be read (%s): CompressAI left out of the comparison", path, error)
+        log.warning("%s cannot be read (%s): CompressAI left out of the comparison", path, str(error))
         return []
     if faces != pixels_fingerprint(images) or any(len(mse) != len(images) for mse in mses):
         log.warning(

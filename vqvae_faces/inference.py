@@ -73,7 +73,7 @@ def load_trained_model(paths: RunPaths, run_name: str) -> tuple[keras.Model, Pat
             model = load_model(path)
         except CheckpointError as error:
             problems.append(str(error))
-            log.warning("%s", error)
+            log.warning("%s", str(error))
             continue
         if problems or path == paths.latest_model:
             log.warning("run %s: evaluating %s (no usable best.keras)", run_name, path)

@@ -399,7 +399,7 @@ def _read_attributes(source: Path, names: list[str]) -> Optional[pd.DataFrame]:
         person = table["person"].str.replace(" ", "_")
         table.index = person + "/" + person + "_" + table["imagenum"].astype(int).map("{:04d}".format) + ".jpg"
     except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:
-        log.warning("ignoring %s: cannot parse it (%s)", attribute_file, exc)
+        log.warning("ignoring %s: cannot parse it (%s)", attribute_file, str(exc))
         return None
     joined = table.drop(columns=["person", "imagenum"]).reindex(names)
     log.info(
