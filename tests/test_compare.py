@@ -105,3 +105,6 @@ def test_compressai_points_measured_on_these_faces_join_the_table_the_curve_and_
     (folder / compare.COMPRESSAI_FILE).write_text('{"test_faces": "0123", "rows": [')
     caplog.clear()
     assert compare.compressai_rows(folder, faces) == [] and "cannot be read" in caplog.text
+    bench_compressai.write_for_compare(tmp_path, faces, [{key: v for key, v in point.items() if key != "lambda"}])
+    caplog.clear()
+    assert compare.compressai_rows(folder, faces) == [] and "cannot be read ('lambda')" in caplog.text

@@ -282,12 +282,21 @@ def compressai_rows(folder: Path, images: np.ndarray) -> list[dict]:
         return []
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        faces, points = record["test_faces"], record["rows"]
-        mses = [np.asarray(point["mse_per_face"], np.float64) for point in points]
+        faces = record["test_faces"]
+        points = [
+            (
+                f"CompressAI {point['model']}",
+                f"lambda {point['lambda']:g}, {point['train_minutes']:g} min of training: real bitstreams",
+                float(point["bits_per_face"]),
+                np.asarray(point["mse_per_face"], np.float64),
+                {name: point[name] for name in ("encode_faces_per_second", "decode_faces_per_second")},
+            )
+            for point in record["rows"]
+        ]
     except (ValueError, UnicodeDecodeError, KeyError, TypeError) as error:
         log.warning("%s cannot be read (%s): CompressAI left out of the comparison", path, str(error))
         return []
-    if faces != pixels_fingerprint(images) or any(len(mse) != len(images) for mse in mses):
+    if faces != pixels_fingerprint(images) or any(len(mse) != len(images) for *_, mse, _ in points):
         log.warning(
             "%s was measured on other test faces: CompressAI left out of the comparison "
             "(run bench/bench_compressai.py again with this --out and these runs)",
@@ -295,19 +304,9 @@ def compressai_rows(folder: Path, images: np.ndarray) -> list[dict]:
         )
         return []
     rows = []
-    for point, mse in zip(points, mses):
+    for method, setting, bits, mse, speeds in points:
         quality = {"psnr": 10 * np.log10(1.0 / np.maximum(mse, 1e-12)), "mse": mse, "ssim": np.full(len(mse), np.nan)}
-        setting = f"lambda {point['lambda']:g}, {point['train_minutes']:g} min of training: real bitstreams"
-        rows.append(
-            _row(
-                f"CompressAI {point['model']}",
-                setting,
-                point["bits_per_face"],
-                quality,
-                encode_faces_per_second=point["encode_faces_per_second"],
-                decode_faces_per_second=point["decode_faces_per_second"],
-            )
-        )
+        rows.append(_row(method, setting, bits, quality, **speeds))
     return rows
 
 

@@ -636,7 +636,7 @@ def pixels_fingerprint(images) -> str:
     which faces a figure was measured on."""
     digest = hashlib.sha256()
     for image in images:
-        digest.update(np.ascontiguousarray(image).tobytes())
+        digest.update(image.tobytes())
     return digest.hexdigest()[:16]
 
 
