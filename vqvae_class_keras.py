@@ -91,6 +91,15 @@ class Encoder(layers.Layer):
         ]
         self.project = layers.Conv2D(output_channels, 1)
 
+    def build(self, input_shape):
+        shape = tuple(input_shape)
+        for layer in self.downsamplers:
+            layer.build(shape)
+            shape = layer.compute_output_shape(shape)
+        for block in self.blocks:
+            block.build(shape)
+        self.project.build(shape)
+
     def call(self, images):
         x = images
         for layer in self.downsamplers:
@@ -161,6 +170,16 @@ class Decoder(layers.Layer):
             activation="sigmoid" if output_activation == "sigmoid" else None,
             dtype="float32",
         )
+
+    def build(self, input_shape):
+        self.mix.build(input_shape)
+        shape = self.mix.compute_output_shape(input_shape)
+        for block in self.blocks:
+            block.build(shape)
+        for layer in self.upsamplers:
+            layer.build(shape)
+            shape = layer.compute_output_shape(shape)
+        self.to_image.build(shape)
 
     def features(self, latents):
         """What the output layer reads: (B, h, w, D) -> (B, H / 2, W / 2, filters[-1])."""

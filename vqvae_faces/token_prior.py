@@ -99,6 +99,12 @@ class TokenPrior(keras.Model):
         self.bits_tracker.update_state(loss / math.log(2.0))
         return step_logs({"loss": self.nll_tracker.result(), "bits_per_token": self.bits_tracker.result()})
 
+    def build(self, input_shape):
+        """Create every weight by running the prior once, eagerly, on one grid of zeros (Keras's default
+        traces a symbolic call, several times slower when a saved prior is loaded)."""
+        self.call(ops.zeros((1, *self.grid_size), "int32"))
+        self.built = True
+
     def sample_tokens(self, count, seed, temperature=1.0, top_k=None, top_p=None):
         """`count` grids (count, h, w) int32, one full pass per token (the reference path).
 
@@ -420,6 +426,11 @@ class _Block(layers.Layer):
         self.project = layers.Dense(width)
         self.mlp_in = layers.Dense(mlp_ratio * width, activation="gelu")
         self.mlp_out = layers.Dense(width)
+
+    def build(self, input_shape):
+        for layer in (self.norm_1, self.norm_2, self.qkv, self.project, self.mlp_in):
+            layer.build(input_shape)
+        self.mlp_out.build((*input_shape[:-1], self.mlp_ratio * self.width))
 
     def _heads(self, x):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
