@@ -319,6 +319,8 @@ def run_codec(args, config) -> int:
     from vqvae_faces import codec_files, ready_made
 
     prior_run = codec_files.choose_prior_run(config, args.runs)
+    codec_files.check_inputs([Path(p) for p in args.encode or []], config.data.max_file_bytes)
+    codec_files.check_inputs([Path(p) for p in args.decode or []])
     to = Path(args.to) if args.to else None
     runs = [prior_run, config.runs[prior_run].tokens_from]
     models, shipped = ready_made.models_folder(Path(args.out), runs, args.models)

@@ -451,7 +451,11 @@ def test_the_codec_s_command_lines_across_processes_and_every_mistake_as_one_lin
         (["--encode", names[0], str(twin / "p0.jpg"), "--to", str(tmp_path / "one")], "would both be written to"),
         (["--out", str(other_models), "--decode", vqf[0], "--to", str(tmp_path / "never")], "other models"),
         (["--decode", str(photos / "missing.vqf")], "missing.vqf does not exist"),
+        # inputs are checked before the models are looked for
+        (["--out", str(tmp_path / "untrained"), "--encode", str(photos / "missing.jpg")], "missing.jpg does not exist"),
+        (["--out", str(tmp_path / "untrained"), "--decode", names[0]], "larger than the largest .vqfs container"),
     ]
+    monkeypatch.setattr(codec_files, "MAX_CODED_BYTES", 1000)  # a photo is not a .vqf: larger than this one allows
     for args, message in mistakes:
         caplog.clear()
         argv = ["--config", str(out / "experiment.json"), "--out", str(out), *args]

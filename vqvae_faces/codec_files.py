@@ -91,11 +91,21 @@ def _check_targets(sources: list[Path], targets: list[Path], overwrite: bool) ->
         raise DataError(f"{shown} already exist{'s' if len(existing) == 1 else ''}: pass --overwrite to replace them.")
 
 
-def _read(path: Path, max_bytes: int) -> bytes:
-    if not path.is_file():
-        raise DataError(f"{path} does not exist or is not a file.")
-    if path.stat().st_size > max_bytes:
-        raise DataError(f"{path} is larger than data.max_file_bytes={max_bytes}.")
+def check_inputs(paths: list[Path], max_bytes: Optional[int] = None) -> None:
+    """Refuse a missing input, or a photo over `max_bytes` (`data.max_file_bytes`; `None`: a `.vqf` or
+    `.vqfs` file, at most `MAX_CODED_BYTES`), before any model is loaded."""
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"{path} does not exist or is not a file.")
+        size = path.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise DataError(f"{path} is larger than data.max_file_bytes={max_bytes}.")
+        if max_bytes is None and size > MAX_CODED_BYTES:
+            raise DataError(f"{path} is larger than the largest .vqfs container ({MAX_CODED_BYTES} bytes).")
+
+
+def _read(path: Path, max_bytes: Optional[int] = None) -> bytes:
+    check_inputs([path], max_bytes)
     return path.read_bytes()
 
 
@@ -186,7 +196,7 @@ def _write_preview(codec: FaceCodec, faces: list[np.ndarray], grids: np.ndarray,
 def decode_files(codec: FaceCodec, files: list[Path], to=None, overwrite=False) -> list[Path]:
     """Write `<file stem>.png` for each `.vqf` file and `<file stem>-<n>.png` for the n-th face (from 1)
     of each `.vqfs` container; returns the pictures written."""
-    contents = [_read(path, MAX_CODED_BYTES) for path in files]
+    contents = [_read(path) for path in files]
     singles, containers = [], []  # (source, bytes, target) and (source, bytes, targets)
     for path, data in zip(files, contents):  # every header checked before any work
         folder = to or path.parent
