@@ -92,6 +92,7 @@ class Encoder(layers.Layer):
         self.project = layers.Conv2D(output_channels, 1)
 
     def build(self, input_shape):
+        """Each layer's weights from the shape it receives (no traced call)."""
         shape = tuple(input_shape)
         for layer in self.downsamplers:
             layer.build(shape)
@@ -172,6 +173,7 @@ class Decoder(layers.Layer):
         )
 
     def build(self, input_shape):
+        """Each layer's weights from the shape it receives (no traced call)."""
         self.mix.build(input_shape)
         shape = self.mix.compute_output_shape(input_shape)
         for block in self.blocks:

@@ -100,8 +100,8 @@ class TokenPrior(keras.Model):
         return step_logs({"loss": self.nll_tracker.result(), "bits_per_token": self.bits_tracker.result()})
 
     def build(self, input_shape):
-        """Create every weight by running the prior once, eagerly, on one grid of zeros (Keras's default
-        traces a symbolic call, several times slower when a saved prior is loaded)."""
+        """Create every weight by running the prior once, eagerly, on one grid of zeros: cheaper than
+        Keras's default, a traced symbolic call, which every load of a saved prior would pay."""
         self.call(ops.zeros((1, *self.grid_size), "int32"))
         self.built = True
 
@@ -428,6 +428,7 @@ class _Block(layers.Layer):
         self.mlp_out = layers.Dense(width)
 
     def build(self, input_shape):
+        """Each sublayer's weights from its input shape (no traced call)."""
         for layer in (self.norm_1, self.norm_2, self.qkv, self.project, self.mlp_in):
             layer.build(input_shape)
         self.mlp_out.build((*input_shape[:-1], self.mlp_ratio * self.width))
