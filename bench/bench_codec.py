@@ -6,7 +6,7 @@ again in another order (other batches) and must give the encoded tokens; so must
 `.vqfs` container of all the faces, encoded on its own and decoded whole. WebP runs at
 the quality whose mean size is closest to the codec's, on the same uint8 faces.
 
-A second table puts the prior's two arithmetics side by side on the same tokens: format 2's
+A second table puts the prior's two arithmetics side by side on the same tokens: the
 integer pass (what the codec runs) and format 1's float32 XLA program: their code lengths in
 bits per face, and faces/s for all tokens known (encoding) and position by position (decoding).
 A third does the same for the VQ-VAE's decoder: the integer one `--decode` writes pixels with,
@@ -83,7 +83,7 @@ def arithmetic_rows(codec, grids: np.ndarray) -> list[dict]:
     tokens = grids.reshape(len(grids), -1).astype(np.int64)
     rows = []
     for name, stream, batch in (
-        ("format 2: integer (the codec)", codec.stream, None),
+        ("integer, formats 2 and 3 (the codec)", codec.stream, None),
         ("format 1: float32 XLA", FloatStream(codec.prior, CODEC_BATCH), CODEC_BATCH),
     ):
         groups = [tokens[start : start + CODEC_BATCH] for start in range(0, len(tokens), CODEC_BATCH)]

@@ -1,8 +1,10 @@
 """The .vqf codec: exact round trips (here, in another process, with other batches and threads),
 a clear message for every kind of bad file, and the rate term's effect."""
 
+import hashlib
 import json
 import os
+import struct
 import subprocess
 import sys
 import zlib
@@ -105,12 +107,18 @@ def test_grids_longer_than_one_cache_chunk_round_trip(model_files):
     np.testing.assert_array_equal(codec.decode_container(container, "all.vqfs"), grids)
 
 
-def test_the_header_holds_magic_version_fingerprints_grid_and_checksum(codec):
+def format_2(data: bytes, fingerprints=Fingerprints(0x1234, 0x5678)) -> bytes:
+    """The format 2 file (11-byte header) of a format 3 file's tokens: the same payload."""
+    return b"VQ\x02" + struct.pack(">HHBB", fingerprints.vqvae, fingerprints.prior, *GRID) + data[3:5] + data[5:]
+
+
+def test_the_header_holds_version_fingerprint_and_checksum_and_the_container_header_the_grid_too(codec):
     grid = np.arange(16, dtype=np.int16).reshape(GRID)
     encoded = codec.encode_tokens(grid[None])
     (data,), container = encoded.files, encoded.container
     checksum = token_checksum(grid)
-    assert data[:HEADER_BYTES] == b"VQ\x02\x12\x34\x56\x78\x04\x04" + bytes([checksum >> 8, checksum & 0xFF])
+    both = hashlib.sha256(b"\x12\x34\x56\x78").digest()[:2]
+    assert HEADER_BYTES == 5 and data[:HEADER_BYTES] == b"\xf3" + both + bytes([checksum >> 8, checksum & 0xFF])
     crc = zlib.crc32(grid.astype("<i2").tobytes())
     assert container[:CONTAINER_HEADER_BYTES] == b"VS\x02\x12\x34\x56\x78\x04\x04\0\0\0\x01" + crc.to_bytes(4, "big")
 
@@ -215,12 +223,17 @@ def scrambled_after(offset):
     "container, damage, message",
     [
         (False, lambda data: b"PK" + data[2:], "is not a .vqf file"),
-        (False, lambda data: data[:2] + b"\x07" + data[3:], "format version 7; this program reads versions 1 and 2"),
-        (False, lambda data: data[:6], "is truncated"),
+        (False, lambda data: b"\xf7" + data[1:], "format version 7; this program reads versions 1, 2 and 3"),
+        (False, lambda data: data[:4], "is truncated"),
         (False, lambda data: data[: HEADER_BYTES + 1], "corrupt"),
         (False, scrambled_after(HEADER_BYTES), "corrupt"),
-        (False, flipped_bit(9), "do not match the checksum"),
-        (False, flipped_bit(4), "other models"),
+        (False, flipped_bit(4), "do not match the checksum"),
+        (False, flipped_bit(1), "other models"),
+        (False, lambda data: b"VQ\x07" + format_2(data)[3:], "format version 7; this program reads versions 1, "),
+        (False, lambda data: format_2(data)[:8], "is truncated"),
+        (False, lambda data: flipped_bit(9)(format_2(data)), "do not match the checksum"),
+        (False, lambda data: flipped_bit(4)(format_2(data)), "other models"),
+        (False, lambda data: flipped_bit(8)(format_2(data)), "4x5 grid"),
         (True, lambda data: b"VQ" + data[2:], "is not a .vqfs file"),
         (True, lambda data: data[:2] + b"\x03" + data[3:], ".vqfs format version 3; this program reads versions 1"),
         (True, lambda data: data[:12], "is truncated"),
@@ -244,10 +257,26 @@ def test_every_kind_of_bad_file_or_container_gets_its_message(codec, container, 
 
 
 def test_other_weights_are_refused_naming_both_sets(codec, model_files):
+    """Format 3 carries one fingerprint of both models, format 2 one of each; either way the file is refused."""
     files = codec.encode(faces(1)).files
     other = make_codec(model_files, Fingerprints(0x1234, 0x9999, "v.keras", "p.keras"))
-    with pytest.raises(CodecError, match=r"VQ-VAE 1234, prior 5678\) than these \(VQ-VAE 1234 v.keras, prior 9999"):
+    written, mine = codec.fingerprints.pair, other.fingerprints.pair
+    assert written != mine
+    expected = rf"other models \(fingerprint {written:04x}\) than these \(VQ-VAE 1234 v.keras, prior 9999 p.keras: "
+    with pytest.raises(CodecError, match=expected + f"fingerprint {mine:04x}"):
         other.decode(files, ["face.vqf"])
+    with pytest.raises(CodecError, match=r"VQ-VAE 1234, prior 5678\) than these \(VQ-VAE 1234 v.keras, prior 9999"):
+        other.decode([format_2(files[0])], ["face.vqf"])
+
+
+def test_format_2_files_of_the_same_tokens_still_decode(codec):
+    """Format 2 (11-byte header) and format 3 (5 bytes) share the payload and its integer arithmetic."""
+    encoded = codec.encode(faces(CODEC_BATCH + 2))
+    files = [format_2(data) for data in encoded.files]
+    assert all(len(old) == len(new) + 6 for old, new in zip(files, encoded.files))
+    np.testing.assert_array_equal(codec.decode(files, [f"f{i}" for i in range(len(files))]), encoded.grids)
+    mixed = [data if index % 2 else files[index] for index, data in enumerate(encoded.files)]
+    np.testing.assert_array_equal(codec.decode(mixed, [f"f{i}" for i in range(len(files))]), encoded.grids)
 
 
 def test_the_rate_term_moves_tokens_to_shorter_codes(model_files):

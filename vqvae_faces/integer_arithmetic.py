@@ -26,7 +26,7 @@ Rounding float outputs to a coarse grid would not do: a value near a rounding bo
 differently on two computers. The integer networks closely approximate the float ones (the codec's
 extra bits: `bench/bench_codec.py`); training, evaluation and sampling keep the float models.
 
-Every constant and operation here is part of `.vqf` format version 2: a change to any of them changes
+Every constant and operation here is part of `.vqf` format versions 2 and 3: a change to any of them changes
 the probabilities, so files written before would no longer decode (or the pixels they decode to), and
 needs a new format version (`tests/data/saved_run/vqf2` holds files that catch it).
 """

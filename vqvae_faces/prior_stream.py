@@ -1,7 +1,7 @@
 """A token prior run over a batch of grids position by position: what the codec's encoder and decoder
 share, and the one owner of the prior's cached keys and values on the codec's path.
 
-Both sides must compute the same probabilities bit for bit. `ExactStream` (`.vqf` format 2) computes
+Both sides must compute the same probabilities bit for bit. `ExactStream` (`.vqf` formats 2 and 3) computes
 them in integer arithmetic (`integer_prior.py`), the same on every computer. `FloatStream` decodes
 files of format 1, whose probabilities came from the float32 XLA program
 (`CausalTransformer.chunk_probabilities`) on inputs of one shape (`batch` grids, padded): the same

@@ -329,7 +329,7 @@ class CausalTransformer(TokenPrior):
         `current`, computed one position after the other as `step_logits` does.
 
         The program of `.vqf` format 1 (`prior_stream.FloatStream`, which decodes such files;
-        format 2 computes in integers, `integer_prior.py`): an encoder, which knows every
+        formats 2 and 3 compute in integers, `integer_prior.py`): an encoder, which knows every
         token, computed a whole chunk in one call, with the chunk's keys and values updated
         in place inside the loop; a decoder calls it for one position at a time. Both run
         the same compiled loop body, so on one computer they compute the same probabilities.
