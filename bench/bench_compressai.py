@@ -23,6 +23,7 @@ its own Adam at 1e-3 as in CompressAI's examples, batches of 16 shuffled faces, 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
@@ -150,10 +151,23 @@ def main() -> None:
 
 def write_for_compare(out: Path, test_images, rows: list[dict]) -> Path:
     """OUT/images_saved/compare/compressai.json: `rows` (each with its `mse_per_face`) and the fingerprint of
-    the test faces (uint8 (N, H, W, C)) they were measured on, which `compare.compressai_rows` checks."""
+    the test faces (uint8 (N, H, W, C)) they were measured on, which `compare.compressai_rows` checks. Rows
+    already there of the same test faces and another model or lambda are kept, so runs of one lambda each add up."""
     path = out / "images_saved" / "compare" / COMPRESSAI_FILE
+    fingerprint = lfw_files.pixels_fingerprint(test_images)
+    key = lambda row: (row.get("model", ""), row.get("lambda", 0.0))  # noqa: E731
+    if path.is_file():
+        try:
+            before = json.loads(path.read_text())
+            kept = [row for row in before["rows"] if key(row) not in set(map(key, rows))]
+        except (ValueError, KeyError, TypeError) as error:
+            print(f"replacing {path}, which cannot be read ({error})")
+            before, kept = {}, []
+        if kept and before.get("test_faces") == fingerprint:
+            rows = sorted(kept + rows, key=key)
+            print(f"kept {len(kept)} rows of other models or lambdas from {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomically({"test_faces": lfw_files.pixels_fingerprint(test_images), "rows": rows}, path)
+    write_json_atomically({"test_faces": fingerprint, "rows": rows}, path)
     print(f"--compare of these runs shows them: {path}")
     return path
 

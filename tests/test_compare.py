@@ -102,6 +102,12 @@ def test_compressai_points_measured_on_these_faces_join_the_table_the_curve_and_
 
     assert compare.compressai_rows(folder, faces[::-1]) == []  # the same faces in another order
     assert "measured on other test faces" in caplog.text
+    # A run of one more lambda adds its row, one of a lambda already there replaces that row; other faces: a new file.
+    bench_compressai.write_for_compare(tmp_path, faces, [{**point, "lambda": 0.0067, "bits_per_face": 2000.0}])
+    bench_compressai.write_for_compare(tmp_path, faces, [{**point, "bits_per_face": 2600.0}])
+    assert [row["bits_per_image"] for row in compare.compressai_rows(folder, faces)] == [2000.0, 2600.0, 3500.0]
+    bench_compressai.write_for_compare(tmp_path, faces[::-1], [point])
+    assert [row["bits_per_image"] for row in compare.compressai_rows(folder, faces[::-1])] == [2500.0]
     (folder / compare.COMPRESSAI_FILE).write_text('{"test_faces": "0123", "rows": [')
     caplog.clear()
     assert compare.compressai_rows(folder, faces) == [] and "cannot be read" in caplog.text
