@@ -158,8 +158,8 @@ def write_for_compare(out: Path, test_images, rows: list[dict]) -> Path:
     key = lambda row: (row.get("model", ""), row.get("lambda", 0.0))  # noqa: E731
     if path.is_file():
         try:
-            before = json.loads(path.read_text())
-            kept = [row for row in before["rows"] if key(row) not in set(map(key, rows))]
+            before, new = json.loads(path.read_text()), set(map(key, rows))
+            kept = [row for row in before["rows"] if key(row) not in new]
         except (ValueError, KeyError, TypeError) as error:
             print(f"replacing {path}, which cannot be read ({error})")
             before, kept = {}, []
