@@ -94,7 +94,14 @@ def weights(path):
 def test_the_prior_trains_after_its_vqvae_and_writes_every_file(trained):
     for name in ("best.keras", "latest.keras", "state.json", "split.json", "config.json", "history.csv"):
         assert (trained / "checkpoints" / "pr" / name).is_file(), name
-    for name in ("metrics.json", "training_curves.png", "nearest_training_faces.png", "samples.png", "epoch_0001.png"):
+    for name in (
+        "metrics.json",
+        "training_curves.png",
+        "nearest_training_faces.png",
+        "samples.png",
+        "epoch_0001.png",
+        "bits_by_position.png",
+    ):
         assert (trained / "images_saved" / "pr" / name).is_file(), name
     state = json.loads((trained / "checkpoints" / "pr" / "state.json").read_text())
     assert state["epochs_done"] == PRIOR_EPOCHS and state["monitor"] == "val_loss"

@@ -1,7 +1,8 @@
 """A trained token prior at work: drawing new faces (`--sample`) and its figures (`--eval`).
 
 Samples are token grids drawn from the prior and decoded by its VQ-VAE. The figures:
-code length (bits per token and per face) of held-out faces' tokens, the memorisation
+code length (bits per token and per face) of held-out faces' tokens and a map of where
+those bits go (`bits_by_position.png`), the memorisation
 check of samples against the training faces, sampling speed, and the FID of samples
 and of reconstructions when an Inception network is at hand (`fid.py`).
 """
@@ -36,13 +37,20 @@ NEAREST_PAIRS = 16  # samples shown beside their nearest training face
 # Beyond about ten samples per test face, the test faces' own sampling error dominates the FID's: more samples
 # only cost time (a smoke run on a few test faces draws a few hundred, not fid_samples).
 FID_SAMPLES_PER_TEST_FACE = 10
+BITS_MAP_FACES = 7  # test faces in bits_by_position.png, from the cheapest to the dearest
+
+
+def token_bits(prior: keras.Model, grids: np.ndarray, batch_size: int) -> np.ndarray:
+    """-log2 p(t_i | t_<i), the code length in bits of each token of each grid: (N, h, w) -> (N, h, w) float64."""
+    compute = compiled(prior, type(prior).token_log_probs)
+    values = [compute(batch).numpy() for batch in make_token_dataset(grids, batch_size)]
+    nats = np.concatenate(values).astype(np.float64) if values else np.zeros((0, *grids.shape[1:]))
+    return -nats / math.log(2.0)
 
 
 def log_likelihoods(prior: keras.Model, grids: np.ndarray, batch_size: int) -> np.ndarray:
     """log p(grid) in nats of each token grid (N, h, w) -> (N,) float64."""
-    compute = compiled(prior, type(prior).log_likelihood)
-    values = [compute(batch).numpy() for batch in make_token_dataset(grids, batch_size)]
-    return np.concatenate(values).astype(np.float64) if values else np.zeros(0)
+    return -token_bits(prior, grids, batch_size).sum(axis=(1, 2)) * math.log(2.0)
 
 
 def draw_samples(
@@ -169,7 +177,8 @@ def evaluate_prior(
         "token_grid": list(prior.grid_size),
         "fixed_bits_per_image": tokens_per_grid * math.log2(prior.num_embeddings),
     }
-    test = _code_lengths(prior, grids, source.tokens["val"] if not other_data else None, batch_size, metrics)
+    bits = token_bits(prior, grids, batch_size)
+    test = _code_lengths(prior, bits, source.tokens["val"] if not other_data else None, batch_size, metrics)
     originals = faces.images.astype(np.float32) / 255.0
     reconstructions = np.clip(decode(source.vqvae, grids, batch_size), 0.0, 1.0)
     quality = image_quality(originals, reconstructions)
@@ -184,6 +193,7 @@ def evaluate_prior(
     write_json_atomically(metrics, paths.images / "metrics.json")
     save_nearest_training_faces(samples[:NEAREST_PAIRS], training_images, paths.images / "nearest_training_faces.png")
     save_sample_grid(samples, paths.images / "samples.png", f"{run_name}: {describe_sampling(run.sampling, seed)}")
+    save_bits_by_position(originals, bits, paths.images / "bits_by_position.png", run_name)
     log.info(
         "run %s: %.3f bits per token (%.0f per face) on %d test faces; %.1f samples/s",
         run_name,
@@ -195,17 +205,48 @@ def evaluate_prior(
     return EvaluationResult(metrics, quality, reconstructions, grids)
 
 
-def _code_lengths(prior, grids: np.ndarray, val_grids: Optional[np.ndarray], batch_size: int, metrics: dict) -> dict:
-    """The prior's code length of the test `grids` (returned) and of `val_grids` (when given and not empty),
-    added to `metrics` as test_* and val_*."""
-    tokens_per_grid = int(np.prod(grids.shape[1:]))
-    test = prior_metrics.code_length_summary(log_likelihoods(prior, grids, batch_size), tokens_per_grid)
+def _code_lengths(prior, bits: np.ndarray, val_grids: Optional[np.ndarray], batch_size: int, metrics: dict) -> dict:
+    """The code length of the test faces from their tokens' `bits` (N, h, w) (returned) and the prior's of
+    `val_grids` (when given and not empty), added to `metrics` as test_* and val_*."""
+    tokens_per_grid = int(np.prod(bits.shape[1:]))
+    test = prior_metrics.code_length_summary(-bits.sum(axis=(1, 2)) * math.log(2.0), tokens_per_grid)
     metrics.update({f"test_{key}": value for key, value in test.items()})
     metrics["bits_per_image"] = test["bits_per_face"]
     if val_grids is not None and len(val_grids):
         val = prior_metrics.code_length_summary(log_likelihoods(prior, val_grids, batch_size), tokens_per_grid)
         metrics.update({f"val_{key}": value for key, value in val.items()})
     return test
+
+
+def save_bits_by_position(images: np.ndarray, bits: np.ndarray, path: Path, run_name: str) -> None:
+    """Where the prior spends its bits: each face above its map of bits per token. First the mean test face
+    and the mean map (on a scale of its own: it varies far less than one face's map), then `BITS_MAP_FACES`
+    faces at evenly spaced ranks of their bits per face, cheapest first.
+
+    Args:
+        images: (N, H, W, C) test faces in [0, 1].
+        bits: (N, h, w) code lengths of their tokens.
+    """
+    totals = bits.sum(axis=(1, 2))
+    ranks = np.linspace(0, len(totals) - 1, min(BITS_MAP_FACES, len(totals))).round().astype(int)
+    picked = np.argsort(totals, kind="stable")[ranks]
+    faces = np.concatenate([images.mean(axis=0, keepdims=True), images[picked]])
+    mean = bits.mean(axis=0)
+    low, high = float(mean.min()), float(mean.max())
+    top = max(float(np.quantile(bits, 0.99)), 1e-6)  # a few outliers do not wash the faces' maps out
+    tiles = np.concatenate(
+        [
+            visualize.heat_tiles((mean - low)[None], faces.shape[1:3], max(high - low, 1e-6)),
+            visualize.heat_tiles(bits[picked], faces.shape[1:3], top),
+        ]
+    )
+    title = (
+        f"{run_name}: bits per token by position (dark 0, bright {top:.1f} or more); first, the mean of "
+        f"{len(bits)} test faces\n({totals.mean():.0f} bits; dark {low:.2f}, bright {high:.2f}), then faces of "
+        + ", ".join(f"{totals[i]:.0f}" for i in picked)
+        + " bits"
+    )
+    visualize.save_image_grid([faces, tiles], ["face", "bits per token"], path, title=title)
 
 
 def _samples_and_copying(run, prior, source: PriorSource, reconstructions, seed: int, metrics: dict) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Pictures: image grids, training curves, codebook usage (matplotlib, headless)."""
+"""Pictures: image grids, maps of values over a token grid, training curves, codebook usage (matplotlib, headless)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,28 @@ def save_image_grid(rows: list[np.ndarray], labels: list[str], path: Path, title
     if title:
         axis.set_title(title, fontsize=10)  # right above the faces, whatever the figure's aspect
     save_figure(figure, path)
+
+
+def heat_tiles(values: np.ndarray, size: tuple[int, int], top: float, colormap: str = "magma") -> np.ndarray:
+    """Grids of values as colour pictures: cell (i, j) of picture n filled with the colour of values[n, i, j].
+
+    Args:
+        values: (N, h, w) numbers, 0 drawn in the colormap's first colour.
+        size: (H, W) of the pictures, multiples of (h, w).
+        top: the value drawn in the colormap's last colour; larger values are drawn in it too.
+        colormap: a matplotlib colormap's name.
+
+    Output shape: (N, H, W, 3), floats in [0, 1].
+    """
+    values = np.asarray(values, np.float64)
+    height, width = size
+    if values.ndim != 3 or height % values.shape[1] or width % values.shape[2]:
+        raise ValueError(f"need (N, h, w) values whose h, w divide size {size}, received shape {values.shape}")
+    if not top > 0:
+        raise ValueError(f"top must be > 0, received {top}")
+    colours = matplotlib.colormaps[colormap](np.clip(values / top, 0.0, 1.0))[..., :3]
+    cells = np.repeat(colours, height // values.shape[1], axis=1)
+    return np.repeat(cells, width // values.shape[2], axis=2).astype(np.float32)
 
 
 def plot_training_curves(history_csv: Path, path: Path) -> None:
