@@ -2,9 +2,9 @@
 
 Samples are token grids drawn from the prior and decoded by its VQ-VAE. The figures:
 code length (bits per token and per face) of held-out faces' tokens and a map of where
-those bits go (`bits_by_position.png`), the memorisation
-check of samples against the training faces, sampling speed, and the FID of samples
-and of reconstructions when an Inception network is at hand (`fid.py`).
+those bits go (`bits_by_position.png`), the memorisation check of samples against the
+training faces, sampling speed, and the FID of samples and of reconstructions when an
+Inception network is at hand (`fid.py`).
 """
 
 from __future__ import annotations
