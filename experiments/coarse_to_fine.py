@@ -236,7 +236,9 @@ class ConditionedTransformer(CausalTransformer):
 
 def bits_per_face(prior, grids, batch_size=256):
     """-log2 p of each face's grid (N,) under `prior` (its `token_log_probs` summed over positions)."""
-    score = tf.function(lambda batch: -tf.reduce_sum(prior.token_log_probs(batch), axis=(1, 2)) / math.log(2.0))
+    score = tf.function(
+        lambda batch: -tf.reduce_sum(prior.token_log_probs(batch), axis=(1, 2)) / math.log(2.0), autograph=False
+    )
     dataset = tf.data.Dataset.from_tensor_slices(grids.astype(np.int32)).batch(batch_size)
     return np.concatenate([score(batch).numpy() for batch in dataset])
 
@@ -245,7 +247,7 @@ def tokens_of(model, images, batch_size=128):
     """uint8 faces (N, H, W, C) -> packed int16 grids (N, h, w, 2), nearest codes."""
     from vqvae_faces import pipeline
 
-    encode = tf.function(model.encode_to_tokens)
+    encode = tf.function(model.encode_to_tokens, autograph=False)
     return np.concatenate([encode(batch).numpy() for batch in pipeline.make_dataset(images, batch_size)]).astype(
         np.int16
     )
@@ -253,7 +255,7 @@ def tokens_of(model, images, batch_size=128):
 
 def decode_grids(model, grids, batch_size=128):
     """Packed grids (N, h, w, 2) -> float32 faces (N, H, W, C)."""
-    decode = tf.function(model.decode_tokens)
+    decode = tf.function(model.decode_tokens, autograph=False)
     dataset = tf.data.Dataset.from_tensor_slices(grids.astype(np.int32)).batch(batch_size)
     return np.concatenate([decode(batch).numpy() for batch in dataset])
 
