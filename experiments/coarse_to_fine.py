@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vqvae_class_keras import VQVAE, ResidualBlock, VectorQuantizerEMA  # noqa: E402
 from vqvae_faces.compiled import compiled  # noqa: E402
+from vqvae_faces.inference import decode, tokenize  # noqa: E402
 from vqvae_faces.token_prior import CausalTransformer, position_uniforms  # noqa: E402
 
 PACKAGE = "vqvae_faces_bench"
@@ -243,23 +244,6 @@ def bits_per_face(prior, grids, batch_size=256):
     return np.concatenate([score(batch).numpy() for batch in dataset])
 
 
-def tokens_of(model, images, batch_size=128):
-    """uint8 faces (N, H, W, C) -> packed int16 grids (N, h, w, 2), nearest codes."""
-    from vqvae_faces import pipeline
-
-    encode = tf.function(model.encode_to_tokens, autograph=False)
-    return np.concatenate([encode(batch).numpy() for batch in pipeline.make_dataset(images, batch_size)]).astype(
-        np.int16
-    )
-
-
-def decode_grids(model, grids, batch_size=128):
-    """Packed grids (N, h, w, 2) -> float32 faces (N, H, W, C)."""
-    decode = tf.function(model.decode_tokens, autograph=False)
-    dataset = tf.data.Dataset.from_tensor_slices(grids.astype(np.int32)).batch(batch_size)
-    return np.concatenate([decode(batch).numpy() for batch in dataset])
-
-
 def sample_figures(
     model, top_prior, bottom_prior, test_images, reconstructions, training, seed, out, count=2000, batch=64
 ):
@@ -282,7 +266,7 @@ def sample_figures(
         grids.append(pack(top, bottom).numpy())
         seconds += time.perf_counter() - started
     grids = np.concatenate(grids)[:count]
-    samples = np.clip(decode_grids(model, grids), 0.0, 1.0)
+    samples = np.clip(decode(model, grids, 128), 0.0, 1.0)
     save_sample_grid(samples, out / "samples.png", "top grid, then bottom grid given it")
     real = fid.inception_features(features, test_images.astype(np.float32) / 255.0)
     return {
@@ -292,13 +276,6 @@ def sample_figures(
         "sampling_faces_per_second": count / seconds,
         "memorisation": prior_metrics.memorisation_check(samples[:256], reconstructions, training),
     }
-
-
-def entropy_bits(tokens, num_embeddings):
-    """Empirical entropy of the tokens' marginal distribution, bits per token."""
-    counts = np.bincount(np.asarray(tokens).reshape(-1), minlength=num_embeddings).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log2(p)).sum())
 
 
 def train_vqvae(args, config, faces, split, out: Path):
@@ -400,7 +377,7 @@ def main():
 
     from vqvae_faces import lfw_files
     from vqvae_faces.config import load_config
-    from vqvae_faces.evaluation import image_quality
+    from vqvae_faces.evaluation import code_statistics, image_quality
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -427,20 +404,24 @@ def main():
 
     train = faces.subset(split["train"])
     grids = {
-        "train": np.concatenate([tokens_of(model, train), tokens_of(model, np.ascontiguousarray(train[:, :, ::-1]))]),
-        "val": tokens_of(model, faces.subset(split["val"])),
-        "test": tokens_of(model, faces.subset(split["test"])),
+        "train": np.concatenate(
+            [tokenize(model, train, 128), tokenize(model, np.ascontiguousarray(train[:, :, ::-1]), 128)]
+        ),
+        "val": tokenize(model, faces.subset(split["val"]), 128),
+        "test": tokenize(model, faces.subset(split["test"]), 128),
     }
     test_images = faces.subset(split["test"])
-    reconstructions = np.clip(decode_grids(model, grids["test"]), 0.0, 1.0)
+    reconstructions = np.clip(decode(model, grids["test"], 128), 0.0, 1.0)
     quality = image_quality(test_images.astype(np.float32) / 255.0, reconstructions)
     top_test, bottom_test = (np.asarray(part) for part in unpack(grids["test"]))
     vq = config.runs["vqvae"]
     results.update(
         psnr=float(quality["psnr"].mean()),
         ssim=float(quality["ssim"].mean()),
-        top_entropy=entropy_bits(top_test, args.top_codes),
-        bottom_entropy=entropy_bits(bottom_test, vq.num_embeddings),
+        top_entropy=code_statistics(np.bincount(top_test.reshape(-1), minlength=args.top_codes))["token_entropy_bits"],
+        bottom_entropy=code_statistics(np.bincount(bottom_test.reshape(-1), minlength=vq.num_embeddings))[
+            "token_entropy_bits"
+        ],
         top_codes_used=int(len(np.unique(top_test))),
         bottom_codes_used=int(len(np.unique(bottom_test))),
     )
@@ -489,7 +470,7 @@ def main():
         bits_per_face_ci95=[float(total.mean() - half_width), float(total.mean() + half_width)],
     )
     if args.fid:
-        training = np.clip(decode_grids(model, grids["train"][: len(train)]), 0.0, 1.0)
+        training = np.clip(decode(model, grids["train"][: len(train)], 128), 0.0, 1.0)
         results.update(
             sample_figures(model, top_prior, bottom_prior, test_images, reconstructions, training, config.seed, out)
         )

@@ -37,7 +37,7 @@ def tokenize(model: VQVAE, images: np.ndarray, batch_size: int, search_steps: in
     if search_steps > 0:
         encode = compiled(model, search_tokens, steps=search_steps, step_size=step_size)
     else:
-        encode = compiled(model, VQVAE.encode_to_tokens)
+        encode = compiled(model, type(model).encode_to_tokens)  # a subclass's own tokens
     if not len(images):  # e.g. an empty validation split: no grids, but of the grid's shape
         grid = model.encode_to_tokens(np.zeros((1, *images.shape[1:]), np.float32)).shape[1:]
         return np.zeros((0, *grid), np.int16)
@@ -53,7 +53,7 @@ def tokenize(model: VQVAE, images: np.ndarray, batch_size: int, search_steps: in
 
 def decode(model: VQVAE, tokens: np.ndarray, batch_size: int) -> np.ndarray:
     """int token grids (N, h, w) -> float32 reconstructions (N, H, W, C)."""
-    decode_fn = compiled(model, VQVAE.decode_tokens)
+    decode_fn = compiled(model, type(model).decode_tokens)
     dataset = tf.data.Dataset.from_tensor_slices(tokens.astype(np.int32)).batch(batch_size)
     return np.concatenate([decode_fn(batch).numpy() for batch in dataset]).astype(np.float32)
 
